@@ -1,0 +1,36 @@
+"""Errors that end a run, each tied to one documented exit code.
+
+The CLI turns any of these into a one-line message on stderr and its exit code;
+nothing else in the package prints or exits.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_NOT_EQUIVALENT = 1
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME_FAILURE = 3
+
+
+class BnfoldError(Exception):
+    """Base class: a problem the user must fix, reported in one line."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class InputError(BnfoldError):
+    """The input file, output path or options are unusable (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class RuntimeFailure(BnfoldError):
+    """onnxruntime cannot load or run a model given to it (exit 3)."""
+
+    exit_code = EXIT_RUNTIME_FAILURE
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries often add pages of detail)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].strip()

@@ -1,0 +1,108 @@
+"""Folding every BatchNormalization that can be folded, to a fixed point.
+
+Each pass indexes the graph, reads every BN, asks the rules in order for a plan,
+and applies the plans that do not touch the same nodes. Passes repeat until
+nothing changes, so chains (a BN whose producer was itself just folded, or a
+plan held back because its target was busy) are handled without special cases.
+Every BN still present at the end carries the reason it was left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from bnfold.graph import GraphIndex, describe, node_id
+from bnfold.rewrite import apply_plans
+from bnfold.rules import RULES, FoldPlan, FoldRule, Refusal, read_batchnorm
+
+BATCHNORM = "BatchNormalization"
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """One BatchNormalization that was folded away."""
+
+    batchnorm: str
+    target: str
+    rule: str
+    direction: str
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LeftRecord:
+    """One BatchNormalization left in the graph, and why."""
+
+    batchnorm: str
+    reason: str
+
+
+@dataclass
+class FoldOutcome:
+    folds: list[FoldRecord] = field(default_factory=list)
+    left: list[LeftRecord] = field(default_factory=list)
+    removed_initializers: list[str] = field(default_factory=list)
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == BATCHNORM and node.domain in ("", "ai.onnx")
+
+
+def _unmatched_reason(bn: onnx.NodeProto, graph: GraphIndex) -> str:
+    """Why no rule applied at all: name the neighbours that cannot absorb the BN."""
+    producer = graph.producer_of(bn.input[0])
+    source = describe(producer) if producer is not None else f"graph input '{bn.input[0]}'"
+    consumers = [describe(node) for node in graph.consumers_of(bn.output[0])]
+    if graph.use_count(bn.output[0]) > len(consumers):
+        consumers.append("a graph output")
+    readers = ", ".join(consumers) or "nothing"
+    return f"no foldable neighbour: input from {source}, output to {readers}"
+
+
+def _plan_for(
+    node: onnx.NodeProto, graph: GraphIndex, rules: tuple[FoldRule, ...]
+) -> FoldPlan | Refusal:
+    bn = read_batchnorm(node, graph)
+    if isinstance(bn, Refusal):
+        return bn
+    refusals: list[str] = []
+    for rule in rules:
+        outcome = rule.plan(bn, graph)
+        if isinstance(outcome, FoldPlan):
+            return outcome
+        if isinstance(outcome, Refusal):
+            refusals.append(outcome.reason)
+    return Refusal("; ".join(refusals) if refusals else _unmatched_reason(node, graph))
+
+
+def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES) -> FoldOutcome:
+    """Fold in place every BatchNormalization of ``model.graph`` that a rule can fold."""
+    outcome = FoldOutcome()
+    while True:
+        graph = GraphIndex(model)
+        plans: list[FoldPlan] = []
+        busy: set[int] = set()
+        left: list[LeftRecord] = []
+        for position, node in enumerate(graph.nodes):
+            if not is_batchnorm(node):
+                continue
+            result = _plan_for(node, graph, rules)
+            if isinstance(result, Refusal):
+                left.append(LeftRecord(node_id(node), result.reason))
+                continue
+            touched = {position, graph.position_of(result.target)}
+            if touched & busy:
+                continue  # its target changes in this pass; plan it again in the next
+            busy |= touched
+            plans.append(result)
+        if not plans:
+            outcome.left = left
+            return outcome
+        labels = [(node_id(plan.bn.node), describe(plan.target)) for plan in plans]
+        outcome.removed_initializers += apply_plans(model, graph, plans)
+        for plan, (bn_label, target_label) in zip(plans, labels):
+            outcome.folds.append(
+                FoldRecord(bn_label, target_label, plan.rule, plan.direction, tuple(plan.notes))
+            )

@@ -1,0 +1,206 @@
+"""Loading and saving models: validation of what comes in, atomic writes of what goes out.
+
+Every way a file can be unusable (missing, a folder, empty, not protobuf, not a
+model, failing the checker, external data missing or outside the model's folder)
+becomes an :class:`~bnfold.errors.InputError` with a one-line message, so the CLI
+never shows a traceback.
+
+Outputs are staged in a hidden temporary folder beside the target and moved into
+place only when the caller commits (after verification), so an interrupted or
+failed run leaves neither a half-written model nor a stray data file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from bnfold.errors import InputError, first_line
+
+# Protobuf cannot serialize a message above 2 GiB; such models must use external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk with everything needed to write it back faithfully."""
+
+    model: onnx.ModelProto
+    path: Path
+    file_bytes: int
+    """Size on disk of the .onnx file plus its external data files."""
+    external_data_files: tuple[str, ...]
+    """Relative locations of external data files, empty for a self-contained model."""
+    passes_full_check: bool
+    """Whether the input passes ``check_model(full_check=True)``; the output must then too."""
+
+
+def _external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
+    locations: list[str] = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            if info.location not in locations:
+                locations.append(info.location)
+    return tuple(locations)
+
+
+def _check_external_locations(path: Path, locations: tuple[str, ...]) -> int:
+    """Refuse data files outside the model's folder or missing; return their total size."""
+    folder = path.parent.resolve()
+    total = 0
+    for location in locations:
+        data_path = (folder / location).resolve()
+        if os.path.isabs(location) or not data_path.is_relative_to(folder):
+            raise InputError(
+                f"{path}: external data location '{location}' points outside the model's folder"
+            )
+        if not data_path.is_file():
+            raise InputError(f"{path}: external data file '{location}' is missing")
+        total += data_path.stat().st_size
+    return total
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read, validate and fully materialise a model (external data included).
+
+    Raises:
+        InputError: with a one-line reason for any unusable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an ONNX file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: file is empty")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({first_line(error)})") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
+    locations = _external_locations(model)
+    data_bytes = _check_external_locations(path, locations)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except OSError as error:
+        raise InputError(f"{path}: cannot read external data ({first_line(error)})") from None
+    passes_full_check = check_model(model, path, full_check=True, raise_error=False)
+    if not passes_full_check:
+        check_model(model, path, full_check=False, raise_error=True)
+    return LoadedModel(
+        model=model,
+        path=path,
+        file_bytes=size + data_bytes,
+        external_data_files=locations,
+        passes_full_check=passes_full_check,
+    )
+
+
+def check_model(
+    model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool
+) -> bool:
+    """Run ``onnx.checker`` on a loaded model; optionally raise :class:`InputError`.
+
+    Models above the protobuf limit are checked from ``path`` (the checker cannot
+    serialize them in memory).
+    """
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path), full_check=full_check)
+        else:
+            onnx.checker.check_model(model, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        if raise_error:
+            raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
+        return False
+    return True
+
+
+def default_output_path(input_path: Path) -> Path:
+    """``model.onnx`` → ``model.folded.onnx`` beside the input."""
+    return input_path.with_name(f"{input_path.stem}.folded{input_path.suffix or '.onnx'}")
+
+
+def validate_output_path(output: Path, input_path: Path, *, in_place: bool) -> None:
+    """Refuse output paths that would destroy the input or cannot be written."""
+    if output.is_symlink():
+        raise InputError(f"{output}: output path is a symbolic link; refusing to write through it")
+    if output.exists() and output.resolve() == input_path.resolve() and not in_place:
+        raise InputError(f"{output}: output path is the input file; pass --in-place to overwrite it")
+    if output.is_dir():
+        raise InputError(f"{output}: output path is a directory")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{output}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{output}: output folder is not writable")
+
+
+@dataclass
+class StagedOutput:
+    """A model written to a temporary folder, waiting to be moved into place."""
+
+    staged_path: Path
+    target: Path
+    data_location: str | None
+
+    @property
+    def file_bytes(self) -> int:
+        total = self.staged_path.stat().st_size
+        if self.data_location:
+            total += (self.staged_path.parent / self.data_location).stat().st_size
+        return total
+
+    def commit(self) -> None:
+        """Move the data file (if any), then the model, into place."""
+        if self.data_location:
+            os.replace(
+                self.staged_path.parent / self.data_location, self.target.parent / self.data_location
+            )
+        os.replace(self.staged_path, self.target)
+
+
+@contextlib.contextmanager
+def staged_save(
+    model: onnx.ModelProto, target: Path, *, external_data: bool
+) -> Iterator[StagedOutput]:
+    """Write ``model`` into a hidden folder beside ``target``; always remove that folder.
+
+    The caller verifies the staged file and calls :meth:`StagedOutput.commit`; if it
+    does not (failure, exception, Ctrl-C), nothing is left behind. External data,
+    when used, goes to ``<target name>.data`` so the input's data file is never
+    overwritten.
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
+    try:
+        staged_path = staging / target.name
+        use_external = external_data or model.ByteSize() > PROTOBUF_LIMIT
+        data_location = f"{target.name}.data" if use_external else None
+        try:
+            onnx.save_model(
+                model,
+                str(staged_path),
+                save_as_external_data=use_external,
+                all_tensors_to_one_file=True,
+                location=data_location,
+            )
+        except OSError as error:
+            raise InputError(f"{target}: cannot write ({first_line(error)})") from None
+        yield StagedOutput(staged_path=staged_path, target=target, data_location=data_location)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,208 @@
+"""One run of bnfold on one model: load → fold → stage → verify → commit, with a report.
+
+The folded model is written to a hidden staging folder first and verified *as
+written* (onnxruntime loads the staged file), so what is checked is exactly what
+lands on disk. It is moved into place only when verification passes (or was
+skipped, or ``keep_failed``); otherwise nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from bnfold import io
+from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
+from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.verify import Verification, input_specs, verify_equivalence
+
+
+@dataclass
+class VerifyOptions:
+    """How two models are compared (shared by ``bnfold fold`` and ``bnfold check``)."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    tolerance: tuple[float, float] | None = None
+    provider: str = "CPUExecutionProvider"
+
+
+@dataclass
+class FoldOptions:
+    output: Path | None = None
+    in_place: bool = False
+    verify: bool = True
+    dry_run: bool = False
+    keep_failed: bool = False
+    verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What the before/after table shows for one model."""
+
+    op_counts: dict[str, int]
+    nodes: int
+    parameters: int
+    file_bytes: int | None
+
+    @property
+    def batchnorms(self) -> int:
+        return self.op_counts.get("BatchNormalization", 0)
+
+
+def model_stats(model: onnx.ModelProto, file_bytes: int | None) -> ModelStats:
+    """Op counts, node count and parameter count (initializers and Constant tensors)."""
+    graph = model.graph
+    parameters = sum(math.prod(tensor.dims) for tensor in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
+    return ModelStats(
+        op_counts=dict(Counter(node.op_type for node in graph.node)),
+        nodes=len(graph.node),
+        parameters=parameters,
+        file_bytes=file_bytes,
+    )
+
+
+@dataclass
+class FoldReport:
+    """Everything a fold run found and did; rendered by :mod:`bnfold.report`."""
+
+    input: Path
+    output: Path | None
+    written: bool
+    dry_run: bool
+    before: ModelStats
+    after: ModelStats
+    folds: list[FoldRecord]
+    left: list[LeftRecord]
+    removed_initializers: list[str]
+    verification: Verification | None
+    problem: str | None
+    """A reason the folded model is unusable that is not a numeric mismatch."""
+    timings: dict[str, float]
+
+    @property
+    def status(self) -> str:
+        if self.problem or (self.verification and not self.verification.passed):
+            return "not-equivalent"
+        return "equivalent" if self.verification else "unverified"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_NOT_EQUIVALENT if self.status == "not-equivalent" else EXIT_OK
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self._start
+        return self.timings
+
+
+def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
+    """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
+    clock = _Stopwatch()
+    loaded = io.load_model(input_path)
+    output = options.output or io.default_output_path(loaded.path)
+    if not options.dry_run:
+        io.validate_output_path(output, loaded.path, in_place=options.in_place)
+    model = loaded.model
+    before = model_stats(model, loaded.file_bytes)
+    specs = input_specs(model, options.verify_options.shapes) if options.verify else []
+    clock.lap("load")
+
+    outcome = fold_batchnorms(model)
+    problem = None
+    if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
+        problem = "the folded model fails onnx.checker"
+    after = model_stats(model, None)
+    clock.lap("fold")
+
+    staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
+    verification = None
+    with io.staged_save(model, staging_target, external_data=bool(loaded.external_data_files)) as staged:
+        after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
+        clock.lap("save")
+        if options.verify and problem is None:
+            vo = options.verify_options
+            verification = verify_equivalence(
+                loaded.path, staged.staged_path, specs, seed=vo.seed, tolerance=vo.tolerance, provider=vo.provider
+            )
+            clock.lap("verify")
+        equivalent = problem is None and (verification is None or verification.passed)
+        written = not options.dry_run and (equivalent or options.keep_failed)
+        if written:
+            staged.commit()
+    return FoldReport(
+        input=loaded.path,
+        output=None if options.dry_run else output,
+        written=written,
+        dry_run=options.dry_run,
+        before=before,
+        after=after,
+        folds=outcome.folds,
+        left=outcome.left,
+        removed_initializers=outcome.removed_initializers,
+        verification=verification,
+        problem=problem,
+        timings=clock.total(),
+    )
+
+
+@dataclass
+class CheckReport:
+    """``bnfold check``: two existing models compared."""
+
+    original: Path
+    folded: Path
+    before: ModelStats
+    after: ModelStats
+    verification: Verification
+    timings: dict[str, float]
+
+    @property
+    def status(self) -> str:
+        return "equivalent" if self.verification.passed else "not-equivalent"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.verification.passed else EXIT_NOT_EQUIVALENT
+
+
+def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
+    """Compare two model files; never writes anything."""
+    clock = _Stopwatch()
+    original_model = io.load_model(original)
+    folded_model = io.load_model(folded)
+    specs = input_specs(original_model.model, options.shapes)
+    clock.lap("load")
+    verification = verify_equivalence(
+        original_model.path, folded_model.path, specs,
+        seed=options.seed, tolerance=options.tolerance, provider=options.provider,
+    )
+    clock.lap("verify")
+    return CheckReport(
+        original=original_model.path,
+        folded=folded_model.path,
+        before=model_stats(original_model.model, original_model.file_bytes),
+        after=model_stats(folded_model.model, folded_model.file_bytes),
+        verification=verification,
+        timings=clock.total(),
+    )

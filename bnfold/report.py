@@ -1,0 +1,231 @@
+"""Showing what a run did: rich tables for people, JSON for machines, one line for --quiet.
+
+The JSON report carries the same facts as the tables (schema documented in the
+README); non-finite floats are written as the strings "inf"/"nan" so the file is
+strict JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from bnfold.pipeline import CheckReport, FoldReport, ModelStats
+from bnfold.verify import Verification
+
+FOLD_SCHEMA = "bnfold.fold/1"
+CHECK_SCHEMA = "bnfold.check/1"
+STATUS_STYLE = {"equivalent": "bold green", "not-equivalent": "bold red", "unverified": "bold yellow"}
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, paths, tuples and floats as strict-JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _verification_json(verification: Verification | None) -> dict[str, Any] | None:
+    if verification is None:
+        return None
+    document = _plain(verification)
+    document["passed"] = verification.passed
+    for output, comparison in zip(document["outputs"], verification.outputs):
+        output["passed"] = comparison.passed
+    return document
+
+
+def fold_report_json(report: FoldReport) -> dict[str, Any]:
+    document = {"schema": FOLD_SCHEMA, **_plain(report)}
+    document.update(
+        status=report.status,
+        exit_code=report.exit_code,
+        verification=_verification_json(report.verification),
+    )
+    return document
+
+
+def check_report_json(report: CheckReport) -> dict[str, Any]:
+    document = {"schema": CHECK_SCHEMA, **_plain(report)}
+    document.update(
+        status=report.status, exit_code=report.exit_code, verification=_verification_json(report.verification)
+    )
+    return document
+
+
+def dump_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, allow_nan=False)
+
+
+# -- human output -------------------------------------------------------------------------------
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return str(value)
+
+
+def _delta(before: int | None, after: int | None) -> Text:
+    if before is None or after is None or before == after:
+        return Text("")
+    change = after - before
+    return Text(f"{change:+,}", style="green" if change < 0 else "yellow")
+
+
+def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] = ("before", "after")) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title="Before / after", title_justify="left")
+    table.add_column("")
+    table.add_column(titles[0], justify="right")
+    table.add_column(titles[1], justify="right")
+    table.add_column("Δ", justify="right")
+    for op in sorted(set(before.op_counts) | set(after.op_counts)):
+        b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
+        table.add_row(op, str(b), str(a), _delta(b, a))
+    table.add_section()
+    table.add_row("nodes", f"{before.nodes:,}", f"{after.nodes:,}", _delta(before.nodes, after.nodes))
+    table.add_row(
+        "parameters", f"{before.parameters:,}", f"{after.parameters:,}", _delta(before.parameters, after.parameters)
+    )
+    size_change = (
+        Text(_size(after.file_bytes - before.file_bytes))
+        if before.file_bytes is not None and after.file_bytes is not None and after.file_bytes != before.file_bytes
+        else Text("")
+    )
+    table.add_row("file size", _size(before.file_bytes), _size(after.file_bytes), size_change)
+    return table
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2e}" if math.isfinite(value) else str(value)
+
+
+def _shape(dtype: str, shape: tuple[int, ...]) -> str:
+    return f"{dtype}[{','.join(map(str, shape))}]"
+
+
+def verification_table(verification: Verification) -> Group:
+    """One row per output; outputs that could not be compared are explained below."""
+    shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in verification.inputs) or "none"
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
+        f"inputs {shapes}, seed {verification.seed}",
+        title_justify="left",
+        pad_edge=False,
+    )
+    table.add_column("", no_wrap=True)
+    table.add_column("output", overflow="fold", min_width=14)
+    for column in ("max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol"):
+        table.add_column(column, justify="right", no_wrap=True)
+    problems = []
+    for output in verification.outputs:
+        verdict = Text("ok", style="green") if output.passed else Text("FAIL", style="bold red")
+        table.add_row(
+            verdict,
+            f"{output.name}\n{_shape(output.dtype, output.shape)}",
+            _fmt(output.max_abs_error),
+            _fmt(output.max_rel_error),
+            ",".join(map(str, output.worst_index)),
+            f"{output.mismatches:,}/{output.elements:,}",
+            f"{output.atol:.0e}/{output.rtol:.0e}",
+        )
+        if output.problem:
+            problems.append(Text(f"{output.name}: {output.problem}", style="red"))
+    return Group(table, *problems)
+
+
+def _headline(source: str, target: str, status: str) -> Text:
+    line = Text.assemble(("bnfold ", "bold"), source, " → ", target, "  ")
+    line.append(status, style=STATUS_STYLE[status])
+    return line
+
+
+def render_fold_report(report: FoldReport) -> Group:
+    """The full human summary of one fold run."""
+    if report.dry_run:
+        target = "(dry run, nothing written)"
+    elif report.written:
+        target = str(report.output)
+    else:
+        target = f"{report.output} (not written)"
+    parts: list[Any] = [_headline(str(report.input), target, report.status), ""]
+    parts.append(stats_table(report.before, report.after))
+    folds = Table(box=box.SIMPLE_HEAD, title=f"Folded ({len(report.folds)})", title_justify="left")
+    for column in ("BatchNormalization", "into", "rule", "notes"):
+        folds.add_column(column)
+    for fold in report.folds:
+        folds.add_row(fold.batchnorm, fold.target, fold.rule, "; ".join(fold.notes))
+    parts.append(folds)
+    if report.left:
+        left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
+        left.add_column("BatchNormalization")
+        left.add_column("reason")
+        for record in report.left:
+            left.add_row(record.batchnorm, record.reason)
+        parts.append(left)
+    if report.problem:
+        parts.append(Text(f"Problem: {report.problem}", style="red"))
+    if report.verification:
+        parts.append(verification_table(report.verification))
+    else:
+        parts.append(Text("Verification skipped (--no-verify).", style="yellow"))
+    parts.append(Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"))
+    return Group(*parts)
+
+
+def render_check_report(report: CheckReport) -> Group:
+    return Group(
+        _headline(str(report.original), str(report.folded), report.status),
+        "",
+        stats_table(report.before, report.after, titles=("original", "folded")),
+        verification_table(report.verification),
+        Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"),
+    )
+
+
+def _worst_error(verification: Verification | None) -> str:
+    if verification is None or not verification.outputs:
+        return ""
+    worst = max(output.max_abs_error for output in verification.outputs)
+    return f" (max |Δ| {_fmt(worst)})"
+
+
+def quiet_fold_line(report: FoldReport) -> str:
+    total = len(report.folds) + len(report.left)
+    where = "dry run" if report.dry_run else (str(report.output) if report.written else "not written")
+    return (
+        f"{report.input} → {where}: folded {len(report.folds)} of {total} BatchNormalization, "
+        f"{report.status}{_worst_error(report.verification)}"
+    )
+
+
+def quiet_check_line(report: CheckReport) -> str:
+    return f"{report.original} vs {report.folded}: {report.status}{_worst_error(report.verification)}"
+
+
+def print_human(renderable: Any, console: Console | None = None) -> None:
+    (console or Console()).print(renderable)

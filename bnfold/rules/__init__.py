@@ -1,0 +1,21 @@
+"""The fold rules, in the order they are tried for each BatchNormalization.
+
+Adding a pattern means adding a module with one :class:`~bnfold.rules.base.FoldRule`
+subclass and one line here; no other rule changes. Backward folds (into the
+producer) come first so that a BN between two layers is folded into the one
+before it.
+"""
+
+from __future__ import annotations
+
+from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, TensorUpdate
+from bnfold.rules.batchnorm import read_batchnorm
+from bnfold.rules.conv import ConvIntoBatchNorm
+from bnfold.rules.gemm import GemmIntoBatchNorm
+
+RULES: tuple[FoldRule, ...] = (
+    ConvIntoBatchNorm(),
+    GemmIntoBatchNorm(),
+)
+
+__all__ = ["RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]

@@ -1,0 +1,192 @@
+"""What every fold rule shares: the BatchNormalization it folds, its plan, its refusal.
+
+A rule looks at one inference-mode BatchNormalization (already read and checked
+by :func:`read_batchnorm`) and answers with one of
+
+* ``None``: the pattern does not match here (another rule may),
+* :class:`Refusal`: it matches, but a precondition fails; the reason is shown to the user,
+* :class:`FoldPlan`: the new tensors and rewiring; :mod:`bnfold.rewrite` applies it.
+
+Rules never modify the graph themselves, so a plan can be reported (``--dry-run``)
+or discarded, and rules cannot interfere with one another.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex, describe
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a BatchNormalization is left in the graph, in words a user reads."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """An inference-mode BatchNormalization as the per-channel affine map ``s * x + t``."""
+
+    node: onnx.NodeProto
+    s: np.ndarray
+    t: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def input_name(self) -> str:
+        return self.node.input[0]
+
+    @property
+    def output_name(self) -> str:
+        return self.node.output[0]
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """Give input ``slot`` of ``node`` a new constant value (appending the slot if absent)."""
+
+    node: onnx.NodeProto
+    slot: int
+    values: np.ndarray
+    role: str
+    """What the tensor is, for notes: 'weight', 'bias'."""
+
+
+@dataclass
+class FoldPlan:
+    """Everything needed to remove one BatchNormalization by changing ``target``."""
+
+    rule: str
+    bn: BatchNorm
+    target: onnx.NodeProto
+    direction: Literal["backward", "forward"]
+    """backward: the BN's producer absorbs it and takes over the BN's output name."""
+    updates: list[TensorUpdate]
+    attributes: dict[str, float | int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class FoldRule(ABC):
+    """One folding pattern. Subclasses are small and declarative; see the concrete rules."""
+
+    name: str
+    """Short identifier shown in reports, e.g. ``conv-bn``."""
+
+    @abstractmethod
+    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
+        """Match around ``bn`` and return a plan, a refusal with its reason, or None."""
+
+
+def constant_input(
+    graph: GraphIndex, node: onnx.NodeProto, slot: int, role: str
+) -> np.ndarray | Refusal | None:
+    """The constant value at input ``slot`` of ``node``; None if the slot is empty.
+
+    A value that is fed at run time (a graph input, or computed from one) cannot
+    be folded; the refusal says which input it is.
+    """
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    name = node.input[slot]
+    value = graph.constant_value(name)
+    if value is None:
+        origin = "a graph input" if graph.is_runtime_input(name) else "computed at run time"
+        return Refusal(f"{describe(node)} {role} '{name}' is not a constant ({origin})")
+    return value
+
+
+def require_float(values: np.ndarray, node: onnx.NodeProto, role: str) -> Refusal | None:
+    """Scales are real numbers: an integer weight cannot absorb one exactly."""
+    if values.dtype.kind not in "fV" and values.dtype.name != "bfloat16":
+        return Refusal(f"{describe(node)} {role} is {values.dtype.name}; only float weights can absorb a scale")
+    return None
+
+
+def constant_weight_and_bias(
+    graph: GraphIndex, node: onnx.NodeProto, weight_role: str, bias_role: str
+) -> tuple[np.ndarray, np.ndarray | None] | Refusal:
+    """A layer's constant float weight (input 1) and optional constant bias (input 2)."""
+    weight = constant_input(graph, node, 1, weight_role)
+    if weight is None:
+        return Refusal(f"{describe(node)} has no {weight_role} input")
+    if isinstance(weight, Refusal):
+        return weight
+    bias = constant_input(graph, node, 2, bias_role)
+    if isinstance(bias, Refusal):
+        return bias
+    return require_float(weight, node, weight_role) or (weight, bias)
+
+
+def weight_and_bias_updates(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    folded_weight: np.ndarray,
+    bias: np.ndarray | None,
+    folded_bias: np.ndarray,
+) -> list[TensorUpdate] | Refusal:
+    """Cast float64 results back to the replaced tensors' dtypes (the bias takes the
+    weight's dtype when it is created) and describe them as updates of inputs 1 and 2."""
+    try:
+        new_weight = fold_math.cast_back(folded_weight, weight.dtype, "weight")
+        new_bias = fold_math.cast_back(
+            folded_bias, (weight if bias is None else bias).dtype, "bias"
+        )
+    except fold_math.FoldOverflowError as error:
+        return Refusal(f"{describe(node)}: {error}")
+    return [TensorUpdate(node, 1, new_weight, "weight"), TensorUpdate(node, 2, new_bias, "bias")]
+
+
+class IntoProducer(FoldRule):
+    """Backward fold: ``BN(layer(x))`` becomes ``layer'(x)``, the layer taking the BN's output.
+
+    Shared preconditions, checked here once for every producer type:
+
+    1. the BN's input is produced by one of ``producer_ops`` in the standard domain;
+    2. that output is read by nothing but the BN (and is not a graph output), since
+       other readers still need the un-normalized values.
+
+    Subclasses say only how their weights absorb ``s`` and ``t`` (:meth:`absorb`).
+    """
+
+    producer_ops: frozenset[str]
+
+    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
+        producer = graph.producer_of(bn.input_name)
+        if producer is None or producer.op_type not in self.producer_ops:
+            return None
+        if producer.domain not in ("", "ai.onnx"):
+            return None
+        if list(producer.output).index(bn.input_name) != 0:
+            return Refusal(f"the BN reads a secondary output of {describe(producer)}")
+        other_uses = graph.other_uses(bn.input_name, besides=bn.node)
+        if other_uses:
+            return Refusal(f"{describe(producer)} output also feeds {', '.join(other_uses)}")
+        absorbed = self.absorb(producer, bn, graph)
+        if isinstance(absorbed, Refusal):
+            return absorbed
+        updates, attributes = absorbed
+        return FoldPlan(
+            rule=self.name,
+            bn=bn,
+            target=producer,
+            direction="backward",
+            updates=updates,
+            attributes=attributes,
+        )
+
+    @abstractmethod
+    def absorb(
+        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
+    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
+        """New tensors (and attributes) that make ``producer`` compute ``BN(producer(x))``."""

@@ -1,0 +1,77 @@
+"""Reading a BatchNormalization node and the preconditions every fold shares.
+
+A BN can only be folded when it is a fixed affine map at inference time:
+
+1. not in training mode (opset 14+ ``training_mode=1``; opset < 7 ``is_test=0``,
+   which is the default there), where it normalizes with batch statistics;
+2. not opset 7/8 ``spatial=0``, where statistics are per element, not per channel;
+3. its running-statistics outputs (training mode only) are not read;
+4. scale, bias, mean and var are constants of one length C;
+5. every parameter is finite and ``var + epsilon > 0``, so ``s = scale / sqrt(var + eps)``
+   is finite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex
+from bnfold.rules.base import BatchNorm, Refusal, constant_input
+
+PARAMETER_ROLES = ("scale", "bias", "mean", "var")
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal:
+    """Check the BN-level preconditions and return the BN as ``s * x + t``."""
+    opset = graph.default_opset()
+    if opset >= 14 and _attribute(node, "training_mode", 0):
+        return Refusal("BN in training mode (training_mode=1)")
+    if opset < 7 and not _attribute(node, "is_test", 0):
+        return Refusal("BN in training mode (is_test=0)")
+    if opset < 9 and not _attribute(node, "spatial", 1):
+        return Refusal("BN with spatial=0 normalizes per element, not per channel")
+    used_statistics = [name for name in node.output[1:] if name and graph.use_count(name)]
+    if used_statistics:
+        return Refusal(f"BN running-statistics output '{used_statistics[0]}' is used")
+    if len(node.input) < 5:
+        return Refusal(f"BN has {len(node.input)} inputs, expected 5")
+
+    parameters: dict[str, np.ndarray] = {}
+    for slot, role in enumerate(PARAMETER_ROLES, start=1):
+        value = constant_input(graph, node, slot, role)
+        if value is None:
+            return Refusal(f"BN {role} input is empty")
+        if isinstance(value, Refusal):
+            return value
+        parameters[role] = value
+
+    lengths = {role: value.size for role, value in parameters.items()}
+    if any(value.ndim != 1 for value in parameters.values()) or len(set(lengths.values())) != 1:
+        shapes = ", ".join(f"{role} {list(value.shape)}" for role, value in parameters.items())
+        return Refusal(f"BN parameters are not vectors of one length ({shapes})")
+    for role, value in parameters.items():
+        as_float = value.astype(np.float64)
+        if not np.all(np.isfinite(as_float)):
+            return Refusal(f"BN {role} contains NaN or Inf")
+
+    epsilon = float(_attribute(node, "epsilon", 1e-5))
+    denominator = parameters["var"].astype(np.float64) + epsilon
+    if np.any(denominator <= 0):
+        channel = int(np.argmax(denominator <= 0))
+        return Refusal(f"BN var + epsilon <= 0 at channel {channel}")
+    s, t = fold_math.batchnorm_affine(
+        parameters["scale"], parameters["bias"], parameters["mean"], parameters["var"], epsilon
+    )
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
+        return Refusal("BN scale / sqrt(var + epsilon) is not finite")
+    return BatchNorm(node=node, s=s, t=t)

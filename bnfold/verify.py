@@ -1,0 +1,231 @@
+"""Proving two models compute the same function with onnxruntime.
+
+Both sessions run with graph optimizations *disabled*: onnxruntime fuses
+Conv+BatchNormalization itself at load time, which would make a broken fold look
+correct (or a correct one look different). Each output is compared in float64
+with ``|folded - original| <= atol + rtol * |original|`` element-wise (numpy's
+``allclose`` rule), tolerances chosen per dtype unless given. NaN or Inf on one
+side only is always a mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from bnfold.errors import InputError, RuntimeFailure, first_line
+
+# (atol, rtol) per output dtype. Folding changes the rounding order of one
+# multiply-add per layer; these bounds sit well above that and far below any real bug.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-7),
+    "float32": (1e-4, 1e-3),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+EXACT = (0.0, 0.0)
+
+
+def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
+    """Per-dtype defaults; integer and boolean outputs must match exactly."""
+    return DEFAULT_TOLERANCES.get(np.dtype(dtype).name, EXACT)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How one output of the folded model differs from the original's."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    atol: float
+    rtol: float
+    max_abs_error: float
+    max_rel_error: float
+    """Largest ``|Δ| / |original|`` over elements where the original is non-zero."""
+    worst_index: tuple[int, ...]
+    mismatches: int
+    """Elements outside tolerance (NaN/Inf on one side only included)."""
+    elements: int
+    nonfinite_mismatch: bool
+    problem: str | None = None
+    """Set when the outputs cannot be compared at all (shape or dtype differ)."""
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and self.mismatches == 0
+
+
+@dataclass
+class Verification:
+    inputs: list[InputSpec]
+    seed: int
+    provider: str
+    outputs: list[OutputComparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(output.passed for output in self.outputs)
+
+
+def _runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that must be fed: initializers listed as inputs have defaults."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
+    """Concrete shapes for every runtime input: fixed dims kept, symbolic ones from
+    ``shapes`` (the user's ``--input-shape``) or else 1."""
+    unknown = set(shapes) - {value.name for value in _runtime_inputs(model)}
+    if unknown:
+        raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
+    specs = []
+    for value in _runtime_inputs(model):
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InputError(f"input '{value.name}' is not a tensor; bnfold cannot generate it")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if value.name in shapes:
+            shape = shapes[value.name]
+            if tensor_type.HasField("shape") and len(shape) != len(tensor_type.shape.dim):
+                raise InputError(
+                    f"--input-shape {value.name}: rank {len(shape)} but the model declares "
+                    f"rank {len(tensor_type.shape.dim)}"
+                )
+        elif not tensor_type.HasField("shape"):
+            raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
+        else:
+            shape = tuple(dim.dim_value if dim.dim_value > 0 else 1 for dim in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, tuple(shape), dtype.name))
+    return specs
+
+
+def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: floats ~ N(0, 1), integers in [0, 4), booleans fair coins."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.random(spec.shape) < 0.5
+        else:
+            raise InputError(f"input '{spec.name}' has dtype {spec.dtype}; bnfold cannot generate it")
+    return feeds
+
+
+def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
+    """An onnxruntime session with every graph optimization disabled."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
+
+
+def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
+    try:
+        return session.run(None, feeds)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeFailure(f"onnxruntime cannot run the {label} model: {first_line(error)}") from None
+
+
+def compare_output(
+    name: str, original: np.ndarray, folded: np.ndarray, tolerance: tuple[float, float] | None
+) -> OutputComparison:
+    """Element-wise comparison of one output, with polygraphy-style statistics."""
+    atol, rtol = tolerance if tolerance is not None else default_tolerance(original.dtype)
+    common = dict(name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol)
+    if original.shape != folded.shape or original.dtype != folded.dtype:
+        return OutputComparison(
+            **common, max_abs_error=float("inf"), max_rel_error=float("inf"), worst_index=(),
+            mismatches=original.size, elements=original.size, nonfinite_mismatch=False,
+            problem=f"folded output is {folded.dtype.name}{list(folded.shape)}, "
+            f"original is {original.dtype.name}{list(original.shape)}",
+        )
+    reference = original.astype(np.float64)
+    candidate = folded.astype(np.float64)
+    same_nonfinite = (np.isnan(reference) & np.isnan(candidate)) | (
+        np.isinf(reference) & (reference == candidate)
+    )
+    one_sided = (~np.isfinite(reference) | ~np.isfinite(candidate)) & ~same_nonfinite
+    with np.errstate(invalid="ignore", over="ignore"):
+        difference = np.where(same_nonfinite, 0.0, np.abs(candidate - reference))
+        difference = np.where(one_sided, np.inf, difference)
+        magnitude = np.abs(reference)
+        outside = one_sided | (difference > atol + rtol * np.where(np.isfinite(magnitude), magnitude, 0.0))
+        relative = np.divide(difference, magnitude, out=np.zeros_like(difference), where=magnitude > 0)
+    worst = np.unravel_index(int(np.argmax(difference)), difference.shape) if difference.size else ()
+    return OutputComparison(
+        **common,
+        max_abs_error=float(difference.max()) if difference.size else 0.0,
+        max_rel_error=float(relative.max()) if relative.size else 0.0,
+        worst_index=tuple(int(i) for i in worst),
+        mismatches=int(outside.sum()),
+        elements=int(original.size),
+        nonfinite_mismatch=bool(one_sided.any()),
+    )
+
+
+def verify_equivalence(
+    original: Path,
+    folded: Path,
+    specs: list[InputSpec],
+    *,
+    seed: int = 0,
+    tolerance: tuple[float, float] | None = None,
+    provider: str = "CPUExecutionProvider",
+) -> Verification:
+    """Run both models on the same seeded inputs (shaped by ``specs``) and compare every output.
+
+    Raises:
+        RuntimeFailure: onnxruntime cannot load or run the *original* model.
+    A folded model that onnxruntime rejects is a failed verification, not an error:
+    the original ran, so the fold broke it.
+    """
+    feeds = generate_inputs(specs, seed)
+    verification = Verification(inputs=specs, seed=seed, provider=provider)
+    reference_session = open_session(original, "original", provider)
+    reference = run_session(reference_session, feeds, "original")
+    output_names = [output.name for output in reference_session.get_outputs()]
+    try:
+        folded_session = open_session(folded, "folded", provider)
+        candidate = run_session(folded_session, feeds, "folded")
+        folded_names = [output.name for output in folded_session.get_outputs()]
+    except RuntimeFailure as failure:
+        verification.outputs = [_broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)]
+        return verification
+    folded_by_name = dict(zip(folded_names, candidate))
+    for name, value in zip(output_names, reference):
+        if name not in folded_by_name:
+            verification.outputs.append(_broken_output(name, value, "output missing from the folded model"))
+        else:
+            verification.outputs.append(compare_output(name, value, folded_by_name[name], tolerance))
+    return verification
+
+
+def _broken_output(name: str, original: np.ndarray, problem: str) -> OutputComparison:
+    atol, rtol = default_tolerance(original.dtype)
+    return OutputComparison(
+        name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol,
+        max_abs_error=float("inf"), max_rel_error=float("inf"), worst_index=(),
+        mismatches=int(original.size), elements=int(original.size), nonfinite_mismatch=False, problem=problem,
+    )
