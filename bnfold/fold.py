@@ -15,7 +15,7 @@ import onnx
 
 from bnfold.graph import GraphIndex, describe, node_id
 from bnfold.rewrite import apply_plans
-from bnfold.rules import RULES, FoldPlan, FoldRule, Refusal, read_batchnorm
+from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
 
 BATCHNORM = "BatchNormalization"
 
@@ -25,6 +25,8 @@ class FoldRecord:
     """One BatchNormalization that was folded away."""
 
     batchnorm: str
+    kind: str
+    """The op types folded away: 'BatchNormalization', or e.g. 'Mul+Add' for a decomposed BN."""
     target: str
     rule: str
     direction: str
@@ -50,23 +52,26 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
     return node.op_type == BATCHNORM and node.domain in ("", "ai.onnx")
 
 
-def _unmatched_reason(bn: onnx.NodeProto, graph: GraphIndex) -> str:
+def _unmatched_reason(bn: BatchNorm, graph: GraphIndex) -> str:
     """Why no rule applied at all: name the neighbours that cannot absorb the BN."""
-    producer = graph.producer_of(bn.input[0])
-    source = describe(producer) if producer is not None else f"graph input '{bn.input[0]}'"
-    consumers = [describe(node) for node in graph.consumers_of(bn.output[0])]
-    if graph.use_count(bn.output[0]) > len(consumers):
+    producer = graph.producer_of(bn.input_name)
+    source = describe(producer) if producer is not None else f"graph input '{bn.input_name}'"
+    consumers = [describe(node) for node in graph.consumers_of(bn.output_name)]
+    if bn.output_name in graph.graph_outputs:
         consumers.append("a graph output")
     readers = ", ".join(consumers) or "nothing"
     return f"no foldable neighbour: input from {source}, output to {readers}"
 
 
-def _plan_for(
-    node: onnx.NodeProto, graph: GraphIndex, rules: tuple[FoldRule, ...]
-) -> FoldPlan | Refusal:
-    bn = read_batchnorm(node, graph)
-    if isinstance(bn, Refusal):
-        return bn
+def _read_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal | None:
+    for reader in AFFINE_READERS:
+        found = reader(node, graph)
+        if found is not None:
+            return found
+    return None
+
+
+def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> FoldPlan | Refusal:
     refusals: list[str] = []
     for rule in rules:
         outcome = rule.plan(bn, graph)
@@ -74,27 +79,33 @@ def _plan_for(
             return outcome
         if isinstance(outcome, Refusal):
             refusals.append(outcome.reason)
-    return Refusal("; ".join(refusals) if refusals else _unmatched_reason(node, graph))
+    return Refusal("; ".join(refusals) if refusals else _unmatched_reason(bn, graph))
 
 
 def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES) -> FoldOutcome:
-    """Fold in place every BatchNormalization of ``model.graph`` that a rule can fold."""
+    """Fold in place every BatchNormalization of ``model.graph`` that a rule can fold.
+
+    Affine maps found by the other readers (decomposed BN forms) are folded too
+    when a rule can, but only BatchNormalization nodes are reported as left.
+    """
     outcome = FoldOutcome()
     while True:
         graph = GraphIndex(model)
         plans: list[FoldPlan] = []
         busy: set[int] = set()
         left: list[LeftRecord] = []
-        for position, node in enumerate(graph.nodes):
-            if not is_batchnorm(node):
+        for node in graph.nodes:
+            bn = _read_affine(node, graph)
+            if bn is None:
                 continue
-            result = _plan_for(node, graph, rules)
+            result = bn if isinstance(bn, Refusal) else _plan_for(bn, graph, rules)
             if isinstance(result, Refusal):
-                left.append(LeftRecord(node_id(node), result.reason))
+                if is_batchnorm(node):
+                    left.append(LeftRecord(node_id(node), result.reason))
                 continue
-            touched = {position, graph.position_of(result.target)}
+            touched = {graph.position_of(n) for n in (*result.bn.nodes, result.target)}
             if touched & busy:
-                continue  # its target changes in this pass; plan it again in the next
+                continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
             plans.append(result)
         if not plans:
@@ -104,5 +115,12 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
         outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
             outcome.folds.append(
-                FoldRecord(bn_label, target_label, plan.rule, plan.direction, tuple(plan.notes))
+                FoldRecord(
+                    bn_label,
+                    "+".join(node.op_type for node in plan.bn.nodes),
+                    target_label,
+                    plan.rule,
+                    plan.direction,
+                    tuple(plan.notes),
+                )
             )

@@ -128,16 +128,17 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 plan.notes.append(note)
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)
-        bn_node = plan.bn.node
+        bn = plan.bn
         if plan.direction == "backward":
             stale_value_info.add(plan.target.output[0])
-            plan.target.output[0] = bn_node.output[0]
+            plan.target.output[0] = bn.output_name
         else:
             for position, name in enumerate(plan.target.input):
-                if name == bn_node.output[0]:
-                    plan.target.input[position] = bn_node.input[0]
-        removed_positions.add(index.position_of(bn_node))
-        released.extend(name for name in bn_node.input[1:] if name)
+                if name == bn.output_name:
+                    plan.target.input[position] = bn.input_name
+        removed_positions.update(index.position_of(node) for node in bn.nodes)
+        stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
+        released.extend(bn.parameter_names)
 
     # Nodes that only computed replaced constants (Constant, Identity, Cast...) may now be dead.
     candidates = _constant_ancestors(index, released) - removed_positions

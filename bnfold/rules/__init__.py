@@ -13,9 +13,12 @@ from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
 
+# Functions that recognise a removable per-channel affine map at a node (or None).
+AFFINE_READERS = (read_batchnorm,)
+
 RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
 )
 
-__all__ = ["RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]
+__all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]

@@ -33,23 +33,37 @@ class Refusal:
 
 @dataclass(frozen=True)
 class BatchNorm:
-    """An inference-mode BatchNormalization as the per-channel affine map ``s * x + t``."""
+    """A per-channel affine map ``y = s * x + t`` that a fold can remove.
 
-    node: onnx.NodeProto
+    Usually one inference-mode BatchNormalization node; readers of decomposed
+    forms (a Mul/Add chain by per-channel constants) produce the same object with
+    several ``nodes``. Folding removes every node in ``nodes``: the chain reads
+    ``input_name`` and its last node writes ``output_name``.
+    """
+
+    nodes: tuple[onnx.NodeProto, ...]
+    input_name: str
+    output_name: str
     s: np.ndarray
     t: np.ndarray
+    channel_axis: int = 1
+    """Axis of the tensor that ``s`` and ``t`` index: 1 for BatchNormalization
+    (``[N, C, ...]``), -1 for a constant broadcast along the last axis."""
+
+    @property
+    def node(self) -> onnx.NodeProto:
+        """The node that names the affine in reports (the BatchNormalization itself)."""
+        return self.nodes[0]
 
     @property
     def channels(self) -> int:
         return int(self.s.shape[0])
 
     @property
-    def input_name(self) -> str:
-        return self.node.input[0]
-
-    @property
-    def output_name(self) -> str:
-        return self.node.output[0]
+    def parameter_names(self) -> list[str]:
+        """Constant inputs of the affine's nodes (released when it is folded)."""
+        return [name for node in self.nodes for name in node.input if name and name != self.input_name
+                and name not in (n.output[0] for n in self.nodes)]
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,7 @@ class IntoProducer(FoldRule):
             return None
         if list(producer.output).index(bn.input_name) != 0:
             return Refusal(f"the BN reads a secondary output of {describe(producer)}")
-        other_uses = graph.other_uses(bn.input_name, besides=bn.node)
+        other_uses = graph.other_uses(bn.input_name, besides=bn.nodes[0])
         if other_uses:
             return Refusal(f"{describe(producer)} output also feeds {', '.join(other_uses)}")
         absorbed = self.absorb(producer, bn, graph)

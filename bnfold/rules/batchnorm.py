@@ -31,8 +31,13 @@ def _attribute(node: onnx.NodeProto, name: str, default: float | int) -> float |
     return default
 
 
-def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal:
-    """Check the BN-level preconditions and return the BN as ``s * x + t``."""
+def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal | None:
+    """Check the BN-level preconditions and return the BN as ``s * x + t``.
+
+    None for any node that is not a standard-domain BatchNormalization.
+    """
+    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        return None
     opset = graph.default_opset()
     if opset >= 14 and _attribute(node, "training_mode", 0):
         return Refusal("BN in training mode (training_mode=1)")
@@ -74,4 +79,4 @@ def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refus
     )
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         return Refusal("BN scale / sqrt(var + epsilon) is not finite")
-    return BatchNorm(node=node, s=s, t=t)
+    return BatchNorm(nodes=(node,), input_name=node.input[0], output_name=node.output[0], s=s, t=t)
