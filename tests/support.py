@@ -1,0 +1,60 @@
+"""Shared test helpers: fold a model in memory and prove it equivalent through onnxruntime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bnfold.fold import FoldOutcome, fold_batchnorms
+from bnfold.verify import default_tolerance, generate_inputs, input_specs
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model with every onnxruntime graph optimization disabled (no built-in BN fusion)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def op_count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in model.graph.node)
+
+
+@dataclass
+class FoldCheck:
+    original: onnx.ModelProto
+    folded: onnx.ModelProto
+    outcome: FoldOutcome
+    max_abs_error: float
+
+
+def fold_and_compare(
+    model: onnx.ModelProto,
+    *,
+    seed: int = 0,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    tolerance: tuple[float, float] | None = None,
+) -> FoldCheck:
+    """Fold a copy of ``model``; assert the checker passes and every output matches in onnxruntime."""
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    outcome = fold_batchnorms(folded)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = generate_inputs(input_specs(original, shapes or {}), seed)
+    expected = run_onnxruntime(original, feeds)
+    actual = run_onnxruntime(folded, feeds)
+    worst = 0.0
+    for reference, candidate in zip(expected, actual, strict=True):
+        assert reference.shape == candidate.shape and reference.dtype == candidate.dtype
+        atol, rtol = tolerance or default_tolerance(reference.dtype)
+        np.testing.assert_allclose(candidate.astype(np.float64), reference.astype(np.float64), atol=atol, rtol=rtol)
+        if reference.size:
+            worst = max(worst, float(np.max(np.abs(candidate.astype(np.float64) - reference.astype(np.float64)))))
+    return FoldCheck(original, folded, outcome, worst)
