@@ -46,10 +46,10 @@ def scale_along_axis(weight: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray
     the weight: Conv (axis 0 of ``[M, C/g, k...]``), Gemm with ``transB=1`` (axis 0
     of ``[N, K]``) or ``transB=0`` (axis 1 of ``[K, N]``).
     """
-    weight = np.asarray(weight, dtype=np.float64)
-    shape = [1] * weight.ndim
+    shape = [1] * np.ndim(weight)
     shape[axis] = -1
-    return weight * np.asarray(s, dtype=np.float64).reshape(shape)
+    # One pass: the widening to float64 happens inside the multiply.
+    return np.multiply(weight, np.asarray(s, dtype=np.float64).reshape(shape), dtype=np.float64)
 
 
 def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -70,8 +70,9 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     A weight that was finite in float64 and becomes ±inf in float16 would change
     the model's function, so it raises :class:`FoldOverflowError` naming ``what``.
     """
-    cast = values.astype(dtype)
-    if not np.all(np.isfinite(cast.astype(np.float64))) and np.all(np.isfinite(values)):
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(dtype)
+    if not np.isfinite(cast).all() and np.isfinite(values).all():
         worst = float(np.max(np.abs(values)))
         raise FoldOverflowError(
             f"folded {what} would overflow {np.dtype(dtype).name} (largest magnitude {worst:.4g})"

@@ -13,6 +13,7 @@ failed run leaves neither a half-written model nor a stray data file.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, helper
 
 from bnfold.errors import InputError, first_line
 
@@ -110,24 +111,80 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     )
 
 
-def check_model(
-    model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool
-) -> bool:
-    """Run ``onnx.checker`` on a loaded model; optionally raise :class:`InputError`.
+# Initializers larger than this are replaced by shape-only stand-ins for the checker.
+_STAND_IN_THRESHOLD = 1024
+_PLACEHOLDER = "bnfold-placeholder.bin"
+# 4-bit types pack two values per byte; their data size is not dims × itemsize.
+_PACKED_TYPES = {
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+}
 
-    Models above the protobuf limit are checked from ``path`` (the checker cannot
-    serialize them in memory).
-    """
-    try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path), full_check=full_check)
+
+def _copy_fields(source, target, skip: str) -> None:  # noqa: ANN001 - any protobuf message
+    """Copy every set field of ``source`` except ``skip`` into ``target`` (no deep walk)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
         else:
-            onnx.checker.check_model(model, full_check=full_check)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        if raise_error:
-            raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
-        return False
+            setattr(target, descriptor.name, value)
+
+
+def _checker_skeleton(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """The model with each large initializer replaced by a stand-in of the same name,
+    type and shape whose data lives in an (empty) external file.
+
+    The checker validates structure, types and shapes, but serializing a model to
+    hand it the weights costs as much as saving it; the weights' sizes are checked
+    here instead, which is the only thing the checker would verify about them.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) <= _STAND_IN_THRESHOLD or tensor.data_type in _PACKED_TYPES:
+            skeleton.graph.initializer.append(tensor)
+            continue
+        expected = math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if len(tensor.raw_data) != expected:
+            raise InputError(
+                f"{path}: initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes "
+                f"but its shape {list(tensor.dims)} needs {expected}"
+            )
+        stand_in = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        stand_in.data_location = onnx.TensorProto.EXTERNAL
+        stand_in.external_data.add(key="location", value=_PLACEHOLDER)
+    return skeleton
+
+
+def check_model(model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool) -> bool:
+    """Run ``onnx.checker`` (optionally with strict shape inference) on a loaded model.
+
+    Checks a weight-less skeleton from a scratch folder (see :func:`_checker_skeleton`),
+    which also works for models above protobuf's 2 GiB limit. ``path`` only names
+    the model in messages. With ``raise_error`` a failure is an :class:`InputError`.
+    """
+    skeleton = _checker_skeleton(model, path)
+    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
+        Path(scratch, _PLACEHOLDER).touch()
+        skeleton_path = Path(scratch, "model.onnx")
+        onnx.save_model(skeleton, str(skeleton_path))
+        try:
+            onnx.checker.check_model(str(skeleton_path), full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            if raise_error:
+                raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
+            return False
     return True
+
+
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of weight data in the top-level initializers: a cheap stand-in for
+    ``ByteSize()``, which walks the whole message."""
+    return sum(len(tensor.raw_data) for tensor in model.graph.initializer)
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -189,7 +246,8 @@ def staged_save(
     staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
     try:
         staged_path = staging / target.name
-        use_external = external_data or model.ByteSize() > PROTOBUF_LIMIT
+        # 64 MiB of headroom for everything that is not initializer data.
+        use_external = external_data or payload_bytes(model) > PROTOBUF_LIMIT - 2**26
         data_location = f"{target.name}.data" if use_external else None
         try:
             onnx.save_model(

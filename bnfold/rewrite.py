@@ -9,7 +9,10 @@ that the folds left unused are removed; nothing else is.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+
+import numpy as np
 
 import onnx
 from onnx import helper, numpy_helper
@@ -45,27 +48,43 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: float | int) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def _overwrite_data(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    """Give an initializer new values of the same shape, keeping its name.
+
+    Assigning ``raw_data`` directly avoids building a second TensorProto and
+    copying it over, which matters for large weights; other layouts (typed fields,
+    another dtype, big-endian hosts) go through numpy_helper.
+    """
+    same_layout = (
+        tensor.HasField("raw_data")
+        and tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype)
+        and sys.byteorder == "little"
+    )
+    if same_layout:
+        tensor.raw_data = np.ascontiguousarray(values).tobytes()
+    else:
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+
 def _apply_update(
     graph: onnx.GraphProto, index: GraphIndex, update: TensorUpdate, names: _NameAllocator
 ) -> tuple[str | None, str | None]:
     """Write one new tensor; return (replaced input name, note) for bookkeeping."""
     node = update.node
     old_name = node.input[update.slot] if update.slot < len(node.input) else ""
-    tensor = numpy_helper.from_array(update.values)
     existing = index.initializers.get(old_name)
     sole_reader = (
         existing is not None
         and index.use_count(old_name) == 1
         and list(node.input).count(old_name) == 1
         and not index.is_runtime_input(old_name)
-        and list(existing.dims) == list(tensor.dims)
+        and list(existing.dims) == list(update.values.shape)
     )
     if sole_reader:
-        tensor.name = old_name
-        existing.CopyFrom(tensor)
+        _overwrite_data(existing, update.values)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
-    tensor.name = names.fresh(base)
+    tensor = numpy_helper.from_array(update.values, names.fresh(base))
     graph.initializer.append(tensor)
     while len(node.input) <= update.slot:
         node.input.append("")

@@ -1,0 +1,136 @@
+"""Unusable inputs and outputs: one line on stderr, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from bnfold.cli import main
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def invoke(*args: object) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_clean_failure(result, message: str, folder: Path, expected_files: set[str]) -> None:  # noqa: ANN001
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr == f"bnfold: error: {message}\n"
+    assert "Traceback" not in result.output
+    assert {p.name for p in folder.iterdir()} == expected_files
+
+
+def write_bytes(folder: Path, name: str, content: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+def truncated_model_bytes() -> bytes:
+    data = (SAMPLES / "cnn_residual.onnx").read_bytes()
+    return data[: len(data) // 2]
+
+
+def checker_failing_model_bytes() -> bytes:
+    """A Relu whose input no node produces and no graph input declares."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["ghost"], ["y"])], "g", [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.onnx", b"", "{path}: file is empty"),
+        ("text.onnx", b"this is not a model\n", "{path}: not an ONNX model"),
+        ("truncated.onnx", truncated_model_bytes(), "{path}: not an ONNX model"),
+        ("random.onnx", bytes(range(256)) * 8, "{path}: not an ONNX model"),
+        ("no_graph.onnx", onnx.ModelProto(producer_name="empty").SerializeToString(), "{path}: not an ONNX model (no graph or IR version)"),
+        ("invalid.onnx", checker_failing_model_bytes(), "{path}: fails onnx.checker"),
+    ],
+)
+def test_unusable_model_files(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = write_bytes(tmp_path, name, content)
+    before = digest(path)
+    result = invoke(path)
+    expected = message.format(path=path)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"bnfold: error: {expected}")
+    assert len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert digest(path) == before
+    assert {p.name for p in tmp_path.iterdir()} == {name}
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert_clean_failure(invoke(tmp_path / "nope.onnx"), f"{tmp_path / 'nope.onnx'}: no such file", tmp_path, set())
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    folder = tmp_path / "models.onnx"
+    folder.mkdir()
+    assert_clean_failure(invoke(folder), f"{folder}: is a directory, not an ONNX file", tmp_path, {"models.onnx"})
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return Path(shutil.copy(SAMPLES / "conv_no_bias.onnx", tmp_path / "m.onnx"))
+
+
+def test_output_equal_to_input_needs_in_place(model: Path) -> None:
+    before = digest(model)
+    assert_clean_failure(
+        invoke(model, "-o", model),
+        f"{model}: output path is the input file; pass --in-place to overwrite it", model.parent, {"m.onnx"},
+    )
+    assert digest(model) == before
+
+
+def test_in_place_overwrites_the_input(model: Path) -> None:
+    result = invoke(model, "-o", model, "--in-place", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(model)).graph.node) == 0
+    assert {p.name for p in model.parent.iterdir()} == {"m.onnx"}
+
+
+def test_missing_output_folder(model: Path) -> None:
+    target = model.parent / "missing" / "out.onnx"
+    assert_clean_failure(invoke(model, "-o", target), f"{target}: output folder does not exist", model.parent, {"m.onnx"})
+
+
+def test_output_path_that_is_a_directory(model: Path) -> None:
+    (model.parent / "out").mkdir()
+    target = model.parent / "out"
+    assert_clean_failure(invoke(model, "-o", target), f"{target}: output path is a directory", model.parent, {"m.onnx", "out"})
+
+
+def test_symlinked_output_is_refused(model: Path) -> None:
+    link = model.parent / "link.onnx"
+    link.symlink_to(model)
+    before = digest(model)
+    assert_clean_failure(
+        invoke(model, "-o", link),
+        f"{link}: output path is a symbolic link; refusing to write through it", model.parent, {"m.onnx", "link.onnx"},
+    )
+    assert digest(model) == before
+
+
+def test_unwritable_json_report_path(model: Path) -> None:
+    target = model.parent / "no" / "report.json"
+    result = invoke(model, "--json", target, "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"bnfold: error: {target}: cannot write JSON report")

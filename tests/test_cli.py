@@ -1,0 +1,210 @@
+"""The ``bnfold`` command end to end: outputs, reports, flags and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from bnfold import pipeline
+from bnfold.cli import main
+from bnfold.fold import fold_batchnorms
+from sample_models.modelkit import GraphBuilder
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+@pytest.fixture
+def cnn(tmp_path: Path) -> Path:
+    """A private copy of the residual CNN sample, so outputs land in tmp_path."""
+    return Path(shutil.copy(SAMPLES / "cnn_residual.onnx", tmp_path / "cnn.onnx"))
+
+
+def run(*args: str) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_default_command_writes_folded_model_beside_input(cnn: Path) -> None:
+    before = cnn.read_bytes()
+    result = run(cnn)
+    assert result.exit_code == 0, result.output
+    output = cnn.with_name("cnn.folded.onnx")
+    assert output.is_file()
+    assert cnn.read_bytes() == before
+    folded = onnx.load(str(output))
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 0
+    assert "equivalent" in result.stdout
+    assert "Before / after" in result.stdout and "Folded (6)" in result.stdout
+    assert not list(cnn.parent.glob(".bnfold-*")), "staging folder removed"
+
+
+def test_explicit_fold_command_and_output_path(cnn: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out" / "model.onnx"
+    target.parent.mkdir()
+    result = run("fold", cnn, "-o", target)
+    assert result.exit_code == 0
+    assert target.is_file()
+
+
+def test_options_may_come_before_the_model(cnn: Path, tmp_path: Path) -> None:
+    result = run("-q", "-o", tmp_path / "x.onnx", cnn)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "x.onnx").is_file()
+
+
+def test_quiet_prints_one_line(cnn: Path) -> None:
+    result = run(cnn, "--quiet")
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{cnn} → {cnn.with_name('cnn.folded.onnx')}: folded 6 of 6 BatchNormalization, equivalent (max |Δ| ")
+
+
+def test_json_to_stdout_carries_the_report(cnn: Path) -> None:
+    result = run(cnn, "--json", "-")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["schema"] == "bnfold.fold/1"
+    assert report["status"] == "equivalent" and report["exit_code"] == 0 and report["written"] is True
+    assert report["before"]["op_counts"]["BatchNormalization"] == 6
+    assert "BatchNormalization" not in report["after"]["op_counts"]
+    assert len(report["folds"]) == 6 and report["left"] == []
+    assert {f["rule"] for f in report["folds"]} == {"conv-bn", "gemm-bn"}
+    output = report["verification"]["outputs"][0]
+    assert output["passed"] is True and output["mismatches"] == 0
+    assert report["verification"]["inputs"] == [{"name": "image", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+
+
+def test_json_to_file_and_tables_to_stdout(cnn: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = run(cnn, "--json", report_path)
+    assert result.exit_code == 0
+    assert json.loads(report_path.read_text())["status"] == "equivalent"
+    assert "Before / after" in result.stdout
+
+
+def test_input_shape_sets_symbolic_dimensions(cnn: Path) -> None:
+    result = run(cnn, "--input-shape", "image:4,3,32,32", "--json", "-")
+    assert json.loads(result.stdout)["verification"]["inputs"][0]["shape"] == [4, 3, 32, 32]
+
+
+@pytest.mark.parametrize("value,message", [
+    ("image:4,x", "'image:4,x' is not NAME:D1,D2,... with non-negative integers"),
+    ("nope:1,3,32,32", "--input-shape names no model input: nope"),
+    ("image:1,3", "--input-shape image: rank 2 but the model declares rank 4"),
+])
+def test_bad_input_shapes_are_usage_errors(cnn: Path, value: str, message: str) -> None:
+    result = run(cnn, "--input-shape", value)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_dry_run_writes_nothing(cnn: Path) -> None:
+    result = run(cnn, "--dry-run", "--quiet")
+    assert result.exit_code == 0
+    assert sorted(p.name for p in cnn.parent.iterdir()) == ["cnn.onnx"]
+    assert "dry run" in result.stdout and "equivalent" in result.stdout
+
+
+def test_no_verify_reports_unverified(cnn: Path) -> None:
+    result = run(cnn, "--no-verify", "--json", "-")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["status"] == "unverified" and report["verification"] is None and report["written"] is True
+
+
+def corrupting_fold(model: onnx.ModelProto, *args: object, **kwargs: object):  # noqa: ANN201
+    """Fold normally, then damage one weight: what a buggy rule would do."""
+    outcome = fold_batchnorms(model, *args, **kwargs)
+    tensor = model.graph.initializer[0]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.5, tensor.name))
+    return outcome
+
+
+def test_failed_verification_exits_1_and_writes_nothing(cnn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "fold_batchnorms", corrupting_fold)
+    result = run(cnn, "--json", "-")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "not-equivalent" and report["written"] is False
+    assert report["verification"]["outputs"][0]["passed"] is False
+    assert report["verification"]["outputs"][0]["mismatches"] > 0
+    assert not cnn.with_name("cnn.folded.onnx").exists()
+    assert sorted(p.name for p in cnn.parent.iterdir()) == ["cnn.onnx"]
+
+
+def test_keep_failed_writes_the_failing_model(cnn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "fold_batchnorms", corrupting_fold)
+    result = run(cnn, "--keep-failed", "--quiet")
+    assert result.exit_code == 1
+    assert cnn.with_name("cnn.folded.onnx").is_file()
+    assert "not-equivalent" in result.stdout
+
+
+def test_model_onnxruntime_cannot_run_exits_3(tmp_path: Path) -> None:
+    b = GraphBuilder(seed=0)
+    x = b.input("x", [1, 3])
+    b.nodes.append(helper.make_node("Mystery", [x], ["y"], domain="com.example"))
+    b.outputs.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3]))
+    model = helper.make_model(
+        helper.make_graph(b.nodes, "g", b.inputs, b.outputs),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8,
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    result = run(path)
+    assert result.exit_code == 3
+    assert result.stderr.startswith("bnfold: error: onnxruntime cannot load the original model: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "custom.folded.onnx").exists()
+
+
+def test_help_documents_exit_codes() -> None:
+    for args in ([], ["fold"], ["check"]):
+        result = run(*args, "--help")
+        assert result.exit_code == 0
+        assert "Exit codes:" in result.output
+        assert "3  onnxruntime cannot load or run the original model" in result.output
+
+
+def test_check_command_compares_two_models(cnn: Path) -> None:
+    assert run(cnn, "--quiet").exit_code == 0
+    result = run("check", cnn, cnn.with_name("cnn.folded.onnx"), "--quiet")
+    assert result.exit_code == 0
+    assert ": equivalent (max |Δ| " in result.stdout
+
+
+def test_check_command_detects_a_different_model(cnn: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.onnx"
+    model = onnx.load(str(cnn))
+    bias = next(t for t in model.graph.initializer if t.name.startswith("c"))
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), bias.name))
+    onnx.save(model, str(other))
+    result = run("check", cnn, other, "--json", "-")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["status"] == "not-equivalent"
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    completed = subprocess.run([sys.executable, "-m", "bnfold", "--help"], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0
+    assert "Usage: bnfold" in completed.stdout
+
+
+def test_installed_entry_point_runs_as_a_real_process(cnn: Path) -> None:
+    executable = Path(sys.executable).parent / "bnfold"
+    assert executable.is_file(), "the package's console script is installed beside the interpreter"
+    completed = subprocess.run([str(executable), str(cnn), "--quiet"], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "equivalent" in completed.stdout
+    assert completed.stderr == ""
+    assert cnn.with_name("cnn.folded.onnx").is_file()
