@@ -103,7 +103,7 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
                 if is_batchnorm(node):
                     left.append(LeftRecord(node_id(node), result.reason))
                 continue
-            touched = {graph.position_of(n) for n in (*result.bn.nodes, result.target)}
+            touched = {graph.position_of(n) for n in result.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
@@ -111,7 +111,7 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
         if not plans:
             outcome.left = left
             return outcome
-        labels = [(node_id(plan.bn.node), describe(plan.target)) for plan in plans]
+        labels = [(node_id(plan.bn.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
         outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
             outcome.folds.append(

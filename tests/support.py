@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from bnfold.fold import FoldOutcome, fold_batchnorms
+from bnfold.rules import RULES, FoldRule
 from bnfold.verify import default_tolerance, generate_inputs, input_specs
 
 
@@ -39,13 +40,14 @@ def fold_and_compare(
     seed: int = 0,
     shapes: dict[str, tuple[int, ...]] | None = None,
     tolerance: tuple[float, float] | None = None,
+    rules: tuple[FoldRule, ...] = RULES,
 ) -> FoldCheck:
     """Fold a copy of ``model``; assert the checker passes and every output matches in onnxruntime."""
     original = onnx.ModelProto()
     original.CopyFrom(model)
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    outcome = fold_batchnorms(folded)
+    outcome = fold_batchnorms(folded, rules)
     onnx.checker.check_model(folded, full_check=True)
     feeds = generate_inputs(input_specs(original, shapes or {}), seed)
     expected = run_onnxruntime(original, feeds)
