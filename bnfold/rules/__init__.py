@@ -33,4 +33,7 @@ def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
                  for rule in rules)
 
 
-__all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm", "with_exact_padding"]
+__all__ = [
+    "AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm",
+    "with_exact_padding",
+]

@@ -88,7 +88,8 @@ class ConvAfterBatchNorm(IntoConsumer):
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             pads = _same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
         else:
-            pads = [0] * (2 * len(kernel)) if auto_pad == "VALID" else list(attributes.get("pads", [0] * 2 * len(kernel)))
+            no_pads = [0] * (2 * len(kernel))
+            pads = no_pads if auto_pad == "VALID" else list(attributes.get("pads", no_pads))
 
         folded_weight, offset = fold_math.fold_into_next_conv(weight, bn.s, bn.t, group)
         if pads is not None and not any(pads):
