@@ -91,8 +91,7 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
     outcome = FoldOutcome()
     while True:
         graph = GraphIndex(model)
-        plans: list[FoldPlan] = []
-        busy: set[int] = set()
+        candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         for node in graph.nodes:
             bn = _read_affine(node, graph)
@@ -103,11 +102,17 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
                 if is_batchnorm(node):
                     left.append(LeftRecord(node_id(node), result.reason))
                 continue
-            touched = {graph.position_of(n) for n in result.touched_nodes}
+            candidates.append(result)
+        plans: list[FoldPlan] = []
+        busy: set[int] = set()
+        # Backward folds claim their layer first: a forward fold into the same layer may
+        # add a node after it, which would hide the layer from the BN that follows it.
+        for plan in sorted(candidates, key=lambda candidate: candidate.direction != "backward"):
+            touched = {graph.position_of(n) for n in plan.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
-            plans.append(result)
+            plans.append(plan)
         if not plans:
             outcome.left = left
             return outcome

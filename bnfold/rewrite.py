@@ -167,6 +167,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             stale_value_info.add(plan.target.output[0])
             plan.target.output[0] = bn.output_name
         else:
+            stale_value_info.add(bn.output_name)
             for target in plan.targets:
                 for position, name in enumerate(target.input):
                     if name == bn.output_name:

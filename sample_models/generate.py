@@ -96,7 +96,7 @@ def classifier_head_bn() -> onnx.ModelProto:
 
 def input_bn_conv() -> onnx.ModelProto:
     """Input normalization as a BN on the raw image, then an unpadded Conv → BN → Relu:
-    the first BN folds forward into the Conv, the second backward into it."""
+    the BN after the Conv folds backward into it, then the input BN forward."""
     b = GraphBuilder(seed=7)
     x = b.input("image", ["batch", 3, 16, 16])
     conv = b.conv(b.batchnorm(x, 3), 3, 8, pads=[0, 0, 0, 0])

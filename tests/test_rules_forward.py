@@ -199,6 +199,18 @@ def test_exact_padding_folds_padded_conv_with_a_per_position_bias(
     )
 
 
+def test_exact_padding_keeps_the_backward_fold_of_the_bn_after_the_conv() -> None:
+    """The Add after a padded Conv must not come between the Conv and the BN that follows it."""
+    b = GraphBuilder(seed=16)
+    x = b.input("image", ["batch", 4, 6, 6])
+    b.output(b.batchnorm(b.conv(b.batchnorm(x, 4), 4, 6, (3, 3)), 6))
+    check = fold_and_compare(b.model(), rules=EXACT_PADDING)
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Add"]
+    assert [(fold.rule, fold.direction) for fold in check.outcome.folds] == [
+        ("conv-bn", "backward"), ("bn-conv", "forward"),
+    ]
+
+
 def test_exact_padding_needs_static_spatial_sizes() -> None:
     b = GraphBuilder(seed=9)
     x = b.input("image", ["batch", 4, "h", "w"])
@@ -307,7 +319,7 @@ def test_classifier_head_sample_folds_every_bn() -> None:
 def test_input_bn_conv_sample_folds_into_the_unpadded_conv() -> None:
     check = fold_and_compare(input_bn_conv())
     assert op_count(check.folded, "BatchNormalization") == 0 and not check.outcome.left
-    assert [fold.direction for fold in check.outcome.folds] == ["forward", "backward"]
+    assert [fold.direction for fold in check.outcome.folds] == ["backward", "forward"]
 
 
 def test_exact_padding_flag_reaches_the_fold(tmp_path) -> None:  # noqa: ANN001 - pytest fixture
