@@ -91,8 +91,7 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
     outcome = FoldOutcome()
     while True:
         graph = GraphIndex(model)
-        plans: list[FoldPlan] = []
-        busy: set[int] = set()
+        candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         for node in graph.nodes:
             bn = _read_affine(node, graph)
@@ -103,15 +102,21 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
                 if is_batchnorm(node):
                     left.append(LeftRecord(node_id(node), result.reason))
                 continue
-            touched = {graph.position_of(n) for n in (*result.bn.nodes, result.target)}
+            candidates.append(result)
+        plans: list[FoldPlan] = []
+        busy: set[int] = set()
+        # Backward folds claim their layer first: a forward fold into the same layer may
+        # add a node after it, which would hide the layer from the BN that follows it.
+        for plan in sorted(candidates, key=lambda candidate: candidate.direction != "backward"):
+            touched = {graph.position_of(n) for n in plan.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
-            plans.append(result)
+            plans.append(plan)
         if not plans:
             outcome.left = left
             return outcome
-        labels = [(node_id(plan.bn.node), describe(plan.target)) for plan in plans]
+        labels = [(node_id(plan.bn.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
         outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
             outcome.folds.append(

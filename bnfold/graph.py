@@ -78,6 +78,7 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -169,3 +170,28 @@ class GraphIndex:
             return "initializer"
         node = self.producer_of(name)
         return "graph input" if node is None else f"{node.op_type} node"
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def static_shape(self, name: str) -> tuple[int | None, ...] | None:
+        """The shape of value ``name`` (None for a symbolic dimension), or None if even
+        the rank is unknown.
+
+        Declared shapes come from the graph's inputs, outputs and value_info; shape
+        inference runs once per index, and only when a rule asks (most folds never
+        need a shape). A model that cannot be inferred simply has unknown shapes.
+        """
+        if self._shapes is None:
+            self._shapes = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
+                inferred = self.graph
+            for value in (*inferred.input, *inferred.output, *inferred.value_info):
+                if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                    self._shapes[value.name] = tuple(
+                        dim.dim_value if dim.HasField("dim_value") else None
+                        for dim in value.type.tensor_type.shape.dim
+                    )
+            self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
+        return self._shapes.get(name)

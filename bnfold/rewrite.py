@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
+from bnfold.rules.base import AddedBias
 
 
 class _NameAllocator:
@@ -95,6 +96,38 @@ def _apply_update(
     return (old_name or None), note
 
 
+def _bias_node(graph: onnx.GraphProto, added: AddedBias, names: _NameAllocator) -> onnx.NodeProto:
+    """Store the bias and return an Add that takes over ``added.node``'s output name.
+
+    The node writes a fresh name instead; the Add is placed into ``graph.node`` later
+    (:func:`_insert_after_producers`), once the folded nodes are deleted by position.
+    """
+    node = added.node
+    output = node.output[0]
+    label = node.name or output
+    tensor = numpy_helper.from_array(added.values, names.fresh(f"{label}_{added.role}"))
+    graph.initializer.append(tensor)
+    node.output[0] = names.fresh(output)
+    return helper.make_node("Add", [node.output[0], tensor.name], [output], name=names.fresh(f"{label}_add"))
+
+
+def _insert_after_producers(graph: onnx.GraphProto, added_nodes: list[onnx.NodeProto]) -> None:
+    """Place each new node right after the node whose output it reads, keeping the
+    graph topologically sorted (protobuf repeated fields cannot insert in place)."""
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for added in added_nodes:
+        after.setdefault(added.input[0], []).append(added)
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        ordered.append(kept)
+        for name in node.output:
+            ordered.extend(after.get(name, ()))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def _delete_where(repeated, doomed) -> None:  # noqa: ANN001 - any protobuf repeated field
     """Delete the elements for which ``doomed(element)`` holds, in place.
 
@@ -138,6 +171,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
+    added_nodes: list[onnx.NodeProto] = []
     for plan in plans:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
@@ -152,9 +186,12 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             stale_value_info.add(plan.target.output[0])
             plan.target.output[0] = bn.output_name
         else:
-            for position, name in enumerate(plan.target.input):
-                if name == bn.output_name:
-                    plan.target.input[position] = bn.input_name
+            stale_value_info.add(bn.output_name)
+            for target in plan.targets:
+                for position, name in enumerate(target.input):
+                    if name == bn.output_name:
+                        target.input[position] = bn.input_name
+        added_nodes += [_bias_node(graph, added, names) for added in plan.added_biases]
         removed_positions.update(index.position_of(node) for node in bn.nodes)
         stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
         released.extend(bn.parameter_names)
@@ -172,6 +209,8 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         candidates -= dead
     for position in sorted(removed_positions, reverse=True):
         del graph.node[position]
+    if added_nodes:
+        _insert_after_producers(graph, added_nodes)
 
     used = _names_read(graph.node) | graph_outputs
     removed_initializers = [

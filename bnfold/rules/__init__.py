@@ -3,7 +3,7 @@
 Adding a pattern means adding a module with one :class:`~bnfold.rules.base.FoldRule`
 subclass and one line here; no other rule changes. Backward folds (into the
 producer) come first so that a BN between two layers is folded into the one
-before it.
+before it; forward folds (into the consumers) follow.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, TensorUpdate
 from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.conv import ConvIntoBatchNorm
+from bnfold.rules.forward_conv import ConvAfterBatchNorm
+from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
@@ -19,6 +21,19 @@ AFFINE_READERS = (read_batchnorm,)
 RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
+    LinearAfterBatchNorm(),
+    FlattenLinearAfterBatchNorm(),
+    ConvAfterBatchNorm(),
 )
 
-__all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]
+
+def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
+    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``)."""
+    return tuple(ConvAfterBatchNorm(exact_padding=True) if isinstance(rule, ConvAfterBatchNorm) else rule
+                 for rule in rules)
+
+
+__all__ = [
+    "AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm",
+    "with_exact_padding",
+]
