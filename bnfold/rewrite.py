@@ -67,6 +67,9 @@ def _apply_update(
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor.name = names.fresh(base)
     graph.initializer.append(tensor)
+    if index.model.ir_version < 4:
+        # Before IR 4 the checker requires every initializer to be declared as a graph input.
+        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     while len(node.input) <= update.slot:
         node.input.append("")
     node.input[update.slot] = tensor.name
@@ -151,6 +154,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             break
         removed_positions |= dead
         candidates -= dead
+        released.extend(name for p in dead for name in index.nodes[p].input if name)  # their inputs too
     for position in sorted(removed_positions, reverse=True):
         del graph.node[position]
 

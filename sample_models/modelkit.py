@@ -117,7 +117,14 @@ class GraphBuilder:
     def model(
         self, name: str = "bnfold_sample", *, opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION
     ) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
+        inputs = list(self.inputs)
+        if ir_version < 4:
+            # Before IR 4 every initializer must also be declared as a graph input.
+            inputs += [
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+                for tensor in self.initializers
+            ]
+        graph = helper.make_graph(self.nodes, name, inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version,
             producer_name="bnfold-modelkit",
