@@ -14,19 +14,28 @@ from collections.abc import Iterable
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs
+from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
 
 
 class _NameAllocator:
-    """Fresh value names that collide with nothing in the graph."""
+    """Fresh value names that collide with nothing in the graph or its subgraphs.
+
+    Names must be unique across a graph and every nested body (a body may read
+    outer values by name), so the whole tree is searched.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self._taken = {tensor.name for tensor in graph.initializer}
-        self._taken.update(value.name for value in graph.input)
-        for node in graph.node:
-            self._taken.update(node.input)
-            self._taken.update(node.output)
+        self._taken: set[str] = set()
+        pending = [graph]
+        while pending:
+            current = pending.pop()
+            self._taken.update(tensor.name for tensor in current.initializer)
+            self._taken.update(value.name for value in current.input)
+            for node in current.node:
+                self._taken.update(node.input)
+                self._taken.update(node.output)
+                pending.extend(subgraphs(node))
 
     def fresh(self, base: str) -> str:
         candidate, counter = f"{base}_bnfold", 1
@@ -113,12 +122,13 @@ def _constant_ancestors(index: GraphIndex, names: Iterable[str]) -> set[int]:
 
 
 def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]) -> list[str]:
-    """Apply non-overlapping plans (built against ``index``) to ``model.graph`` in place.
+    """Apply non-overlapping plans (built against ``index``) to ``index.graph`` in place.
 
-    Returns the names of initializers that became unused and were removed.
+    ``index.graph`` is ``model.graph`` or one of its subgraphs. Returns the names
+    of initializers that became unused and were removed.
     """
-    graph = model.graph
-    names = _NameAllocator(graph)
+    graph = index.graph
+    names = _NameAllocator(model.graph)
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
@@ -142,7 +152,21 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         removed_positions.update(index.position_of(node) for node in bn.nodes)
         stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
         released.extend(bn.parameter_names)
+    return _remove_dead_constants(index, released, removed_positions, stale_value_info)
 
+
+def remove_unused_constants(index: GraphIndex, released: Iterable[str]) -> list[str]:
+    """Remove the initializers and constant nodes of ``index.graph`` that computed
+    ``released`` values and are now read by nothing (e.g. outer-scope weights that
+    folds inside subgraphs replaced). Returns the removed initializers' names."""
+    return _remove_dead_constants(index, list(released), set(), set())
+
+
+def _remove_dead_constants(
+    index: GraphIndex, released: list[str], removed_positions: set[int], stale_value_info: set[str]
+) -> list[str]:
+    """Delete ``removed_positions`` and whatever only computed ``released`` values."""
+    graph = index.graph
     # Nodes that only computed replaced constants (Constant, Identity, Cast...) may now be dead.
     candidates = _constant_ancestors(index, released) - removed_positions
     graph_outputs = {value.name for value in graph.output}

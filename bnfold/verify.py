@@ -124,7 +124,7 @@ def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
         elif dtype.kind in "iu":
             feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
         elif dtype.kind == "b":
-            feeds[spec.name] = rng.random(spec.shape) < 0.5
+            feeds[spec.name] = np.asarray(rng.random(spec.shape) < 0.5)  # a 0-d array, not np.bool, for shape ()
         else:
             raise InputError(f"input '{spec.name}' has dtype {spec.dtype}; bnfold cannot generate it")
     return feeds

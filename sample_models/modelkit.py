@@ -6,7 +6,8 @@ model the project ships or tests is built the same way, with no torch involved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -36,6 +37,17 @@ class GraphBuilder:
         count = self._counts.get(base, 0)
         self._counts[base] = count + 1
         return f"{base}{count}"
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[tuple[list[onnx.NodeProto], list[onnx.TensorProto]]]:
+        """Send the nodes and initializers added inside the block to two fresh lists,
+        for a subgraph body; names stay unique across the model (one counter)."""
+        saved = self.nodes, self.initializers
+        self.nodes, self.initializers = [], []
+        try:
+            yield self.nodes, self.initializers
+        finally:
+            self.nodes, self.initializers = saved
 
     # -- graph boundary ---------------------------------------------------------------------
 

@@ -131,18 +131,21 @@ def dequantizing_node(graph: GraphIndex, name: str) -> onnx.NodeProto | None:
 
     In QDQ models a weight is stored quantized and dequantized in the graph. It is
     constant, but replacing it by folded float values would silently turn a
-    quantized layer into a float one, so such weights are not folded.
+    quantized layer into a float one, so such weights are not folded. Inside a
+    subgraph, values of the enclosing graphs are followed too.
     """
-    pending, seen = [name], set()
+    pending, seen = [(graph, name)], set()
     while pending:
-        current = pending.pop()
-        producer = graph.producer_of(current)
-        if producer is None or current in seen:
+        scope, current = pending.pop()
+        while scope.parent is not None and scope.is_outer(current):
+            scope = scope.parent
+        producer = scope.producer_of(current)
+        if producer is None or (id(scope), current) in seen:
             continue
-        seen.add(current)
+        seen.add((id(scope), current))
         if producer.op_type == "DequantizeLinear":
             return producer
-        pending.extend(value for value in producer.input if value)
+        pending.extend((scope, value) for value in producer.input if value)
     return None
 
 
