@@ -118,11 +118,21 @@ def check_model(
     Models above the protobuf limit are checked from ``path`` (the checker cannot
     serialize them in memory).
     """
+    subject: onnx.ModelProto | str = str(path) if model.ByteSize() > PROTOBUF_LIMIT else model
+    return _run_checker(subject, path, full_check=full_check, raise_error=raise_error)
+
+
+def check_written_model(path: Path, *, full_check: bool) -> bool:
+    """Run ``onnx.checker`` on a saved file, reading its external data from beside it.
+
+    A model above the protobuf limit can only be checked this way, once written.
+    """
+    return _run_checker(str(path), path, full_check=full_check, raise_error=False)
+
+
+def _run_checker(subject: onnx.ModelProto | str, path: Path, *, full_check: bool, raise_error: bool) -> bool:
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            onnx.checker.check_model(str(path), full_check=full_check)
-        else:
-            onnx.checker.check_model(model, full_check=full_check)
+        onnx.checker.check_model(subject, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         if raise_error:
             raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
@@ -148,6 +158,25 @@ def validate_output_path(output: Path, input_path: Path, *, in_place: bool) -> N
         raise InputError(f"{output}: output folder does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{output}: output folder is not writable")
+
+
+def output_data_location(output: Path) -> str:
+    """Where a model saved with external data keeps it: ``<output name>.data`` beside it."""
+    return f"{output.name}.data"
+
+
+def validate_output_data(output: Path, loaded: LoadedModel, *, in_place: bool) -> None:
+    """Refuse an output whose data file would overwrite the input's external data.
+
+    Only ``--in-place`` may replace the input's files (it replaces the model too).
+    """
+    written = (output.parent / output_data_location(output)).resolve()
+    read = {(loaded.path.parent / location).resolve() for location in loaded.external_data_files}
+    if written in read and not in_place:
+        raise InputError(
+            f"{output}: its data file '{output_data_location(output)}' is the input's external data; "
+            "choose another output name"
+        )
 
 
 @dataclass
@@ -190,7 +219,7 @@ def staged_save(
     try:
         staged_path = staging / target.name
         use_external = external_data or model.ByteSize() > PROTOBUF_LIMIT
-        data_location = f"{target.name}.data" if use_external else None
+        data_location = output_data_location(target) if use_external else None
         try:
             onnx.save_model(
                 model,

@@ -123,6 +123,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     output = options.output or io.default_output_path(loaded.path)
     if not options.dry_run:
         io.validate_output_path(output, loaded.path, in_place=options.in_place)
+        io.validate_output_data(output, loaded, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     specs = input_specs(model, options.verify_options.shapes) if options.verify else []
@@ -130,7 +131,11 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
 
     outcome = fold_batchnorms(model)
     problem = None
-    if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
+    # Above the protobuf limit the checker needs a file: the staged one is checked below.
+    check_when_written = model.ByteSize() > io.PROTOBUF_LIMIT
+    if not check_when_written and not io.check_model(
+        model, loaded.path, full_check=loaded.passes_full_check, raise_error=False
+    ):
         problem = "the folded model fails onnx.checker"
     after = model_stats(model, None)
     clock.lap("fold")
@@ -140,6 +145,10 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     with io.staged_save(model, staging_target, external_data=bool(loaded.external_data_files)) as staged:
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
         clock.lap("save")
+        if check_when_written and not io.check_written_model(
+            staged.staged_path, full_check=loaded.passes_full_check
+        ):
+            problem = "the folded model fails onnx.checker"
         if options.verify and problem is None:
             vo = options.verify_options
             verification = verify_equivalence(
