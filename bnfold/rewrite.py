@@ -132,6 +132,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
+    copies: list[tuple[FoldPlan, TensorUpdate, str, str]] = []
     for plan in plans:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
@@ -139,6 +140,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 released.append(old_name)
             if note:
                 plan.notes.append(note)
+                copies.append((plan, update, old_name, note))
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)
         bn = plan.bn
@@ -152,7 +154,38 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         removed_positions.update(index.position_of(node) for node in bn.nodes)
         stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
         released.extend(bn.parameter_names)
-    return _remove_dead_constants(index, released, removed_positions, stale_value_info)
+    removed = _remove_dead_constants(index, released, removed_positions, stale_value_info)
+    reclaimed = _reclaim_original_names(graph, copies, removed)
+    return [name for name in removed if name not in reclaimed]
+
+
+def _reclaim_original_names(
+    graph: onnx.GraphProto, copies: list[tuple[FoldPlan, TensorUpdate, str, str]], removed: list[str]
+) -> set[str]:
+    """Give a copied weight its original name back when the original is gone.
+
+    A weight read by other nodes gets a copy, but when those readers only computed
+    the folded node's other constants (an exporter's zero bias
+    ``Expand(CastLike(0, W), Shape(W))``), they were removed with the original:
+    the copy then takes the original's name and the "shared" note is withdrawn.
+    Returns the reclaimed names.
+    """
+    free = set(removed)
+    tensors = {tensor.name: tensor for tensor in graph.initializer}
+    declared = {value.name: value for value in graph.input}
+    reclaimed: set[str] = set()
+    for plan, update, old_name, note in copies:
+        if old_name not in free:
+            continue
+        free.discard(old_name)
+        copy_name = update.node.input[update.slot]
+        tensors[copy_name].name = old_name
+        if copy_name in declared:
+            declared[copy_name].name = old_name
+        update.node.input[update.slot] = old_name
+        plan.notes.remove(note)
+        reclaimed.add(old_name)
+    return reclaimed
 
 
 def remove_unused_constants(index: GraphIndex, released: Iterable[str]) -> list[str]:

@@ -251,8 +251,11 @@ def test_dynamo_style_zero_bias_expand_castlike_shape_folds() -> None:
     b.output(b.batchnorm(b.node("Conv", [x, weight, bias], pads=[1, 1, 1, 1]), 4))
     check = fold_and_compare(b.model())
     assert op_count(check.folded, BN) == 0
-    assert [node.op_type for node in check.folded.graph.node] == ["Conv"]
-    assert len(check.folded.graph.initializer) == 2
+    (conv,) = check.folded.graph.node
+    assert conv.op_type == "Conv" and len(check.folded.graph.initializer) == 2
+    # Its only other readers were the removed bias nodes: the weight keeps its name, no "shared" note.
+    assert conv.input[1] == weight and check.outcome.folds[0].notes == ()
+    assert weight not in check.outcome.removed_initializers
 
 
 @pytest.mark.parametrize("ir_version", [8, 3])
