@@ -169,3 +169,31 @@ def test_model_local_function_folds_constant_weights_and_refuses_passed_ones() -
     (left,) = check.outcome.left
     assert left.batchnorm == "function 'Block' / batchnormalization1"
     assert left.reason == "Conv 'conv1' weight 'weight' is not a constant (a graph input)"
+
+
+def test_outer_weight_shared_by_a_body_a_top_level_fold_and_a_plain_user_keeps_its_values() -> None:
+    b = GraphBuilder(seed=25)
+    x = b.input("x", [1, 4, 5, 5])
+    cond = b.input("cond", [], TensorProto.BOOL)
+    weight = b.random("W", [4, 4, 3, 3])
+    top = b.batchnorm(b.node("Conv", [x, weight], pads=[1, 1, 1, 1]), 4)
+    plain = b.node("Conv", [x, weight], pads=[1, 1, 1, 1])
+    with b.collecting() as (then_nodes, then_initializers):
+        then_out = b.batchnorm(b.node("Conv", [top, weight], pads=[1, 1, 1, 1]), 4)
+    with b.collecting() as (else_nodes, _):
+        else_out = b.node("Neg", [top])
+    b.nodes.append(helper.make_node(
+        "If", [cond], ["z"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", [], [_value(then_out, [1, 4, 5, 5])], then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out, [1, 4, 5, 5])]),
+    ))
+    b.output(b.node("Add", ["z", plain]), [1, 4, 5, 5])
+    model = b.model()
+    for seed in range(4):
+        check = fold_and_compare(model, seed=seed)
+    assert _all_ops(check.folded.graph).count(BN) == 0 and len(check.outcome.folds) == 2
+    original = {t.name: t for t in model.graph.initializer}[weight]
+    kept = {t.name: t for t in check.folded.graph.initializer}[weight]
+    assert kept == original  # the plain Conv still reads the untouched weight
+    top_conv = next(n for n in check.folded.graph.node if n.op_type == "Conv" and n.output[0] == top)
+    assert top_conv.input[1] != weight
