@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
-from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id
+from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
 
@@ -117,15 +117,8 @@ def _fold_scope(
     index = GraphIndex(model, graph, parent=parent)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                bodies = [(attribute.name, attribute.g)]
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                bodies = [(f"{attribute.name}[{i}]", body) for i, body in enumerate(attribute.graphs)]
-            else:
-                continue
-            for where, body in bodies:
-                _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, outcome)
+        for where, body in subgraphs(node):
+            _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, outcome)
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
         index = GraphIndex(model, graph, parent=parent)

@@ -22,13 +22,14 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The graphs in a node's attributes: If branches, Loop/Scan bodies."""
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graphs in a node's attributes (If branches, Loop/Scan bodies), each with
+    the attribute's name (``then_branch``, or ``name[i]`` in a list of graphs)."""
     for attribute in node.attribute:
         if attribute.type == onnx.AttributeProto.GRAPH:
-            yield attribute.g
+            yield attribute.name, attribute.g
         elif attribute.type == onnx.AttributeProto.GRAPHS:
-            yield from attribute.graphs
+            yield from ((f"{attribute.name}[{i}]", graph) for i, graph in enumerate(attribute.graphs))
 
 
 def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:

@@ -35,7 +35,7 @@ class _NameAllocator:
             for node in current.node:
                 self._taken.update(node.input)
                 self._taken.update(node.output)
-                pending.extend(subgraphs(node))
+                pending.extend(body for _, body in subgraphs(node))
 
     def fresh(self, base: str) -> str:
         candidate, counter = f"{base}_bnfold", 1

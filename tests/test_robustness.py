@@ -220,7 +220,8 @@ def test_per_channel_affine_reduces_exactly_when_constant_within_channels(
 
 def test_weights_and_parameters_behind_constant_nodes_fold_and_the_nodes_go() -> None:
     """Identity'd weight, Constant-node BN parameters, a weight Transpose'd, Cast and
-    Reshape'd from initializers, a bias from ConstantOfShape and Unsqueeze."""
+    Reshape'd from initializers, a bias from ConstantOfShape, a weight through
+    Unsqueeze/Squeeze and a BN variance through two Casts."""
     b = GraphBuilder(seed=11)
     x = b.input("x", [2, 3, 6, 6])
     raw = b.const("raw", b.rng.standard_normal((3, 4, 3, 3)).astype(np.float64))  # [C, M, k, k]
@@ -233,7 +234,9 @@ def test_weights_and_parameters_behind_constant_nodes_fold_and_the_nodes_go() ->
     flat = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
     gemm_weight = b.node("Unsqueeze", [b.random("w", [5, 4]), b.const("axis", np.array([0]))])
     gemm_weight = b.node("Squeeze", [gemm_weight, b.const("axis", np.array([0]))])
-    b.output(b.batchnorm(b.node("Gemm", [flat, gemm_weight, zeros], transB=1), 5, constant_nodes=True))
+    gamma, beta, mean, var = b.batchnorm_parameters(5)
+    var = b.node("Cast", [b.node("Cast", [var], to=TensorProto.DOUBLE)], to=TensorProto.FLOAT)
+    b.output(b.node(BN, [b.node("Gemm", [flat, gemm_weight, zeros], transB=1), gamma, beta, mean, var]))
     check = fold_and_compare(b.model())
     assert op_count(check.folded, BN) == 0 and len(check.outcome.folds) == 2
     assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Relu", "GlobalAveragePool", "Flatten", "Gemm"]
