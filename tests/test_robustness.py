@@ -9,6 +9,8 @@ onnxruntime runs the folded model whenever it can.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bnfold import fold_math
-from bnfold.fold import fold_batchnorms
+from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.verify import default_tolerance, generate_inputs, input_specs
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count, run_onnxruntime
@@ -31,7 +33,7 @@ def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
 
 
-def _fold_copy(model: onnx.ModelProto):  # noqa: ANN202 - (folded model, outcome)
+def _fold_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldOutcome]:
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     outcome = fold_batchnorms(folded)
@@ -57,7 +59,7 @@ def _gemm_bn(dtype: type, *, opset: int = 17, ir_version: int = 8) -> onnx.Model
 
 
 @pytest.mark.parametrize("build", [_conv_bn, _gemm_bn])
-def test_float16_folds_keep_float16_weights_and_match(build) -> None:  # noqa: ANN001
+def test_float16_folds_keep_float16_weights_and_match(build: Callable[[type], onnx.ModelProto]) -> None:
     check = fold_and_compare(build(np.float16))
     assert op_count(check.folded, BN) == 0 and len(check.outcome.folds) == 1
     assert all(t.data_type == TensorProto.FLOAT16 for t in check.folded.graph.initializer)
