@@ -46,6 +46,21 @@ def batchnorm_affine(
     return s, t
 
 
+def per_channel_affine(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reduce per-element ``s``, ``t`` of shape ``[C, D1, ...]`` to per-channel ``[C]``.
+
+    Opset 7/8 BatchNormalization with ``spatial=0`` has one statistic per element.
+    A layer's weights can only absorb one scale per output channel, so this works
+    exactly when ``s`` and ``t`` are the same at every position of a channel;
+    otherwise it returns None.
+    """
+    flat_s = np.asarray(s, dtype=np.float64).reshape(s.shape[0], -1)
+    flat_t = np.asarray(t, dtype=np.float64).reshape(t.shape[0], -1)
+    if flat_s.shape[1] == 0 or np.any(flat_s != flat_s[:, :1]) or np.any(flat_t != flat_t[:, :1]):
+        return None
+    return flat_s[:, 0].copy(), flat_t[:, 0].copy()
+
+
 def scale_along_axis(weight: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
     """Multiply ``weight`` by ``s[c]`` at every index ``c`` of ``axis`` (float64 result).
 

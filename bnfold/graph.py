@@ -22,6 +22,16 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graphs in a node's attributes (If branches, Loop/Scan bodies), each with
+    the attribute's name (``then_branch``, or ``name[i]`` in a list of graphs)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.name, attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from ((f"{attribute.name}[{i}]", graph) for i, graph in enumerate(attribute.graphs))
+
+
 def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
     """Every value name read inside the node's subgraph attributes (If/Loop/Scan bodies).
 
@@ -55,11 +65,19 @@ def node_id(node: onnx.NodeProto) -> str:
 
 
 class GraphIndex:
-    """Producers, consumers, initializers and constant values of one graph."""
+    """Producers, consumers, initializers and constant values of one graph.
 
-    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None) -> None:
+    For a subgraph (an If/Loop/Scan body), ``parent`` indexes the enclosing graph:
+    a body may read the parent's values by name, and whether those are constant
+    is the parent's answer.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None, *, parent: GraphIndex | None = None
+    ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
+        self.parent = parent
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -118,9 +136,15 @@ class GraphIndex:
         only a default and may be overridden, so it is not a constant. Before IR 4
         every initializer had to be listed as an input and they were all constants.
         """
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.is_runtime_input(name)
         if name not in self.graph_inputs:
             return False
         return not (name in self.initializers and self.model.ir_version < 4)
+
+    def is_outer(self, name: str) -> bool:
+        """True for a name this graph reads but does not define (an outer-scope value)."""
+        return name not in self._producer and name not in self.initializers and name not in self.graph_inputs
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is fixed at export time, else ``None``.
@@ -139,6 +163,8 @@ class GraphIndex:
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if not name or self.is_runtime_input(name):
             return None
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.constant_value(name)
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer_of(name)

@@ -126,6 +126,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     output = options.output or io.default_output_path(loaded.path)
     if not options.dry_run:
         io.validate_output_path(output, loaded.path, in_place=options.in_place)
+        io.validate_output_data(output, loaded, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     specs = input_specs(model, options.verify_options.shapes) if options.verify else []

@@ -17,20 +17,29 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs
+from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
 from bnfold.rules.base import AddedBias
 
 
 class _NameAllocator:
-    """Fresh value names that collide with nothing in the graph."""
+    """Fresh value names that collide with nothing in the graph or its subgraphs.
+
+    Names must be unique across a graph and every nested body (a body may read
+    outer values by name), so the whole tree is searched.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self._taken = {tensor.name for tensor in graph.initializer}
-        self._taken.update(value.name for value in graph.input)
-        for node in graph.node:
-            self._taken.update(node.input)
-            self._taken.update(node.output)
+        self._taken: set[str] = set()
+        pending = [graph]
+        while pending:
+            current = pending.pop()
+            self._taken.update(tensor.name for tensor in current.initializer)
+            self._taken.update(value.name for value in current.input)
+            for node in current.node:
+                self._taken.update(node.input)
+                self._taken.update(node.output)
+                pending.extend(body for _, body in subgraphs(node))
 
     def fresh(self, base: str) -> str:
         candidate, counter = f"{base}_bnfold", 1
@@ -87,6 +96,9 @@ def _apply_update(
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor = numpy_helper.from_array(update.values, names.fresh(base))
     graph.initializer.append(tensor)
+    if index.model.ir_version < 4:
+        # Before IR 4 the checker requires every initializer to be declared as a graph input.
+        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     while len(node.input) <= update.slot:
         node.input.append("")
     node.input[update.slot] = tensor.name
@@ -162,16 +174,18 @@ def _constant_ancestors(index: GraphIndex, names: Iterable[str]) -> set[int]:
 
 
 def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]) -> list[str]:
-    """Apply non-overlapping plans (built against ``index``) to ``model.graph`` in place.
+    """Apply non-overlapping plans (built against ``index``) to ``index.graph`` in place.
 
-    Returns the names of initializers that became unused and were removed.
+    ``index.graph`` is ``model.graph`` or one of its subgraphs. Returns the names
+    of initializers that became unused and were removed.
     """
-    graph = model.graph
-    names = _NameAllocator(graph)
+    graph = index.graph
+    names = _NameAllocator(model.graph)
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
     added_nodes: list[onnx.NodeProto] = []
+    copies: list[tuple[FoldPlan, TensorUpdate, str, str]] = []
     for plan in plans:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
@@ -179,6 +193,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 released.append(old_name)
             if note:
                 plan.notes.append(note)
+                copies.append((plan, update, old_name, note))
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)
         bn = plan.bn
@@ -195,7 +210,54 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         removed_positions.update(index.position_of(node) for node in bn.nodes)
         stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
         released.extend(bn.parameter_names)
+    removed = _remove_dead_constants(index, released, removed_positions, stale_value_info)
+    reclaimed = _reclaim_original_names(graph, copies, removed)
+    if added_nodes:  # last: it rebuilds graph.node, so the plans' node handles go stale
+        _insert_after_producers(graph, added_nodes)
+    return [name for name in removed if name not in reclaimed]
 
+
+def _reclaim_original_names(
+    graph: onnx.GraphProto, copies: list[tuple[FoldPlan, TensorUpdate, str, str]], removed: list[str]
+) -> set[str]:
+    """Give a copied weight its original name back when the original is gone.
+
+    A weight read by other nodes gets a copy, but when those readers only computed
+    the folded node's other constants (an exporter's zero bias
+    ``Expand(CastLike(0, W), Shape(W))``), they were removed with the original:
+    the copy then takes the original's name and the "shared" note is withdrawn.
+    Returns the reclaimed names.
+    """
+    free = set(removed)
+    tensors = {tensor.name: tensor for tensor in graph.initializer}
+    declared = {value.name: value for value in graph.input}
+    reclaimed: set[str] = set()
+    for plan, update, old_name, note in copies:
+        if old_name not in free:
+            continue
+        free.discard(old_name)
+        copy_name = update.node.input[update.slot]
+        tensors[copy_name].name = old_name
+        if copy_name in declared:
+            declared[copy_name].name = old_name
+        update.node.input[update.slot] = old_name
+        plan.notes.remove(note)
+        reclaimed.add(old_name)
+    return reclaimed
+
+
+def remove_unused_constants(index: GraphIndex, released: Iterable[str]) -> list[str]:
+    """Remove the initializers and constant nodes of ``index.graph`` that computed
+    ``released`` values and are now read by nothing (e.g. outer-scope weights that
+    folds inside subgraphs replaced). Returns the removed initializers' names."""
+    return _remove_dead_constants(index, list(released), set(), set())
+
+
+def _remove_dead_constants(
+    index: GraphIndex, released: list[str], removed_positions: set[int], stale_value_info: set[str]
+) -> list[str]:
+    """Delete ``removed_positions`` and whatever only computed ``released`` values."""
+    graph = index.graph
     # Nodes that only computed replaced constants (Constant, Identity, Cast...) may now be dead.
     candidates = _constant_ancestors(index, released) - removed_positions
     graph_outputs = {value.name for value in graph.output}
@@ -207,10 +269,9 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             break
         removed_positions |= dead
         candidates -= dead
+        released.extend(name for p in dead for name in index.nodes[p].input if name)  # their inputs too
     for position in sorted(removed_positions, reverse=True):
         del graph.node[position]
-    if added_nodes:
-        _insert_after_producers(graph, added_nodes)
 
     used = _names_read(graph.node) | graph_outputs
     removed_initializers = [

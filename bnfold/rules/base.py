@@ -150,7 +150,36 @@ def constant_input(
     if value is None:
         origin = "a graph input" if graph.is_runtime_input(name) else "computed at run time"
         return Refusal(f"{describe(node)} {role} '{name}' is not a constant ({origin})")
+    dequantize = dequantizing_node(graph, name)
+    if dequantize is not None:
+        return Refusal(
+            f"{describe(node)} {role} is dequantized by {describe(dequantize)}; "
+            "folding would drop quantization"
+        )
     return value
+
+
+def dequantizing_node(graph: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear among the nodes that compute constant ``name``, if any.
+
+    In QDQ models a weight is stored quantized and dequantized in the graph. It is
+    constant, but replacing it by folded float values would silently turn a
+    quantized layer into a float one, so such weights are not folded. Inside a
+    subgraph, values of the enclosing graphs are followed too.
+    """
+    pending, seen = [(graph, name)], set()
+    while pending:
+        scope, current = pending.pop()
+        while scope.parent is not None and scope.is_outer(current):
+            scope = scope.parent
+        producer = scope.producer_of(current)
+        if producer is None or (id(scope), current) in seen:
+            continue
+        seen.add((id(scope), current))
+        if producer.op_type == "DequantizeLinear":
+            return producer
+        pending.extend((scope, value) for value in producer.input if value)
+    return None
 
 
 def require_float(values: np.ndarray, node: onnx.NodeProto, role: str) -> Refusal | None:
