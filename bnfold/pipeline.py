@@ -18,9 +18,10 @@ from pathlib import Path
 import onnx
 
 from bnfold import io
-from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
+from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.verify import Verification, input_specs, verify_equivalence
+from bnfold.inputs import Trial, generated_trials, load_trials
+from bnfold.verify import Tolerances, Verification, check_provider, input_specs, verify_equivalence
 
 
 @dataclass
@@ -28,9 +29,27 @@ class VerifyOptions:
     """How two models are compared (shared by ``bnfold fold`` and ``bnfold check``)."""
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batch: int | None = None
     seed: int = 0
-    tolerance: tuple[float, float] | None = None
+    trials: int = 1
+    inputs: Path | None = None
+    """Real inputs (.npz or ONNX test-data folder) instead of generated ones."""
+    tolerances: Tolerances = field(default_factory=Tolerances)
     provider: str = "CPUExecutionProvider"
+
+
+def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+    """The inputs every verification of ``model`` runs, checked before any folding work."""
+    check_provider(options.provider)
+    if options.inputs is None:
+        return generated_trials(input_specs(model, options.shapes, options.batch), options.seed, options.trials)
+    generation_options = [
+        flag for flag, used in (("--input-shape", options.shapes), ("--batch", options.batch is not None),
+                                ("--trials", options.trials != 1)) if used
+    ]
+    if generation_options:
+        raise InputError(f"{generation_options[0]} shapes generated inputs; it cannot be combined with --inputs")
+    return load_trials(options.inputs, model)
 
 
 @dataclass
@@ -125,7 +144,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         io.validate_output_path(output, loaded.path, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
-    specs = input_specs(model, options.verify_options.shapes) if options.verify else []
+    trials = prepare_trials(model, options.verify_options) if options.verify else []
     clock.lap("load")
 
     outcome = fold_batchnorms(model)
@@ -143,7 +162,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         if options.verify and problem is None:
             vo = options.verify_options
             verification = verify_equivalence(
-                loaded.path, staged.staged_path, specs, seed=vo.seed, tolerance=vo.tolerance, provider=vo.provider
+                loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
             )
             clock.lap("verify")
         equivalent = problem is None and (verification is None or verification.passed)
@@ -191,11 +210,11 @@ def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckRe
     clock = _Stopwatch()
     original_model = io.load_model(original)
     folded_model = io.load_model(folded)
-    specs = input_specs(original_model.model, options.shapes)
+    trials = prepare_trials(original_model.model, options)
     clock.lap("load")
     verification = verify_equivalence(
-        original_model.path, folded_model.path, specs,
-        seed=options.seed, tolerance=options.tolerance, provider=options.provider,
+        original_model.path, folded_model.path, trials,
+        tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
     )
     clock.lap("verify")
     return CheckReport(

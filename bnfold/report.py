@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.pipeline import CheckReport, FoldReport, ModelStats
-from bnfold.verify import Verification
+from bnfold.verify import OutputComparison, Verification
 
 FOLD_SCHEMA = "bnfold.fold/1"
 CHECK_SCHEMA = "bnfold.check/1"
@@ -49,8 +49,9 @@ def _verification_json(verification: Verification | None) -> dict[str, Any] | No
         return None
     document = _plain(verification)
     document["passed"] = verification.passed
-    for output, comparison in zip(document["outputs"], verification.outputs):
-        output["passed"] = comparison.passed
+    for key in ("outputs", "expected"):
+        for output, comparison in zip(document[key], getattr(verification, key)):
+            output["passed"] = comparison.passed
     return document
 
 
@@ -127,35 +128,64 @@ def _shape(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype}[{','.join(map(str, shape))}]"
 
 
-def verification_table(verification: Verification) -> Group:
-    """One row per output; outputs that could not be compared are explained below."""
-    shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in verification.inputs) or "none"
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title=f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
-        f"inputs {shapes}, seed {verification.seed}",
-        title_justify="left",
-        pad_edge=False,
-    )
+def _inputs_line(verification: Verification) -> str:
+    """The inputs used: shapes of the first trial, and which trials (seeds or data sets) ran."""
+    if not verification.trials:
+        return "no trials"
+    first = verification.trials[0]
+    shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in first.inputs) or "none"
+    seeds = [t.seed for t in verification.trials if t.seed is not None]
+    if len(verification.trials) == 1:
+        source = f"seed {first.seed}" if first.seed is not None else f"from {first.label}"
+    elif seeds:
+        source = f"{len(seeds)} trials, seeds {seeds[0]}..{seeds[-1]} (worst trial per output)"
+    else:
+        source = f"{len(verification.trials)} data sets (worst per output)"
+    return f"inputs {shapes}, {source}"
+
+
+def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
     table.add_column("", no_wrap=True)
     table.add_column("output", overflow="fold", min_width=14)
-    for column in ("max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol"):
+    columns = ("trial", "max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol")
+    for column in columns if with_trial else columns[1:]:
         table.add_column(column, justify="right", no_wrap=True)
     problems = []
-    for output in verification.outputs:
+    for output in comparisons:
         verdict = Text("ok", style="green") if output.passed else Text("FAIL", style="bold red")
-        table.add_row(
-            verdict,
-            f"{output.name}\n{_shape(output.dtype, output.shape)}",
+        cells = [
             _fmt(output.max_abs_error),
             _fmt(output.max_rel_error),
             ",".join(map(str, output.worst_index)),
             f"{output.mismatches:,}/{output.elements:,}",
             f"{output.atol:.0e}/{output.rtol:.0e}",
+        ]
+        table.add_row(
+            verdict, f"{output.name}\n{_shape(output.dtype, output.shape)}", *([output.trial] if with_trial else []), *cells
         )
         if output.problem:
             problems.append(Text(f"{output.name}: {output.problem}", style="red"))
     return Group(table, *problems)
+
+
+def verification_table(verification: Verification) -> Group:
+    """One row per output; outputs that could not be compared are explained below.
+
+    Expected outputs shipped with real inputs get a second table (folded vs expected).
+    """
+    several = len(verification.trials) > 1
+    parts = [
+        _comparison_table(
+            f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
+            f"{_inputs_line(verification)}",
+            verification.outputs,
+            several,
+        )
+    ]
+    if verification.expected:
+        parts.append(_comparison_table("Folded vs expected outputs", verification.expected, True))
+    return Group(*parts)
 
 
 def _headline(source: str, target: str, status: str) -> Text:
