@@ -9,6 +9,7 @@ Every BN still present at the end carries the reason it was left.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -31,6 +32,10 @@ class FoldRecord:
     rule: str
     direction: str
     notes: tuple[str, ...]
+    max_relative_weight_change: float | None = None
+    """Largest ``|W' - W| / |W|`` over the target's weight (None: not measured by the rule)."""
+    max_rounding_error: float | None = None
+    """Largest ``|cast - float64|`` when the new tensors were cast back to the model's dtype."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,21 @@ def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> 
     return Refusal("; ".join(refusals) if refusals else _unmatched_reason(bn, graph))
 
 
-def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES) -> FoldOutcome:
+def _largest(values: list[float | None]) -> float | None:
+    measured = [value for value in values if value is not None]
+    return max(measured) if measured else None
+
+
+def fold_batchnorms(
+    model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES, may_fold: Callable[[str], bool] | None = None
+) -> FoldOutcome:
     """Fold in place every BatchNormalization of ``model.graph`` that a rule can fold.
 
     Affine maps found by the other readers (decomposed BN forms) are folded too
     when a rule can, but only BatchNormalization nodes are reported as left.
+    ``may_fold`` (given a BN's report label) restricts the run to some BNs, the
+    others being neither folded nor reported: error attribution re-applies folds
+    in groups this way.
     """
     outcome = FoldOutcome()
     while True:
@@ -95,6 +110,8 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
         busy: set[int] = set()
         left: list[LeftRecord] = []
         for node in graph.nodes:
+            if may_fold is not None and not may_fold(node_id(node)):
+                continue
             bn = _read_affine(node, graph)
             if bn is None:
                 continue
@@ -122,5 +139,7 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
                     plan.rule,
                     plan.direction,
                     tuple(plan.notes),
+                    _largest([u.relative_change for u in plan.updates if u.role == "weight"]),
+                    _largest([u.rounding_error for u in plan.updates]),
                 )
             )

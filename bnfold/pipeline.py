@@ -18,9 +18,11 @@ from pathlib import Path
 import onnx
 
 from bnfold import io
+from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
 from bnfold.inputs import Trial, generated_trials, load_trials
+from bnfold.rules import RULES, FoldRule
 from bnfold.verify import Tolerances, Verification, check_provider, input_specs, verify_equivalence
 
 
@@ -60,6 +62,8 @@ class FoldOptions:
     dry_run: bool = False
     keep_failed: bool = False
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+    rules: tuple[FoldRule, ...] = RULES
+    """The fold rules to apply (tests pass their own to exercise error attribution)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class FoldReport:
     verification: Verification | None
     problem: str | None
     """A reason the folded model is unusable that is not a numeric mismatch."""
+    attribution: Attribution | None
+    """Which fold(s) broke equivalence, found when verification failed."""
     timings: dict[str, float]
 
     @property
@@ -147,7 +153,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     trials = prepare_trials(model, options.verify_options) if options.verify else []
     clock.lap("load")
 
-    outcome = fold_batchnorms(model)
+    outcome = fold_batchnorms(model, options.rules)
     problem = None
     if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
@@ -169,6 +175,12 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         written = not options.dry_run and (equivalent or options.keep_failed)
         if written:
             staged.commit()
+    attribution = None
+    if verification is not None and not verification.passed and outcome.folds:
+        vo = options.verify_options
+        attribution = attribute_failure(io.load_model(loaded.path), outcome.folds, verification, trials,
+                                        tolerances=vo.tolerances, provider=vo.provider, rules=options.rules)
+        clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
         output=None if options.dry_run else output,
@@ -181,6 +193,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         removed_initializers=outcome.removed_initializers,
         verification=verification,
         problem=problem,
+        attribution=attribution,
         timings=clock.total(),
     )
 

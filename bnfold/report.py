@@ -18,6 +18,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from bnfold.attribution import Attribution
 from bnfold.pipeline import CheckReport, FoldReport, ModelStats
 from bnfold.verify import OutputComparison, Verification
 
@@ -124,6 +125,10 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}" if math.isfinite(value) else str(value)
 
 
+def _measured(value: float | None) -> str:
+    return "-" if value is None else _fmt(value)
+
+
 def _shape(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype}[{','.join(map(str, shape))}]"
 
@@ -188,6 +193,23 @@ def verification_table(verification: Verification) -> Group:
     return Group(*parts)
 
 
+def attribution_table(attribution: Attribution) -> Table:
+    """The fold(s) that break equivalence on their own, found by re-applying folds in groups."""
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"Broken by ({attribution.verifications} partial folds verified)",
+        title_justify="left",
+    )
+    for column in ("BatchNormalization", "into", "rule", "output", "max |Δ|", "max rel", "out of tol"):
+        table.add_column(column, justify="right" if column.startswith(("max", "out")) else "left")
+    for guilty in attribution.guilty:
+        table.add_row(
+            "\n".join(guilty.batchnorms), "\n".join(guilty.targets), "\n".join(guilty.rules), guilty.output,
+            _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
+        )
+    return table
+
+
 def _headline(source: str, target: str, status: str) -> Text:
     line = Text.assemble(("bnfold ", "bold"), source, " → ", target, "  ")
     line.append(status, style=STATUS_STYLE[status])
@@ -205,10 +227,11 @@ def render_fold_report(report: FoldReport) -> Group:
     parts: list[Any] = [_headline(str(report.input), target, report.status), ""]
     parts.append(stats_table(report.before, report.after))
     folds = Table(box=box.SIMPLE_HEAD, title=f"Folded ({len(report.folds)})", title_justify="left")
-    for column in ("BatchNormalization", "into", "rule", "notes"):
-        folds.add_column(column)
+    for column in ("BatchNormalization", "into", "rule", "max rel Δw", "rounding", "notes"):
+        folds.add_column(column, justify="right" if column in ("max rel Δw", "rounding") else "left")
     for fold in report.folds:
-        folds.add_row(fold.batchnorm, fold.target, fold.rule, "; ".join(fold.notes))
+        folds.add_row(fold.batchnorm, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
+                      _measured(fold.max_rounding_error), "; ".join(fold.notes))
     parts.append(folds)
     if report.left:
         left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
@@ -223,6 +246,8 @@ def render_fold_report(report: FoldReport) -> Group:
         parts.append(verification_table(report.verification))
     else:
         parts.append(Text("Verification skipped (--no-verify).", style="yellow"))
+    if report.attribution:
+        parts.append(attribution_table(report.attribution))
     parts.append(Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"))
     return Group(*parts)
 

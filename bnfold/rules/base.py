@@ -75,6 +75,10 @@ class TensorUpdate:
     values: np.ndarray
     role: str
     """What the tensor is, for notes: 'weight', 'bias'."""
+    relative_change: float | None = None
+    """Largest ``|new - old| / |old|`` over the replaced values (None: not measured)."""
+    rounding_error: float | None = None
+    """Largest ``|values - exact|`` against the float64 result before the cast back."""
 
 
 @dataclass
@@ -158,7 +162,12 @@ def weight_and_bias_updates(
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
-    return [TensorUpdate(node, 1, new_weight, "weight"), TensorUpdate(node, 2, new_bias, "bias")]
+    return [
+        TensorUpdate(node, 1, new_weight, "weight", fold_math.max_relative_change(weight, folded_weight),
+                     fold_math.max_abs_difference(new_weight, folded_weight)),
+        TensorUpdate(node, 2, new_bias, "bias", None if bias is None else fold_math.max_relative_change(bias, folded_bias),
+                     fold_math.max_abs_difference(new_bias, folded_bias)),
+    ]
 
 
 class IntoProducer(FoldRule):
