@@ -241,7 +241,7 @@ def compare_output(
 
 def _severity(comparison: OutputComparison) -> tuple[bool, int, float]:
     """Orders comparisons so the worst trial of an output is the maximum."""
-    return (not comparison.passed, comparison.mismatches, comparison.max_abs_error)
+    return (not comparison.passed, comparison.max_abs_error, comparison.mismatches)
 
 
 def verify_equivalence(
