@@ -272,9 +272,14 @@ def _worst_error(verification: Verification | None) -> str:
 def quiet_fold_line(report: FoldReport) -> str:
     total = len(report.folds) + len(report.left)
     where = "dry run" if report.dry_run else (str(report.output) if report.written else "not written")
+    culprits = ""
+    if report.attribution and report.attribution.guilty:
+        culprits = "; broken by " + ", ".join(
+            f"{'+'.join(g.batchnorms)} → {'+'.join(g.targets)}" for g in report.attribution.guilty
+        )
     return (
         f"{report.input} → {where}: folded {len(report.folds)} of {total} BatchNormalization, "
-        f"{report.status}{_worst_error(report.verification)}"
+        f"{report.status}{_worst_error(report.verification)}{culprits}"
     )
 
 

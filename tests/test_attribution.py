@@ -7,6 +7,7 @@ and the search must single the bad ones out.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from rich.console import Console
 
 from bnfold import fold_math
 from bnfold.fold import fold_batchnorms
 from bnfold.graph import GraphIndex
 from bnfold.pipeline import FoldOptions, fold_file
-from bnfold.report import dump_json, fold_report_json
+from bnfold.report import dump_json, fold_report_json, quiet_fold_line, render_fold_report
 from bnfold.rules import BatchNorm, Refusal, TensorUpdate
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
@@ -124,3 +126,12 @@ def test_each_fold_reports_its_weight_change_and_rounding_error() -> None:
     rounding = float(np.max(np.abs(exact.astype(np.float32).astype(np.float64) - exact)))
     assert record.max_rounding_error >= rounding > 0
     assert record.max_rounding_error <= np.finfo(np.float32).eps * 4  # a float32 cast, not a bug
+
+
+def test_human_report_and_quiet_line_name_the_broken_fold(tmp_path: Path) -> None:
+    report, _ = _fold_with({"conv1"}, tmp_path)
+    assert quiet_fold_line(report).endswith("; broken by batchnormalization1 → Conv 'conv1'")
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_fold_report(report))
+    text = console.export_text()
+    assert "Broken by" in text and "conv-bn-corrupting" in text
