@@ -8,7 +8,9 @@ model is verified exactly like the full one (same trials, tolerances, provider).
 A failing group is split in halves until single folds remain, so k guilty folds
 among n cost about ``2 k log2 n`` verifications instead of n. A group that fails
 while both its halves pass is reported as a whole: its folds are only wrong
-together (for example errors that add up along a chain).
+together (for example errors that add up along a chain). A fold whose error only
+shows next to another, already guilty fold is not separated from it: the search
+names what must be fixed first, not every contributor.
 """
 
 from __future__ import annotations

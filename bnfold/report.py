@@ -167,7 +167,10 @@ def _comparison_table(title: str, comparisons: list[OutputComparison], with_tria
             f"{output.atol:.0e}/{output.rtol:.0e}",
         ]
         table.add_row(
-            verdict, f"{output.name}\n{_shape(output.dtype, output.shape)}", *([output.trial] if with_trial else []), *cells
+            verdict,
+            f"{output.name}\n{_shape(output.dtype, output.shape)}",
+            *([output.trial] if with_trial else []),
+            *cells,
         )
         if output.problem:
             problems.append(Text(f"{output.name}: {output.problem}", style="red"))

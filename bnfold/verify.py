@@ -5,7 +5,12 @@ Conv+BatchNormalization itself at load time, which would make a broken fold look
 correct (or a correct one look different). Each output is compared in float64
 with ``|folded - original| <= atol + rtol * |original|`` element-wise (numpy's
 ``allclose`` rule), tolerances chosen per dtype unless given. NaN or Inf on one
-side only is always a mismatch.
+side only is always a mismatch; string outputs must be equal.
+
+One generated input can miss a difference (a ReLU hiding it, a branch not
+taken), so a verification runs *trials*: several seeds, or every data set of
+real inputs (:mod:`bnfold.inputs`). Per output the worst trial is kept and named.
+Real inputs may ship expected outputs; the folded model is checked against them too.
 """
 
 from __future__ import annotations
@@ -259,7 +264,7 @@ def _compare_exactly(common: dict, original: np.ndarray, folded: np.ndarray) -> 
     )
 
 
-def _severity(comparison: OutputComparison) -> tuple[bool, int, float]:
+def _severity(comparison: OutputComparison) -> tuple[bool, float, int]:
     """Orders comparisons so the worst trial of an output is the maximum."""
     return (not comparison.passed, comparison.max_abs_error, comparison.mismatches)
 
@@ -295,7 +300,9 @@ def verify_equivalence(
         if folded_is_input:
             raise
         reference = run_session(reference_session, trials[0].feeds, "original")
-        verification.outputs = [_broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)]
+        verification.outputs = [
+            _broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)
+        ]
         return verification
     folded_names = [output.name for output in folded_session.get_outputs()]
     for trial in trials:

@@ -185,6 +185,14 @@ def test_nan_on_one_side_is_always_a_failure() -> None:
     assert broken.mismatches == 1 and broken.worst_index == (1,)
 
 
+def test_string_outputs_must_be_equal() -> None:
+    """onnxruntime returns str, a TensorProto gives bytes: the same text is equal."""
+    expected = np.array([b"monday", b"tuesday"], dtype=object)
+    assert compare_output("day", expected, np.array(["monday", "tuesday"], dtype=object), None).passed
+    different = compare_output("day", expected, np.array(["monday", "friday"], dtype=object), None)
+    assert (different.mismatches, different.worst_index, different.max_abs_error) == (1, (1,), float("inf"))
+
+
 def test_help_documents_exit_codes_and_tolerance_defaults() -> None:
     text = _run("check", "--help").stdout
     assert "3  onnxruntime cannot load or run a given model" in text

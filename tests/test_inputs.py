@@ -152,7 +152,8 @@ def test_unreadable_npz_and_missing_path(cnn: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
     result = _run("check", str(cnn), str(cnn), "--inputs", str(bad))
-    assert result.exit_code == 2 and result.stderr.startswith(f"bnfold: error: --inputs {bad}: not a readable .npz file")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"bnfold: error: --inputs {bad}: not a readable .npz file")
     missing = tmp_path / "absent.npz"
     _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(missing)),
                            f"--inputs {missing}: no such file or folder")
