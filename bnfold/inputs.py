@@ -89,7 +89,7 @@ def _read_tensor(path: Path) -> onnx.TensorProto:
         raise InputError(f"--inputs {path}: not a TensorProto ({first_line(error)})") from None
 
 
-def _by_name(paths: list[Path], names: list[str], kind: str, folder: Path) -> dict[str, np.ndarray]:
+def _by_name(paths: list[Path], names: list[str], kind: str) -> dict[str, np.ndarray]:
     """Tensors keyed by their own name, or by the model's ``kind`` name at the same position."""
     values: dict[str, np.ndarray] = {}
     for position, path in enumerate(paths):
@@ -113,8 +113,8 @@ def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
     output_names = [value.name for value in model.graph.output]
     trials = []
     for data_set in data_sets:
-        feeds = _by_name(_numbered(data_set, "input"), input_names, "input", data_set)
-        expected = _by_name(_numbered(data_set, "output"), output_names, "output", data_set)
+        feeds = _by_name(_numbered(data_set, "input"), input_names, "input")
+        expected = _by_name(_numbered(data_set, "output"), output_names, "output")
         unknown = sorted(set(expected) - set(output_names))
         if unknown:
             raise InputError(f"--inputs {data_set}: expected output '{unknown[0]}' names no model output")
