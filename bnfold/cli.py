@@ -18,13 +18,14 @@ from rich.console import Console
 from bnfold import report as render
 from bnfold.errors import BnfoldError, InputError
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
+from bnfold.verify import DEFAULT_TOLERANCES, Tolerances
 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  folded (or compared) and equivalent
   1  not equivalent: outputs differ beyond tolerance (nothing written)
   2  bad input or usage: missing/unreadable/invalid model, bad option
-  3  onnxruntime cannot load or run the original model"""
+  3  onnxruntime cannot load or run a given model (its message is shown)"""
 
 
 class DefaultCommandGroup(click.Group):
@@ -52,20 +53,53 @@ def _parse_shape(_ctx: click.Context, _param: click.Parameter, values: tuple[str
     return shapes
 
 
+def _parse_tolerances(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, tuple[float, float]]:
+    tolerances: dict[str, tuple[float, float]] = {}
+    for value in values:
+        name, sep, numbers = value.rpartition(":")
+        try:
+            atol, rtol = (float(n) for n in numbers.split(","))
+        except ValueError:
+            atol = rtol = -1.0
+        if not sep or not name or atol < 0 or rtol < 0:
+            raise click.BadParameter(f"'{value}' is not NAME:ATOL,RTOL with non-negative numbers")
+        tolerances[name] = (atol, rtol)
+    return tolerances
+
+
+TOLERANCE_DEFAULTS = ", ".join(
+    f"{dtype} {atol:g}/{rtol:g}" for dtype, (atol, rtol) in DEFAULT_TOLERANCES.items()
+)
+
+
 def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by ``fold`` and ``check``: how the two models are compared."""
     decorators = [
         click.option("--input-shape", "shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
                      help="Shape for a model input with symbolic dims (repeatable). Symbolic dims default to 1."),
+        click.option("--batch", type=click.IntRange(min=1), default=None,
+                     help="Size for every symbolic first dim (inputs without --input-shape)."),
         click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs."),
-        click.option("--atol", type=float, default=None,
-                     help="Absolute tolerance for every output (default per dtype: float32 1e-4, float16 1e-2, "
-                     "bfloat16 5e-2, float64 1e-9; integers exact)."),
-        click.option("--rtol", type=float, default=None,
-                     help="Relative tolerance for every output (default per dtype: float32 1e-3, float16 1e-2, "
-                     "bfloat16 5e-2, float64 1e-7; integers exact)."),
+        click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Run N trials of generated inputs (seeds SEED..SEED+N-1); the worst per output is reported."),
+        click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+                     metavar="FILE.npz|FOLDER",
+                     help="Real inputs instead of generated ones: an .npz keyed by input name, or a folder in "
+                     "the ONNX test layout (test_data_set_*/input_*.pb; each data set is a trial, output_*.pb "
+                     "are also checked against the folded model)."),
+        click.option("--atol", type=click.FloatRange(min=0), default=None,
+                     help=f"Absolute tolerance for every output. Defaults per dtype (atol/rtol): {TOLERANCE_DEFAULTS}; "
+                     "integers and booleans exact."),
+        click.option("--rtol", type=click.FloatRange(min=0), default=None,
+                     help="Relative tolerance for every output (default per dtype, as for --atol). "
+                     "An element passes if |folded - original| <= atol + rtol * |original|."),
+        click.option("--tol", "per_output", multiple=True, callback=_parse_tolerances, metavar="NAME:ATOL,RTOL",
+                     help="Tolerances for one output, overriding --atol/--rtol (repeatable)."),
         click.option("--provider", default="CPUExecutionProvider", show_default=True,
-                     help="onnxruntime execution provider for both models."),
+                     help="onnxruntime execution provider for both models (one of "
+                     "onnxruntime.get_available_providers())."),
         click.option("--json", "json_path", metavar="PATH", default=None,
                      help="Also write the report as JSON to PATH ('-' for stdout, replacing the tables)."),
         click.option("--quiet", "-q", is_flag=True, help="Print one summary line instead of tables."),
@@ -75,12 +109,11 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def _verify_options(shapes: dict[str, tuple[int, ...]], seed: int, atol: float | None, rtol: float | None,
-                    provider: str) -> VerifyOptions:
-    tolerance = None
-    if atol is not None or rtol is not None:
-        tolerance = (atol if atol is not None else 0.0, rtol if rtol is not None else 0.0)
-    return VerifyOptions(shapes=shapes, seed=seed, tolerance=tolerance, provider=provider)
+def _verify_options(shapes: dict[str, tuple[int, ...]], batch: int | None, seed: int, trials: int,
+                    inputs_path: Path | None, atol: float | None, rtol: float | None,
+                    per_output: dict[str, tuple[float, float]], provider: str) -> VerifyOptions:
+    return VerifyOptions(shapes=shapes, batch=batch, seed=seed, trials=trials, inputs=inputs_path,
+                         tolerances=Tolerances(atol, rtol, per_output), provider=provider)
 
 
 def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> None:
@@ -135,13 +168,15 @@ def main() -> None:
               help="Also fold a BN into a following padded Conv, adding a per-position bias (static shapes only).")
 @verification_options
 def fold(model: Path, output: Path | None, in_place: bool, no_verify: bool, dry_run: bool, keep_failed: bool,
-         exact_padding: bool,
-         shapes: dict[str, tuple[int, ...]], seed: int, atol: float | None, rtol: float | None, provider: str,
-         json_path: str | None, quiet: bool) -> None:
-    """Fold every foldable BatchNormalization of MODEL, verify, and write the result."""
+         exact_padding: bool, json_path: str | None, quiet: bool, **comparison: Any) -> None:
+    """Fold every foldable BatchNormalization of MODEL, verify, and write the result.
+
+    When the folded model is not equivalent, the folds are re-applied in groups on
+    fresh copies of MODEL to name the fold(s) that broke it.
+    """
     options = FoldOptions(output=output, in_place=in_place, verify=not no_verify, dry_run=dry_run,
                           keep_failed=keep_failed, exact_padding=exact_padding,
-                          verify_options=_verify_options(shapes, seed, atol, rtol, provider))
+                          verify_options=_verify_options(**comparison))
 
     def action() -> int:
         result = fold_file(model, options)
@@ -156,10 +191,14 @@ def fold(model: Path, output: Path | None, in_place: bool, no_verify: bool, dry_
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("folded", type=click.Path(path_type=Path))
 @verification_options
-def check(original: Path, folded: Path, shapes: dict[str, tuple[int, ...]], seed: int, atol: float | None,
-          rtol: float | None, provider: str, json_path: str | None, quiet: bool) -> None:
-    """Compare ORIGINAL and FOLDED with onnxruntime; exit 0 only if every output matches. Writes nothing."""
-    options = _verify_options(shapes, seed, atol, rtol, provider)
+def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **comparison: Any) -> None:
+    """Compare ORIGINAL and FOLDED with onnxruntime; exit 0 only if every output matches. Writes nothing.
+
+    FOLDED may come from bnfold or any other tool: outputs are matched by name and
+    must have the same shape and dtype. Either model failing to load or run in
+    onnxruntime exits 3.
+    """
+    options = _verify_options(**comparison)
 
     def action() -> int:
         result = check_files(original, folded, options)

@@ -13,6 +13,7 @@ folded through a graph view of their body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
@@ -36,6 +37,10 @@ class FoldRecord:
     rule: str
     direction: str
     notes: tuple[str, ...]
+    max_relative_weight_change: float | None = None
+    """Largest ``|W' - W| / |W|`` over the target's weight (None: not measured by the rule)."""
+    max_rounding_error: float | None = None
+    """Largest ``|cast - float64|`` when the new tensors were cast back to the model's dtype."""
 
 
 @dataclass(frozen=True)
@@ -87,19 +92,29 @@ def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> 
     return Refusal("; ".join(refusals) if refusals else _unmatched_reason(bn, graph))
 
 
-def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES) -> FoldOutcome:
+def _largest(values: list[float | None]) -> float | None:
+    measured = [value for value in values if value is not None]
+    return max(measured) if measured else None
+
+
+def fold_batchnorms(
+    model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES, may_fold: Callable[[str], bool] | None = None
+) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
 
     Affine maps found by the other readers (decomposed BN forms) are folded too
     when a rule can, but only BatchNormalization nodes are reported as left. BNs
     inside subgraphs and functions are labelled with where they are, e.g.
-    ``If 'cond' then_branch / bn3``.
+    ``If 'cond' then_branch / bn3``. ``may_fold`` (given a BN's report label)
+    restricts the run to some BNs, the others being neither folded nor reported:
+    error attribution re-applies folds in groups this way.
     """
     outcome = FoldOutcome()
-    _fold_scope(model, model.graph, None, "", rules, outcome)
+    selection = may_fold or (lambda _label: True)
+    _fold_scope(model, model.graph, None, "", rules, selection, outcome)
     for function in model.functions:
-        _fold_function(model, function, rules, outcome)
+        _fold_function(model, function, rules, selection, outcome)
     return outcome
 
 
@@ -109,16 +124,17 @@ def _fold_scope(
     parent: GraphIndex | None,
     scope: str,
     rules: tuple[FoldRule, ...],
+    may_fold: Callable[[str], bool],
     outcome: FoldOutcome,
 ) -> None:
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
-    _fold_graph(model, graph, parent, scope, rules, outcome)
+    _fold_graph(model, graph, parent, scope, rules, may_fold, outcome)
     index = GraphIndex(model, graph, parent=parent)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
-            _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, outcome)
+            _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, may_fold, outcome)
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
         index = GraphIndex(model, graph, parent=parent)
@@ -126,7 +142,11 @@ def _fold_scope(
 
 
 def _fold_function(
-    model: onnx.ModelProto, function: onnx.FunctionProto, rules: tuple[FoldRule, ...], outcome: FoldOutcome
+    model: onnx.ModelProto,
+    function: onnx.FunctionProto,
+    rules: tuple[FoldRule, ...],
+    may_fold: Callable[[str], bool],
+    outcome: FoldOutcome,
 ) -> None:
     """Fold inside a model-local function through a graph view of its body.
 
@@ -145,7 +165,7 @@ def _fold_function(
         ir_version=model.ir_version,
     )
     before = len(outcome.folds)
-    _fold_scope(view, view.graph, None, f"function '{function.name}' / ", rules, outcome)
+    _fold_scope(view, view.graph, None, f"function '{function.name}' / ", rules, may_fold, outcome)
     if len(outcome.folds) == before:
         return
     constants = [
@@ -162,6 +182,7 @@ def _fold_graph(
     parent: GraphIndex | None,
     scope: str,
     rules: tuple[FoldRule, ...],
+    may_fold: Callable[[str], bool],
     outcome: FoldOutcome,
 ) -> None:
     """Fold the BNs of one graph (not its bodies) to a fixed point."""
@@ -170,6 +191,8 @@ def _fold_graph(
         candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         for node in graph.nodes:
+            if not may_fold(scope + node_id(node)):
+                continue
             bn = _read_affine(node, graph)
             if bn is None:
                 continue
@@ -203,5 +226,7 @@ def _fold_graph(
                     plan.rule,
                     plan.direction,
                     tuple(plan.notes),
+                    _largest([u.relative_change for u in plan.updates if u.role == "weight"]),
+                    _largest([u.rounding_error for u in plan.updates]),
                 )
             )

@@ -205,3 +205,22 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
             f"folded {what} would overflow {np.dtype(dtype).name} (largest magnitude {worst:.4g})"
         )
     return cast
+
+
+def max_relative_change(old: np.ndarray, new: np.ndarray) -> float:
+    """Largest ``|new - old| / |old|`` over the elements where ``old`` is non-zero (0 if none).
+
+    Reported per fold so a user sees how far the fold moved the weights (``|s - 1|``
+    for a plain scale), which is what amplifies rounding in low precision.
+    """
+    reference = np.asarray(old, dtype=np.float64)
+    change = np.abs(np.asarray(new, dtype=np.float64) - reference)  # a Gemm bias may broadcast
+    magnitude = np.broadcast_to(np.abs(reference), change.shape)
+    relative = np.divide(change, magnitude, out=np.zeros_like(change), where=magnitude > 0)
+    return float(relative.max()) if relative.size else 0.0
+
+
+def max_abs_difference(cast: np.ndarray, exact: np.ndarray) -> float:
+    """Largest ``|cast - exact|`` in float64: the rounding the cast back to the model's dtype cost."""
+    difference = np.abs(np.asarray(cast, dtype=np.float64) - np.asarray(exact, dtype=np.float64))
+    return float(difference.max()) if difference.size else 0.0

@@ -18,10 +18,12 @@ from pathlib import Path
 import onnx
 
 from bnfold import io
-from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
+from bnfold.attribution import Attribution, attribute_failure
+from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.rules import RULES, with_exact_padding
-from bnfold.verify import Verification, input_specs, verify_equivalence
+from bnfold.inputs import Trial, generated_trials, load_trials
+from bnfold.rules import RULES, FoldRule, with_exact_padding
+from bnfold.verify import Tolerances, Verification, check_provider, input_specs, verify_equivalence
 
 
 @dataclass
@@ -29,9 +31,27 @@ class VerifyOptions:
     """How two models are compared (shared by ``bnfold fold`` and ``bnfold check``)."""
 
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batch: int | None = None
     seed: int = 0
-    tolerance: tuple[float, float] | None = None
+    trials: int = 1
+    inputs: Path | None = None
+    """Real inputs (.npz or ONNX test-data folder) instead of generated ones."""
+    tolerances: Tolerances = field(default_factory=Tolerances)
     provider: str = "CPUExecutionProvider"
+
+
+def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+    """The inputs every verification of ``model`` runs, checked before any folding work."""
+    check_provider(options.provider)
+    if options.inputs is None:
+        return generated_trials(input_specs(model, options.shapes, options.batch), options.seed, options.trials)
+    generation_options = [
+        flag for flag, used in (("--input-shape", options.shapes), ("--batch", options.batch is not None),
+                                ("--trials", options.trials != 1)) if used
+    ]
+    if generation_options:
+        raise InputError(f"{generation_options[0]} shapes generated inputs; it cannot be combined with --inputs")
+    return load_trials(options.inputs, model)
 
 
 @dataclass
@@ -44,6 +64,8 @@ class FoldOptions:
     exact_padding: bool = False
     """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+    rules: tuple[FoldRule, ...] = RULES
+    """The fold rules to apply (tests pass their own to exercise error attribution)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,8 @@ class FoldReport:
     verification: Verification | None
     problem: str | None
     """A reason the folded model is unusable that is not a numeric mismatch."""
+    attribution: Attribution | None
+    """Which fold(s) broke equivalence, found when verification failed."""
     timings: dict[str, float]
 
     @property
@@ -129,10 +153,11 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         io.validate_output_data(output, loaded, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
-    specs = input_specs(model, options.verify_options.shapes) if options.verify else []
+    trials = prepare_trials(model, options.verify_options) if options.verify else []
     clock.lap("load")
 
-    outcome = fold_batchnorms(model, with_exact_padding(RULES) if options.exact_padding else RULES)
+    rules = with_exact_padding(options.rules) if options.exact_padding else options.rules
+    outcome = fold_batchnorms(model, rules)
     problem = None
     if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
@@ -147,13 +172,19 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         if options.verify and problem is None:
             vo = options.verify_options
             verification = verify_equivalence(
-                loaded.path, staged.staged_path, specs, seed=vo.seed, tolerance=vo.tolerance, provider=vo.provider
+                loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
             )
             clock.lap("verify")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
         if written:
             staged.commit()
+    attribution = None
+    if verification is not None and not verification.passed and outcome.folds:
+        vo = options.verify_options
+        attribution = attribute_failure(io.load_model(loaded.path), outcome.folds, verification, trials,
+                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+        clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
         output=None if options.dry_run else output,
@@ -166,6 +197,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         removed_initializers=outcome.removed_initializers,
         verification=verification,
         problem=problem,
+        attribution=attribution,
         timings=clock.total(),
     )
 
@@ -195,11 +227,11 @@ def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckRe
     clock = _Stopwatch()
     original_model = io.load_model(original)
     folded_model = io.load_model(folded)
-    specs = input_specs(original_model.model, options.shapes)
+    trials = prepare_trials(original_model.model, options)
     clock.lap("load")
     verification = verify_equivalence(
-        original_model.path, folded_model.path, specs,
-        seed=options.seed, tolerance=options.tolerance, provider=options.provider,
+        original_model.path, folded_model.path, trials,
+        tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
     )
     clock.lap("verify")
     return CheckReport(

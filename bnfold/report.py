@@ -18,8 +18,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from bnfold.attribution import Attribution
 from bnfold.pipeline import CheckReport, FoldReport, ModelStats
-from bnfold.verify import Verification
+from bnfold.verify import OutputComparison, Verification
 
 FOLD_SCHEMA = "bnfold.fold/1"
 CHECK_SCHEMA = "bnfold.check/1"
@@ -49,8 +50,9 @@ def _verification_json(verification: Verification | None) -> dict[str, Any] | No
         return None
     document = _plain(verification)
     document["passed"] = verification.passed
-    for output, comparison in zip(document["outputs"], verification.outputs):
-        output["passed"] = comparison.passed
+    for key in ("outputs", "expected"):
+        for output, comparison in zip(document[key], getattr(verification, key)):
+            output["passed"] = comparison.passed
     return document
 
 
@@ -123,39 +125,92 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}" if math.isfinite(value) else str(value)
 
 
+def _measured(value: float | None) -> str:
+    return "-" if value is None else _fmt(value)
+
+
 def _shape(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype}[{','.join(map(str, shape))}]"
 
 
-def verification_table(verification: Verification) -> Group:
-    """One row per output; outputs that could not be compared are explained below."""
-    shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in verification.inputs) or "none"
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title=f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
-        f"inputs {shapes}, seed {verification.seed}",
-        title_justify="left",
-        pad_edge=False,
-    )
+def _inputs_line(verification: Verification) -> str:
+    """The inputs used: shapes of the first trial, and which trials (seeds or data sets) ran."""
+    if not verification.trials:
+        return "no trials"
+    first = verification.trials[0]
+    shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in first.inputs) or "none"
+    seeds = [t.seed for t in verification.trials if t.seed is not None]
+    if len(verification.trials) == 1:
+        source = f"seed {first.seed}" if first.seed is not None else f"from {first.label}"
+    elif seeds:
+        source = f"{len(seeds)} trials, seeds {seeds[0]}..{seeds[-1]} (worst trial per output)"
+    else:
+        source = f"{len(verification.trials)} data sets (worst per output)"
+    return f"inputs {shapes}, {source}"
+
+
+def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
     table.add_column("", no_wrap=True)
     table.add_column("output", overflow="fold", min_width=14)
-    for column in ("max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol"):
+    columns = ("trial", "max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol")
+    for column in columns if with_trial else columns[1:]:
         table.add_column(column, justify="right", no_wrap=True)
     problems = []
-    for output in verification.outputs:
+    for output in comparisons:
         verdict = Text("ok", style="green") if output.passed else Text("FAIL", style="bold red")
-        table.add_row(
-            verdict,
-            f"{output.name}\n{_shape(output.dtype, output.shape)}",
+        cells = [
             _fmt(output.max_abs_error),
             _fmt(output.max_rel_error),
             ",".join(map(str, output.worst_index)),
             f"{output.mismatches:,}/{output.elements:,}",
             f"{output.atol:.0e}/{output.rtol:.0e}",
+        ]
+        table.add_row(
+            verdict,
+            f"{output.name}\n{_shape(output.dtype, output.shape)}",
+            *([output.trial] if with_trial else []),
+            *cells,
         )
         if output.problem:
             problems.append(Text(f"{output.name}: {output.problem}", style="red"))
     return Group(table, *problems)
+
+
+def verification_table(verification: Verification) -> Group:
+    """One row per output; outputs that could not be compared are explained below.
+
+    Expected outputs shipped with real inputs get a second table (folded vs expected).
+    """
+    several = len(verification.trials) > 1
+    parts = [
+        _comparison_table(
+            f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
+            f"{_inputs_line(verification)}",
+            verification.outputs,
+            several,
+        )
+    ]
+    if verification.expected:
+        parts.append(_comparison_table("Folded vs expected outputs", verification.expected, True))
+    return Group(*parts)
+
+
+def attribution_table(attribution: Attribution) -> Table:
+    """The fold(s) that break equivalence on their own, found by re-applying folds in groups."""
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"Broken by ({attribution.verifications} partial folds verified)",
+        title_justify="left",
+    )
+    for column in ("BatchNormalization", "into", "rule", "output", "max |Δ|", "max rel", "out of tol"):
+        table.add_column(column, justify="right" if column.startswith(("max", "out")) else "left")
+    for guilty in attribution.guilty:
+        table.add_row(
+            "\n".join(guilty.batchnorms), "\n".join(guilty.targets), "\n".join(guilty.rules), guilty.output,
+            _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
+        )
+    return table
 
 
 def _headline(source: str, target: str, status: str) -> Text:
@@ -175,10 +230,11 @@ def render_fold_report(report: FoldReport) -> Group:
     parts: list[Any] = [_headline(str(report.input), target, report.status), ""]
     parts.append(stats_table(report.before, report.after))
     folds = Table(box=box.SIMPLE_HEAD, title=f"Folded ({len(report.folds)})", title_justify="left")
-    for column in ("BatchNormalization", "into", "rule", "notes"):
-        folds.add_column(column)
+    for column in ("BatchNormalization", "into", "rule", "max rel Δw", "rounding", "notes"):
+        folds.add_column(column, justify="right" if column in ("max rel Δw", "rounding") else "left")
     for fold in report.folds:
-        folds.add_row(fold.batchnorm, fold.target, fold.rule, "; ".join(fold.notes))
+        folds.add_row(fold.batchnorm, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
+                      _measured(fold.max_rounding_error), "; ".join(fold.notes))
     parts.append(folds)
     if report.left:
         left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
@@ -193,6 +249,8 @@ def render_fold_report(report: FoldReport) -> Group:
         parts.append(verification_table(report.verification))
     else:
         parts.append(Text("Verification skipped (--no-verify).", style="yellow"))
+    if report.attribution:
+        parts.append(attribution_table(report.attribution))
     parts.append(Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"))
     return Group(*parts)
 
@@ -217,9 +275,14 @@ def _worst_error(verification: Verification | None) -> str:
 def quiet_fold_line(report: FoldReport) -> str:
     total = len(report.folds) + len(report.left)
     where = "dry run" if report.dry_run else (str(report.output) if report.written else "not written")
+    culprits = ""
+    if report.attribution and report.attribution.guilty:
+        culprits = "; broken by " + ", ".join(
+            f"{'+'.join(g.batchnorms)} → {'+'.join(g.targets)}" for g in report.attribution.guilty
+        )
     return (
         f"{report.input} → {where}: folded {len(report.folds)} of {total} BatchNormalization, "
-        f"{report.status}{_worst_error(report.verification)}"
+        f"{report.status}{_worst_error(report.verification)}{culprits}"
     )
 
 

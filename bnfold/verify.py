@@ -5,13 +5,20 @@ Conv+BatchNormalization itself at load time, which would make a broken fold look
 correct (or a correct one look different). Each output is compared in float64
 with ``|folded - original| <= atol + rtol * |original|`` element-wise (numpy's
 ``allclose`` rule), tolerances chosen per dtype unless given. NaN or Inf on one
-side only is always a mismatch.
+side only is always a mismatch; string outputs must be equal.
+
+One generated input can miss a difference (a ReLU hiding it, a branch not
+taken), so a verification runs *trials*: several seeds, or every data set of
+real inputs (:mod:`bnfold.inputs`). Per output the worst trial is kept and named.
+Real inputs may ship expected outputs; the folded model is checked against them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +26,9 @@ import onnxruntime as ort
 from onnx import helper
 
 from bnfold.errors import InputError, RuntimeFailure, first_line
+
+if TYPE_CHECKING:
+    from bnfold.inputs import Trial
 
 # (atol, rtol) per output dtype. Folding changes the rounding order of one
 # multiply-add per layer; these bounds sit well above that and far below any real bug.
@@ -71,41 +81,87 @@ class OutputComparison:
     nonfinite_mismatch: bool
     problem: str | None = None
     """Set when the outputs cannot be compared at all (shape or dtype differ)."""
+    trial: str = ""
+    """The trial these figures come from (the worst one when several ran)."""
 
     @property
     def passed(self) -> bool:
         return self.problem is None and self.mismatches == 0
 
 
+@dataclass(frozen=True)
+class TrialInputs:
+    """What one trial fed the models, as the report states it."""
+
+    label: str
+    seed: int | None
+    inputs: list[InputSpec]
+
+
 @dataclass
 class Verification:
-    inputs: list[InputSpec]
-    seed: int
     provider: str
+    trials: list[TrialInputs]
     outputs: list[OutputComparison] = field(default_factory=list)
+    """Folded vs original, per output: the worst trial."""
+    expected: list[OutputComparison] = field(default_factory=list)
+    """Folded vs the expected outputs shipped with real inputs, per trial and output."""
 
     @property
     def passed(self) -> bool:
-        return all(output.passed for output in self.outputs)
+        return all(output.passed for output in (*self.outputs, *self.expected))
 
 
-def _runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+@dataclass(frozen=True)
+class Tolerances:
+    """The user's tolerances: per output (``--tol``), else global (``--atol/--rtol``), else per dtype.
+
+    A global atol given without rtol (or the reverse) keeps the dtype default for the other.
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+    per_output: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def for_output(self, name: str, dtype: np.dtype) -> tuple[float, float]:
+        if name in self.per_output:
+            return self.per_output[name]
+        default_atol, default_rtol = default_tolerance(dtype)
+        return (
+            default_atol if self.atol is None else self.atol,
+            default_rtol if self.rtol is None else self.rtol,
+        )
+
+
+def check_provider(provider: str) -> None:
+    """Refuse an execution provider this onnxruntime build does not have (before any work)."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise InputError(f"--provider {provider} is not available; this onnxruntime offers {', '.join(available)}")
+
+
+def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that must be fed: initializers listed as inputs have defaults."""
     initializers = {tensor.name for tensor in model.graph.initializer}
     return [value for value in model.graph.input if value.name not in initializers]
 
 
-def input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
+def input_specs(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None = None
+) -> list[InputSpec]:
     """Concrete shapes for every runtime input: fixed dims kept, symbolic ones from
-    ``shapes`` (the user's ``--input-shape``) or else 1."""
-    unknown = set(shapes) - {value.name for value in _runtime_inputs(model)}
+    ``shapes`` (the user's ``--input-shape``), else ``batch`` for a symbolic first
+    dim (``--batch``), else 1."""
+    unknown = set(shapes) - {value.name for value in runtime_inputs(model)}
     if unknown:
         raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch must be at least 1, got {batch}")
     specs = []
-    for value in _runtime_inputs(model):
+    for value in runtime_inputs(model):
         tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
-            raise InputError(f"input '{value.name}' is not a tensor; bnfold cannot generate it")
+            raise InputError(f"input '{value.name}' is not a tensor; bnfold cannot generate it (pass --inputs)")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         if value.name in shapes:
             shape = shapes[value.name]
@@ -117,7 +173,10 @@ def input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> l
         elif not tensor_type.HasField("shape"):
             raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
         else:
-            shape = tuple(dim.dim_value if dim.dim_value > 0 else 1 for dim in tensor_type.shape.dim)
+            shape = tuple(
+                dim.dim_value if dim.dim_value > 0 else (batch if axis == 0 and batch else 1)
+                for axis, dim in enumerate(tensor_type.shape.dim)
+            )
         specs.append(InputSpec(value.name, tuple(shape), dtype.name))
     return specs
 
@@ -143,7 +202,7 @@ def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
     """An onnxruntime session with every graph optimization disabled."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the user through the exception, once
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=[provider])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
@@ -170,6 +229,8 @@ def compare_output(
             problem=f"folded output is {folded.dtype.name}{list(folded.shape)}, "
             f"original is {original.dtype.name}{list(original.shape)}",
         )
+    if original.dtype.kind in "OSU":
+        return _compare_exactly(common, original, folded)
     reference = original.astype(np.float64)
     candidate = folded.astype(np.float64)
     same_nonfinite = (np.isnan(reference) & np.isnan(candidate)) | (
@@ -194,40 +255,92 @@ def compare_output(
     )
 
 
+def _as_text(values: np.ndarray) -> np.ndarray:
+    """String tensors come back as str from onnxruntime and as bytes from a TensorProto."""
+    decode = np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v), otypes=[object])
+    return decode(values) if values.size else values
+
+
+def _compare_exactly(common: dict, original: np.ndarray, folded: np.ndarray) -> OutputComparison:
+    """String outputs have no distance: any difference is infinitely wrong."""
+    different = _as_text(original) != _as_text(folded)
+    mismatches = int(np.sum(different))
+    worst = np.unravel_index(int(np.argmax(different)), different.shape) if mismatches else ()
+    error = float("inf") if mismatches else 0.0
+    return OutputComparison(
+        **common, max_abs_error=error, max_rel_error=error, worst_index=tuple(int(i) for i in worst),
+        mismatches=mismatches, elements=int(original.size), nonfinite_mismatch=False,
+    )
+
+
+def _severity(comparison: OutputComparison) -> tuple[bool, float, int]:
+    """Orders comparisons so the worst trial of an output is the maximum."""
+    return (not comparison.passed, comparison.max_abs_error, comparison.mismatches)
+
+
 def verify_equivalence(
     original: Path,
     folded: Path,
-    specs: list[InputSpec],
+    trials: Sequence[Trial],
     *,
-    seed: int = 0,
-    tolerance: tuple[float, float] | None = None,
+    tolerances: Tolerances = Tolerances(),
     provider: str = "CPUExecutionProvider",
+    folded_is_input: bool = False,
 ) -> Verification:
-    """Run both models on the same seeded inputs (shaped by ``specs``) and compare every output.
+    """Run both models on every trial's inputs and compare every output; keep the worst trial.
+
+    When a trial ships expected outputs, the folded model is also compared with them.
 
     Raises:
-        RuntimeFailure: onnxruntime cannot load or run the *original* model.
-    A folded model that onnxruntime rejects is a failed verification, not an error:
-    the original ran, so the fold broke it.
+        RuntimeFailure: onnxruntime cannot load or run the *original* model (or the
+            folded one when ``folded_is_input``: ``bnfold check`` was given it).
+    A folded model written by the fold that onnxruntime rejects is a failed
+    verification, not an error: the original ran, so the fold broke it.
     """
-    feeds = generate_inputs(specs, seed)
-    verification = Verification(inputs=specs, seed=seed, provider=provider)
+    verification = Verification(
+        provider=provider, trials=[TrialInputs(t.label, t.seed, t.specs) for t in trials]
+    )
     reference_session = open_session(original, "original", provider)
-    reference = run_session(reference_session, feeds, "original")
     output_names = [output.name for output in reference_session.get_outputs()]
+    worst: dict[str, OutputComparison] = {}
     try:
         folded_session = open_session(folded, "folded", provider)
-        candidate = run_session(folded_session, feeds, "folded")
-        folded_names = [output.name for output in folded_session.get_outputs()]
     except RuntimeFailure as failure:
-        verification.outputs = [_broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)]
+        if folded_is_input:
+            raise
+        reference = run_session(reference_session, trials[0].feeds, "original")
+        verification.outputs = [
+            _broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)
+        ]
         return verification
-    folded_by_name = dict(zip(folded_names, candidate))
-    for name, value in zip(output_names, reference):
-        if name not in folded_by_name:
-            verification.outputs.append(_broken_output(name, value, "output missing from the folded model"))
+    folded_names = [output.name for output in folded_session.get_outputs()]
+    for trial in trials:
+        reference = run_session(reference_session, trial.feeds, "original")
+        try:
+            candidate = dict(zip(folded_names, run_session(folded_session, trial.feeds, "folded")))
+        except RuntimeFailure as failure:
+            if folded_is_input:
+                raise
+            candidate = {}
+            missing = str(failure)
         else:
-            verification.outputs.append(compare_output(name, value, folded_by_name[name], tolerance))
+            missing = "output missing from the folded model"
+        for name, value in zip(output_names, reference):
+            if name in candidate:
+                tolerance = tolerances.for_output(name, value.dtype)
+                comparison = replace(compare_output(name, value, candidate[name], tolerance), trial=trial.label)
+            else:
+                comparison = replace(_broken_output(name, value, missing), trial=trial.label)
+            if name not in worst or _severity(comparison) > _severity(worst[name]):
+                worst[name] = comparison
+        for name, value in trial.expected.items():
+            if name in candidate:
+                tolerance = tolerances.for_output(name, value.dtype)
+                comparison = compare_output(name, value, candidate[name], tolerance)
+            else:
+                comparison = _broken_output(name, value, missing)
+            verification.expected.append(replace(comparison, trial=trial.label))
+    verification.outputs = [worst[name] for name in output_names]
     return verification
 
 

@@ -80,7 +80,9 @@ def test_json_to_stdout_carries_the_report(cnn: Path) -> None:
     assert {f["rule"] for f in report["folds"]} == {"conv-bn", "gemm-bn"}
     output = report["verification"]["outputs"][0]
     assert output["passed"] is True and output["mismatches"] == 0
-    assert report["verification"]["inputs"] == [{"name": "image", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert report["verification"]["trials"] == [
+        {"label": "seed 0", "seed": 0, "inputs": [{"name": "image", "shape": [1, 3, 32, 32], "dtype": "float32"}]}
+    ]
 
 
 def test_json_to_file_and_tables_to_stdout(cnn: Path, tmp_path: Path) -> None:
@@ -93,7 +95,7 @@ def test_json_to_file_and_tables_to_stdout(cnn: Path, tmp_path: Path) -> None:
 
 def test_input_shape_sets_symbolic_dimensions(cnn: Path) -> None:
     result = run(cnn, "--input-shape", "image:4,3,32,32", "--json", "-")
-    assert json.loads(result.stdout)["verification"]["inputs"][0]["shape"] == [4, 3, 32, 32]
+    assert json.loads(result.stdout)["verification"]["trials"][0]["inputs"][0]["shape"] == [4, 3, 32, 32]
 
 
 @pytest.mark.parametrize("value,message", [
@@ -173,7 +175,7 @@ def test_help_documents_exit_codes() -> None:
         result = run(*args, "--help")
         assert result.exit_code == 0
         assert "Exit codes:" in result.output
-        assert "3  onnxruntime cannot load or run the original model" in result.output
+        assert "3  onnxruntime cannot load or run a given model (its message is shown)" in result.output
 
 
 def test_check_command_compares_two_models(cnn: Path) -> None:

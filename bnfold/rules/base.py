@@ -75,6 +75,10 @@ class TensorUpdate:
     values: np.ndarray
     role: str
     """What the tensor is, for notes: 'weight', 'bias'."""
+    relative_change: float | None = None
+    """Largest ``|new - old| / |old|`` over the replaced values (None: not measured)."""
+    rounding_error: float | None = None
+    """Largest ``|values - exact|`` against the float64 result before the cast back."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,8 @@ def weight_and_bias_updates(
     folded_bias: np.ndarray,
 ) -> list[TensorUpdate] | Refusal:
     """Cast float64 results back to the replaced tensors' dtypes (the bias takes the
-    weight's dtype when it is created) and describe them as updates of inputs 1 and 2."""
+    weight's dtype when it is created) and describe them as updates of inputs 1 and 2,
+    with how far they moved and what the cast cost (shown per fold in the report)."""
     try:
         new_weight = fold_math.cast_back(folded_weight, weight.dtype, "weight")
         new_bias = fold_math.cast_back(
@@ -220,7 +225,12 @@ def weight_and_bias_updates(
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
-    return [TensorUpdate(node, 1, new_weight, "weight"), TensorUpdate(node, 2, new_bias, "bias")]
+    bias_change = None if bias is None else fold_math.max_relative_change(bias, folded_bias)
+    return [
+        TensorUpdate(node, 1, new_weight, "weight", fold_math.max_relative_change(weight, folded_weight),
+                     fold_math.max_abs_difference(new_weight, folded_weight)),
+        TensorUpdate(node, 2, new_bias, "bias", bias_change, fold_math.max_abs_difference(new_bias, folded_bias)),
+    ]
 
 
 class IntoProducer(FoldRule):

@@ -1,0 +1,129 @@
+"""Naming the fold that broke equivalence.
+
+When the folded model does not compute what the original does, knowing *that*
+is not enough to fix it: a user (or a rule's author) needs the BatchNormalization
+and the layer it was folded into. The folds are re-applied in groups on fresh
+copies of the original (``fold_batchnorms(..., may_fold=...)``) and each partial
+model is verified exactly like the full one (same trials, tolerances, provider).
+A failing group is split in halves until single folds remain, so k guilty folds
+among n cost about ``2 k log2 n`` verifications instead of n. A group that fails
+while both its halves pass is reported as a whole: its folds are only wrong
+together (for example errors that add up along a chain). A fold whose error only
+shows next to another, already guilty fold is not separated from it: the search
+names what must be fixed first, not every contributor.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from bnfold import io
+from bnfold.fold import FoldRecord, fold_batchnorms
+from bnfold.inputs import Trial
+from bnfold.rules import FoldRule
+from bnfold.verify import OutputComparison, Tolerances, Verification, verify_equivalence
+
+
+@dataclass(frozen=True)
+class GuiltyFold:
+    """Fold(s) that alone make the model differ from the original, with the error they cause."""
+
+    batchnorms: tuple[str, ...]
+    targets: tuple[str, ...]
+    rules: tuple[str, ...]
+    output: str
+    """The output with the largest error when only these folds are applied."""
+    max_abs_error: float
+    max_rel_error: float
+    mismatches: int
+    problem: str | None
+
+
+@dataclass
+class Attribution:
+    guilty: list[GuiltyFold]
+    verifications: int
+    """How many partially folded models were verified to find them."""
+
+
+class _Search:
+    """Group testing over the folds of one failed run."""
+
+    def __init__(self, original: io.LoadedModel, folds: Sequence[FoldRecord], trials: Sequence[Trial],
+                 tolerances: Tolerances, provider: str, rules: tuple[FoldRule, ...]) -> None:
+        self.original = original
+        self.records = {fold.batchnorm: fold for fold in folds}
+        self.trials = trials
+        self.tolerances = tolerances
+        self.provider = provider
+        self.rules = rules
+        self.verifications = 0
+
+    def verify_partial(self, labels: Sequence[str]) -> Verification:
+        """Fold only the BNs in ``labels`` on a fresh copy of the original and verify it."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.original.model)
+        allowed = set(labels)
+        fold_batchnorms(model, self.rules, may_fold=allowed.__contains__)
+        self.verifications += 1
+        with tempfile.TemporaryDirectory(prefix="bnfold-attribution-") as folder:
+            target = Path(folder) / self.original.path.name
+            with io.staged_save(model, target, external_data=bool(self.original.external_data_files)) as staged:
+                return verify_equivalence(self.original.path, staged.staged_path, self.trials,
+                                          tolerances=self.tolerances, provider=self.provider)
+
+    def guilty_in(self, labels: Sequence[str], failed: Verification) -> list[GuiltyFold]:
+        """The smallest failing groups within ``labels``, whose joint fold gave ``failed``."""
+        if len(labels) == 1:
+            return [self.describe(labels, failed)]
+        half = len(labels) // 2
+        found: list[GuiltyFold] = []
+        for part in (labels[:half], labels[half:]):
+            verification = self.verify_partial(part)
+            if not verification.passed:
+                found += self.guilty_in(part, verification)
+        return found or [self.describe(labels, failed)]
+
+    def describe(self, labels: Sequence[str], failed: Verification) -> GuiltyFold:
+        worst = max(
+            (c for c in (*failed.outputs, *failed.expected) if not c.passed), key=_badness
+        )
+        records = [self.records[label] for label in labels]
+        return GuiltyFold(
+            batchnorms=tuple(labels),
+            targets=tuple(r.target for r in records),
+            rules=tuple(r.rule for r in records),
+            output=worst.name,
+            max_abs_error=worst.max_abs_error,
+            max_rel_error=worst.max_rel_error,
+            mismatches=worst.mismatches,
+            problem=worst.problem,
+        )
+
+
+def _badness(comparison: OutputComparison) -> tuple[bool, float]:
+    return (comparison.problem is not None, comparison.max_abs_error)
+
+
+def attribute_failure(
+    original: io.LoadedModel,
+    folds: Sequence[FoldRecord],
+    failed: Verification,
+    trials: Sequence[Trial],
+    *,
+    tolerances: Tolerances,
+    provider: str,
+    rules: tuple[FoldRule, ...],
+) -> Attribution:
+    """Find the fold(s) behind ``failed`` (the verification of all ``folds`` applied together).
+
+    ``original`` must be the model as loaded, before any folding.
+    """
+    search = _Search(original, folds, trials, tolerances, provider, rules)
+    guilty = search.guilty_in([fold.batchnorm for fold in folds], failed) if folds else []
+    return Attribution(guilty=guilty, verifications=search.verifications)

@@ -1,0 +1,152 @@
+"""Where the verification inputs come from: generated from a seed, or real data from disk.
+
+A verification runs one or more *trials*; each trial is one set of input values
+fed to both models. Generated trials use seeds ``seed, seed+1, ...``. Real trials
+come from
+
+* an ``.npz`` file whose keys are the model's input names (one trial), or
+* a folder in the ONNX test layout: ``test_data_set_*/input_*.pb`` (each data set
+  is one trial; a folder holding ``input_*.pb`` itself is one data set). Tensors
+  are matched to inputs by their TensorProto name, or by position when the name
+  is empty (as in most of ONNX's own backend test data). ``output_*.pb`` files,
+  when present, are the outputs the model is expected to produce; the folded
+  model is checked against them as well.
+
+Real inputs are validated against the model before anything runs, so a missing,
+misnamed or misshaped input is one clear error line (exit 2), not an onnxruntime
+traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+from bnfold.errors import InputError, first_line
+from bnfold.verify import InputSpec, generate_inputs, runtime_inputs
+
+_NUMBERED_PB = re.compile(r"^(input|output)_(\d+)\.pb$")
+
+
+@dataclass
+class Trial:
+    """One set of inputs fed to both models, and the outputs expected from it, if known."""
+
+    label: str
+    """How the report names the trial: ``seed 3`` or the data set folder."""
+    feeds: dict[str, np.ndarray]
+    seed: int | None = None
+    expected: dict[str, np.ndarray] = field(default_factory=dict)
+    """Reference outputs shipped with real inputs (``output_*.pb``), by output name."""
+
+    @property
+    def specs(self) -> list[InputSpec]:
+        return [InputSpec(name, tuple(value.shape), value.dtype.name) for name, value in self.feeds.items()]
+
+
+def generated_trials(specs: list[InputSpec], seed: int, count: int) -> list[Trial]:
+    """``count`` trials of generated inputs with seeds ``seed .. seed + count - 1``."""
+    if count < 1:
+        raise InputError(f"--trials must be at least 1, got {count}")
+    return [Trial(f"seed {s}", generate_inputs(specs, s), seed=s) for s in range(seed, seed + count)]
+
+
+def load_trials(path: Path, model: onnx.ModelProto) -> list[Trial]:
+    """Real inputs from an ``.npz`` file or an ONNX test-data folder, checked against ``model``."""
+    if not path.exists():
+        raise InputError(f"--inputs {path}: no such file or folder")
+    trials = _load_test_data(path, model) if path.is_dir() else [_load_npz(path)]
+    for trial in trials:
+        _check_feeds(trial, model, path)
+    return trials
+
+
+def _load_npz(path: Path) -> Trial:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            feeds = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as error:
+        raise InputError(f"--inputs {path}: not a readable .npz file ({first_line(error)})") from None
+    return Trial(path.name, feeds)
+
+
+def _numbered(folder: Path, kind: str) -> list[Path]:
+    """``input_0.pb, input_1.pb, ..., input_10.pb`` in numeric order."""
+    found = [(int(m.group(2)), p) for p in folder.iterdir() if (m := _NUMBERED_PB.match(p.name)) and m.group(1) == kind]
+    return [p for _, p in sorted(found)]
+
+
+def _read_tensor(path: Path) -> onnx.TensorProto:
+    try:
+        return onnx.load_tensor(str(path))
+    except (DecodeError, OSError, ValueError) as error:
+        raise InputError(f"--inputs {path}: not a TensorProto ({first_line(error)})") from None
+
+
+def _by_name(paths: list[Path], names: list[str], kind: str) -> dict[str, np.ndarray]:
+    """Tensors keyed by their own name, or by the model's ``kind`` name at the same position."""
+    values: dict[str, np.ndarray] = {}
+    for position, path in enumerate(paths):
+        tensor = _read_tensor(path)
+        name = tensor.name
+        if not name:
+            if position >= len(names):
+                raise InputError(f"--inputs {path}: the model has only {len(names)} {kind}s")
+            name = names[position]
+        values[name] = numpy_helper.to_array(tensor)
+    return values
+
+
+def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
+    data_sets = sorted(p for p in folder.glob("test_data_set_*") if p.is_dir())
+    if not data_sets and _numbered(folder, "input"):
+        data_sets = [folder]
+    if not data_sets:
+        raise InputError(f"--inputs {folder}: no test_data_set_* folders or input_*.pb files")
+    input_names = [value.name for value in runtime_inputs(model)]
+    output_names = [value.name for value in model.graph.output]
+    trials = []
+    for data_set in data_sets:
+        feeds = _by_name(_numbered(data_set, "input"), input_names, "input")
+        expected = _by_name(_numbered(data_set, "output"), output_names, "output")
+        unknown = sorted(set(expected) - set(output_names))
+        if unknown:
+            raise InputError(f"--inputs {data_set}: expected output '{unknown[0]}' names no model output")
+        trials.append(Trial(data_set.name, feeds, expected=expected))
+    return trials
+
+
+def _check_feeds(trial: Trial, model: onnx.ModelProto, source: Path) -> None:
+    """Every runtime input present, nothing extra, dtype and fixed dims as declared."""
+    declared = {value.name: value for value in runtime_inputs(model)}
+    missing = [name for name in declared if name not in trial.feeds]
+    if missing:
+        raise InputError(f"--inputs {source}: no value for model input '{missing[0]}' (in {trial.label})")
+    extra = sorted(set(trial.feeds) - set(declared))
+    if extra:
+        raise InputError(
+            f"--inputs {source}: '{extra[0]}' names no model input (model inputs: {', '.join(declared)})"
+        )
+    for name, value in declared.items():
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            continue  # sequences and maps: onnxruntime checks them itself
+        given = trial.feeds[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if given.dtype != dtype:
+            raise InputError(f"--inputs {source}: input '{name}' is {given.dtype.name}, the model expects {dtype.name}")
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+        if len(dims) != given.ndim or any(d is not None and d != g for d, g in zip(dims, given.shape)):
+            wanted = ",".join("?" if d is None else str(d) for d in dims)
+            raise InputError(
+                f"--inputs {source}: input '{name}' has shape [{','.join(map(str, given.shape))}], "
+                f"the model expects [{wanted}]"
+            )
