@@ -78,3 +78,26 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
             f"folded {what} would overflow {np.dtype(dtype).name} (largest magnitude {worst:.4g})"
         )
     return cast
+
+
+def scale_convtranspose_weight(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """``W' = W * s`` for a ConvTranspose weight ``[C_in, C_out/group, k...]`` (float64 result).
+
+    Unlike Conv, the output channel is not the weight's first axis. Output channel
+    ``o = g * (C_out/group) + j`` is computed from slice ``W[i, j]`` for every input
+    channel ``i`` of group ``g`` (``i // (C_in/group) == g``), so ``s[o]`` scales axis
+    1 of the rows that belong to group ``g``. Splitting both channel axes by group
+    makes that a plain broadcast.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    c_in, per_group_out, *kernel = weight.shape
+    grouped = weight.reshape(group, c_in // group, per_group_out, *kernel)
+    scale = np.asarray(s, dtype=np.float64).reshape(group, 1, per_group_out, *([1] * len(kernel)))
+    return (grouped * scale).reshape(weight.shape)
+
+
+def compose_affines(first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, t)`` of ``then(first(x))`` for two per-channel affine maps: ``s2 * (s1 x + t1) + t2``."""
+    (s1, t1), (s2, t2) = first, then
+    s2 = np.asarray(s2, dtype=np.float64)
+    return s2 * np.asarray(s1, dtype=np.float64), s2 * np.asarray(t1, dtype=np.float64) + np.asarray(t2, dtype=np.float64)

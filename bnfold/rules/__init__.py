@@ -11,6 +11,7 @@ from __future__ import annotations
 from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, TensorUpdate
 from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.conv import ConvIntoBatchNorm
+from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
@@ -19,6 +20,7 @@ AFFINE_READERS = (read_batchnorm,)
 RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
+    ConvTransposeIntoBatchNorm(),
 )
 
 __all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]

@@ -204,3 +204,19 @@ class IntoProducer(FoldRule):
         self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
     ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
         """New tensors (and attributes) that make ``producer`` compute ``BN(producer(x))``."""
+
+
+def channel_axis_refusal(bn: BatchNorm, producer: onnx.NodeProto, axis: int, rank: int | None) -> Refusal | None:
+    """Refuse unless the affine scales ``axis`` of the producer's output (of ``rank`` dims).
+
+    A BatchNormalization always scales axis 1; a decomposed affine may scale the
+    last axis instead (a ``[C]`` constant), which is a layer's channel axis only
+    when the two coincide for the output's rank.
+    """
+    if bn.channel_axis == axis or (rank is not None and bn.channel_axis % rank == axis % rank):
+        return None
+    shape = f"a rank-{rank}" if rank is not None else "an output of unknown rank"
+    return Refusal(
+        f"{describe(bn.node)} scales axis {bn.channel_axis} of {shape} from {describe(producer)}, "
+        f"whose channels are axis {axis}"
+    )
