@@ -103,7 +103,8 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
                 if is_batchnorm(node):
                     left.append(LeftRecord(node_id(node), result.reason))
                 continue
-            touched = {graph.position_of(n) for n in (*result.bn.nodes, result.target)}
+            changed = (*result.bn.nodes, result.target, *(update.node for update in result.updates))
+            touched = {graph.position_of(n) for n in changed}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched

@@ -54,6 +54,25 @@ def node_id(node: onnx.NodeProto) -> str:
     return f"→ '{next((name for name in node.output if name), '?')}'"
 
 
+def _declared_ranks(graph: onnx.GraphProto) -> dict[str, int]:
+    """Ranks of the values whose declared type has a shape (an absent shape says nothing)."""
+    ranks = {}
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        tensor_type = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            ranks[value.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks onnx shape inference finds; empty when inference fails on this model."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference failing only means the ranks stay unknown
+        return {}
+    return _declared_ranks(inferred.graph)
+
+
 class GraphIndex:
     """Producers, consumers, initializers and constant values of one graph."""
 
@@ -78,6 +97,8 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
+        self._ranks: dict[str, int] | None = None
+        self._shapes_inferred = False
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -107,6 +128,27 @@ class GraphIndex:
     def default_opset(self) -> int:
         """The model's version of the standard ``ai.onnx`` operator set."""
         return self.opsets.get("", self.opsets.get("ai.onnx", 0))
+
+    def rank_of(self, name: str) -> int | None:
+        """How many axes value ``name`` has, or None when nothing says.
+
+        Rules need it to tell which axis a per-channel constant scales (axis 1 and
+        the last axis coincide only for rank 2). Declared types (graph inputs,
+        outputs, value_info) are used first, then the value of a constant, and
+        only then onnx shape inference, run once per index and only when needed.
+        """
+        if self._ranks is None:
+            self._ranks = _declared_ranks(self.graph)
+        if name in self._ranks:
+            return self._ranks[name]
+        value = self.constant_value(name)
+        if value is not None:
+            return value.ndim
+        if not self._shapes_inferred and self.graph is self.model.graph:
+            self._shapes_inferred = True
+            for known, rank in _inferred_ranks(self.model).items():
+                self._ranks.setdefault(known, rank)
+        return self._ranks.get(name)
 
     # -- constants ---------------------------------------------------------------------------
 

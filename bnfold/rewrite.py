@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
+from bnfold.rules.base import AppendedNode
 
 
 class _NameAllocator:
@@ -95,6 +96,21 @@ def _apply_update(
     return (old_name or None), note
 
 
+def _appended_node(
+    graph: onnx.GraphProto, plan: FoldPlan, spec: AppendedNode, names: _NameAllocator
+) -> onnx.NodeProto:
+    """Build the node a plan appends after its target, with its constants as new initializers."""
+    base = plan.target.name or plan.target.output[0]
+    inputs = [plan.target.output[0]]
+    for role, values in spec.constants:
+        tensor = numpy_helper.from_array(values, names.fresh(f"{base}_{role}"))
+        graph.initializer.append(tensor)
+        inputs.append(tensor.name)
+    return helper.make_node(
+        spec.op_type, inputs, [plan.bn.output_name], name=names.fresh(f"{base}_{spec.op_type.lower()}")
+    )
+
+
 def _delete_where(repeated, doomed) -> None:  # noqa: ANN001 - any protobuf repeated field
     """Delete the elements for which ``doomed(element)`` holds, in place.
 
@@ -138,6 +154,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
+    appended: list[onnx.NodeProto] = []  # each goes right after the node whose output it reads
     for plan in plans:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
@@ -148,7 +165,9 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)
         bn = plan.bn
-        if plan.direction == "backward":
+        if plan.direction == "backward" and plan.appended is not None:
+            appended.append(_appended_node(graph, plan, plan.appended, names))
+        elif plan.direction == "backward":
             stale_value_info.add(plan.target.output[0])
             plan.target.output[0] = bn.output_name
         else:
@@ -172,6 +191,9 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
         candidates -= dead
     for position in sorted(removed_positions, reverse=True):
         del graph.node[position]
+    for node in appended:
+        position = next(p for p, existing in enumerate(graph.node) if node.input[0] in existing.output)
+        graph.node.insert(position + 1, node)
 
     used = _names_read(graph.node) | graph_outputs
     removed_initializers = [

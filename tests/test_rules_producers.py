@@ -65,3 +65,95 @@ def test_convtranspose_with_runtime_weight_is_refused_with_reason() -> None:
     check = fold_and_compare(b.model())
     assert op_count(check.folded, "BatchNormalization") == 1
     assert "ConvTranspose 'convtranspose0' weight 'w' is not a constant (a graph input)" in check.outcome.left[0].reason
+
+
+# -- MatMul and MatMul + Add ----------------------------------------------------------------------
+
+
+def matmul(b: GraphBuilder, x: str, k: int, n: int, *, bias: bool = False) -> str:
+    """A Linear as MatMul(X, W[K, N]) and, with ``bias``, an Add of a constant [N]."""
+    y = b.node("MatMul", [x, b.random("W", [k, n], scale=1.0 / np.sqrt(k))])
+    return b.node("Add", [y, b.random("bias", [n], scale=0.1)]) if bias else y
+
+
+def test_matmul_bn_becomes_matmul_plus_add() -> None:
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["batch", 6])
+    b.output(b.batchnorm(matmul(b, x, 6, 5), 5))
+    check = fold_and_compare(b.model(), shapes={"x": (3, 6)})
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "MatMul", "Add")] == [0, 1, 1]
+    assert [fold.rule for fold in check.outcome.folds] == ["matmul-bn"]
+
+
+def test_matmul_add_bn_stays_one_matmul_and_one_add() -> None:
+    b = GraphBuilder(seed=6)
+    x = b.input("x", [4, 8])
+    hidden = b.node("Relu", [b.batchnorm(matmul(b, x, 8, 7, bias=True), 7)])
+    b.output(b.batchnorm(matmul(b, hidden, 7, 3, bias=True), 3))
+    check = fold_and_compare(b.model())
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "MatMul", "Add")] == [0, 2, 2]
+    assert [fold.rule for fold in check.outcome.folds] == ["matmul-add-bn", "matmul-add-bn"]
+
+
+def test_matmul_add_bn_with_bias_first_and_weight_shared() -> None:
+    b = GraphBuilder(seed=7)
+    x = b.input("x", [4, 8])
+    weight = b.random("W", [8, 8])
+    first = b.node("Add", [b.random("bias", [8]), b.node("MatMul", [x, weight])])
+    b.output(b.batchnorm(first, 8))
+    b.output(b.node("MatMul", [x, weight]))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 0
+    assert any("weight" in note and "is shared" in note for note in check.outcome.folds[0].notes)
+
+
+def test_matmul_rank3_bn_over_time_axis_is_refused() -> None:
+    """[N, T, C] with a BN of T channels: T is not a column of W."""
+    b = GraphBuilder(seed=8)
+    x = b.input("x", [2, 5, 6])
+    b.output(b.batchnorm(matmul(b, x, 6, 4), 5))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert "MatMul 'matmul0' weight shape [6, 4] is not [K, 5]" in check.outcome.left[0].reason
+
+
+def test_matmul_rank3_bn_with_matching_width_is_refused_for_the_axis() -> None:
+    b = GraphBuilder(seed=9)
+    x = b.input("x", [2, 4, 6])
+    b.output(b.batchnorm(matmul(b, x, 6, 4), 4))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert (
+        "BatchNormalization 'batchnormalization0' scales axis 1 of a rank-3 output from MatMul 'matmul0', "
+        "whose channels are axis -1" in check.outcome.left[0].reason
+    )
+
+
+def test_matmul_of_unknown_rank_is_refused() -> None:
+    """Squeeze without axes on symbolic dims: nobody knows how many axes remain."""
+    b = GraphBuilder(seed=10)
+    x = b.node("Squeeze", [b.input("x", ["a", "b", 6])])
+    b.output(b.batchnorm(matmul(b, x, 6, 4), 4), ["n", 4])
+    check = fold_and_compare(b.model(), shapes={"x": (3, 1, 6)})
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert "of an output of unknown rank from MatMul 'matmul0'" in check.outcome.left[0].reason
+
+
+def test_matmul_add_whose_matmul_output_is_shared_is_refused() -> None:
+    b = GraphBuilder(seed=11)
+    x = b.input("x", [3, 6])
+    product = b.node("MatMul", [x, b.random("W", [6, 4])])
+    b.output(b.batchnorm(b.node("Add", [product, b.random("bias", [4])]), 4))
+    b.output(b.node("Relu", [product]))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert "MatMul 'matmul0' output also feeds Relu 'relu0'" in check.outcome.left[0].reason
+
+
+def test_matmul_with_runtime_weight_is_refused() -> None:
+    b = GraphBuilder(seed=12)
+    x = b.input("x", [3, 6])
+    w = b.input("w", [6, 4])
+    b.output(b.batchnorm(b.node("MatMul", [x, w]), 4))
+    check = fold_and_compare(b.model())
+    assert "MatMul 'matmul0' weight 'w' is not a constant (a graph input)" in check.outcome.left[0].reason

@@ -13,6 +13,8 @@ from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules.matmul import MatMulIntoBatchNorm
+from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm,)
@@ -21,6 +23,8 @@ RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
     ConvTransposeIntoBatchNorm(),
+    MatMulIntoBatchNorm(),
+    MatMulAddIntoBatchNorm(),
 )
 
 __all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]

@@ -77,6 +77,19 @@ class TensorUpdate:
     """What the tensor is, for notes: 'weight', 'bias'."""
 
 
+@dataclass(frozen=True)
+class AppendedNode:
+    """A node that a backward fold adds after its target, for the part of the affine the
+    target has no input to hold (a MatMul has no bias).
+
+    It reads the target's output, then ``constants`` (role, values) as new
+    initializers, and writes the folded affine's output.
+    """
+
+    op_type: str
+    constants: tuple[tuple[str, np.ndarray], ...]
+
+
 @dataclass
 class FoldPlan:
     """Everything needed to remove one BatchNormalization by changing ``target``."""
@@ -89,6 +102,8 @@ class FoldPlan:
     updates: list[TensorUpdate]
     attributes: dict[str, float | int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    appended: AppendedNode | None = None
+    """backward only: a node added after ``target``, which then keeps its own output."""
 
 
 class FoldRule(ABC):
@@ -215,8 +230,40 @@ def channel_axis_refusal(bn: BatchNorm, producer: onnx.NodeProto, axis: int, ran
     """
     if bn.channel_axis == axis or (rank is not None and bn.channel_axis % rank == axis % rank):
         return None
-    shape = f"a rank-{rank}" if rank is not None else "an output of unknown rank"
+    shape = f"a rank-{rank} output" if rank is not None else "an output of unknown rank"
     return Refusal(
         f"{describe(bn.node)} scales axis {bn.channel_axis} of {shape} from {describe(producer)}, "
         f"whose channels are axis {axis}"
     )
+
+
+def cast_or_refuse(values: np.ndarray, dtype: np.dtype, node: onnx.NodeProto, role: str) -> np.ndarray | Refusal:
+    """:func:`~bnfold.fold_math.cast_back`, with an overflow turned into a refusal naming ``node``."""
+    try:
+        return fold_math.cast_back(values, dtype, role)
+    except fold_math.FoldOverflowError as error:
+        return Refusal(f"{describe(node)}: {error}")
+
+
+def matmul_weight(graph: GraphIndex, matmul: onnx.NodeProto, bn: BatchNorm) -> np.ndarray | Refusal:
+    """A MatMul's constant float weight ``[K, C]``: then column c computes output channel c.
+
+    A batched (3-D+) or runtime weight has no single column per channel to scale.
+    """
+    weight = constant_input(graph, matmul, 1, "weight")
+    if weight is None:
+        return Refusal(f"{describe(matmul)} has no weight input")
+    if isinstance(weight, Refusal):
+        return weight
+    if weight.ndim != 2 or weight.shape[1] != bn.channels:
+        return Refusal(f"{describe(matmul)} weight shape {list(weight.shape)} is not [K, {bn.channels}]")
+    return require_float(weight, matmul, "weight") or weight
+
+
+def matmul_output_rank(graph: GraphIndex, matmul: onnx.NodeProto) -> int | None:
+    """Rank of a MatMul's output: declared or inferred, else ``max(rank X, 2)`` for a 2-D weight."""
+    rank = graph.rank_of(matmul.output[0])
+    if rank is None:
+        x_rank = graph.rank_of(matmul.input[0])
+        rank = None if x_rank is None else max(x_rank, 2)
+    return rank
