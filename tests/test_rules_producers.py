@@ -157,3 +157,83 @@ def test_matmul_with_runtime_weight_is_refused() -> None:
     b.output(b.batchnorm(b.node("MatMul", [x, w]), 4))
     check = fold_and_compare(b.model())
     assert "MatMul 'matmul0' weight 'w' is not a constant (a graph input)" in check.outcome.left[0].reason
+
+
+# -- chains, and affines merged into a BN that stays ----------------------------------------------
+
+
+def test_conv_bn_bn_folds_both_over_two_passes() -> None:
+    b = GraphBuilder(seed=13)
+    y = b.conv(b.input("x", [1, 3, 6, 6]), 3, 4)
+    b.output(b.batchnorm(b.batchnorm(y, 4), 4))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 0 and op_count(check.folded, "Conv") == 1
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn", "conv-bn"]
+
+
+def test_conv_add_bias_then_bn_folds_both() -> None:
+    """PyTorch sometimes exports a Conv bias as its own Add: the Add folds first, then the BN."""
+    b = GraphBuilder(seed=14)
+    y = b.conv(b.input("x", [1, 3, 6, 6]), 3, 4, bias=False)
+    y = b.node("Add", [y, b.random("bias", [1, 4, 1, 1])])
+    b.output(b.batchnorm(y, 4))
+    check = fold_and_compare(b.model())
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "Add", "Conv")] == [0, 0, 1]
+
+
+def test_conv_bn_then_mul_add_all_fold_into_the_conv() -> None:
+    b = GraphBuilder(seed=15)
+    y = b.batchnorm(b.conv(b.input("x", [1, 3, 6, 6]), 3, 4), 4)
+    y = b.node("Add", [b.node("Mul", [y, b.random("m", [4, 1, 1])]), b.random("a", [4, 1, 1])])
+    b.output(y)
+    check = fold_and_compare(b.model())
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "Mul", "Add")] == [0, 0, 0]
+    assert [fold.kind for fold in check.outcome.folds] == ["BatchNormalization", "Mul+Add"]
+
+
+def test_bn_scale_merges_into_a_bn_that_stays() -> None:
+    """Caffe2's BN + Scale after a Relu: the Mul → Add merges into the BN, which is left."""
+    b = GraphBuilder(seed=16)
+    y = b.batchnorm(b.node("Relu", [b.input("x", [2, 4, 5, 5])]), 4)
+    y = b.node("Add", [b.node("Mul", [y, b.random("m", [4, 1, 1])]), b.random("a", [4, 1, 1])])
+    b.output(y)
+    check = fold_and_compare(b.model())
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "Mul", "Add")] == [1, 0, 0]
+    assert [(fold.kind, fold.rule) for fold in check.outcome.folds] == [("Mul+Add", "bn-merge")]
+    assert "no foldable neighbour: input from Relu 'relu0'" in check.outcome.left[0].reason
+
+
+def test_bn_bn_merge_when_neither_reaches_a_layer() -> None:
+    b = GraphBuilder(seed=17)
+    x = b.input("x", [3, 6])
+    b.output(b.batchnorm(b.batchnorm(b.node("Relu", [x]), 6), 6))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-merge"]
+    assert len(check.outcome.left) == 1
+
+
+def test_last_axis_affine_merges_into_a_rank2_bn_only() -> None:
+    b = GraphBuilder(seed=18)
+    flat = b.batchnorm(b.node("Relu", [b.input("x", [3, 6])]), 6)
+    b.output(b.node("Mul", [flat, b.random("m", [6])]))
+    image = b.batchnorm(b.node("Relu", [b.input("y", [1, 6, 6, 6])]), 6)
+    b.output(b.node("Mul", [image, b.random("m", [6])]))
+    check = fold_and_compare(b.model())
+    assert [op_count(check.folded, op) for op in ("BatchNormalization", "Mul")] == [2, 1]
+    assert [fold.target for fold in check.outcome.folds] == ["BatchNormalization 'batchnormalization0'"]
+
+
+def test_bn_with_runtime_scale_cannot_absorb_the_next_bn() -> None:
+    b = GraphBuilder(seed=19)
+    relu = b.node("Relu", [b.input("x", [2, 4, 3, 3])])
+    _, beta, mean, var = b.batchnorm_parameters(4)
+    y = b.node("BatchNormalization", [relu, b.input("gamma", [4]), beta, mean, var])
+    b.output(b.batchnorm(y, 4))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 2
+    reasons = {record.batchnorm: record.reason for record in check.outcome.left}
+    assert reasons["batchnormalization1"] == (
+        "BatchNormalization 'batchnormalization0' cannot absorb it: "
+        "BatchNormalization 'batchnormalization0' scale 'gamma' is not a constant (a graph input)"
+    )
