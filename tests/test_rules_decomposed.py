@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +16,7 @@ from bnfold.rules.decomposed import read_decomposed_affine
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 ARITHMETIC = ("Mul", "Add", "Sub", "Div")
 
 
@@ -213,3 +217,11 @@ def test_chain_stops_where_an_intermediate_value_is_also_read() -> None:
     check = fold_and_compare(b.model())
     assert arithmetic_counts(check.folded) == [0, 1, 0, 0]
     assert [fold.kind for fold in check.outcome.folds] == ["Mul"]
+
+
+def test_tf_style_sample_folds_every_batchnorm_mul_and_add() -> None:
+    model = onnx.load(str(SAMPLES / "tf_style_decomposed.onnx"))
+    assert arithmetic_counts(model) == [3, 4, 0, 0]
+    check = fold_and_compare(model, shapes={"image": (2, 3, 16, 16)})
+    assert arithmetic_counts(check.folded) == [0, 1, 0, 0]  # the Dense's own bias
+    assert [fold.kind for fold in check.outcome.folds] == ["Mul+Add", "Mul+Add", "Add+Mul+Add"]

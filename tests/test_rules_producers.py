@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -237,3 +240,10 @@ def test_bn_with_runtime_scale_cannot_absorb_the_next_bn() -> None:
         "BatchNormalization 'batchnormalization0' cannot absorb it: "
         "BatchNormalization 'batchnormalization0' scale 'gamma' is not a constant (a graph input)"
     )
+
+
+def test_convtranspose_decoder_sample_folds_both_batchnorms() -> None:
+    model = onnx.load(str(Path(__file__).resolve().parent.parent / "sample_models" / "convtranspose_decoder.onnx"))
+    check = fold_and_compare(model, shapes={"latent": (2, 8, 4, 4)})
+    assert op_count(check.folded, "BatchNormalization") == 0 and op_count(check.folded, "ConvTranspose") == 2
+    assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn", "convtranspose-bn"]
