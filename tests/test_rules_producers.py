@@ -9,6 +9,10 @@ import onnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnfold.graph import GraphIndex
+from bnfold.rules import BatchNorm, Refusal
+from bnfold.rules.batchnorm_merge import BatchNormIntoBatchNorm
+from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
@@ -247,3 +251,44 @@ def test_convtranspose_decoder_sample_folds_both_batchnorms() -> None:
     check = fold_and_compare(model, shapes={"latent": (2, 8, 4, 4)})
     assert op_count(check.folded, "BatchNormalization") == 0 and op_count(check.folded, "ConvTranspose") == 2
     assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn", "convtranspose-bn"]
+
+
+# -- refusals that a valid model cannot show end to end: the rule asked directly ------------------
+
+
+def affine_over(graph: GraphIndex, node_position: int, channels: int) -> BatchNorm:
+    """A stand-in per-channel affine of ``channels`` at a node of the graph (s = 2, t = 1)."""
+    node = graph.nodes[node_position]
+    return BatchNorm((node,), node.input[0], node.output[0], np.full(channels, 2.0), np.ones(channels))
+
+
+def test_convtranspose_weight_that_does_not_give_the_channels_is_refused() -> None:
+    b = GraphBuilder(seed=33)
+    y = b.conv_transpose(b.input("x", [1, 4, 3, 3]), 4, 4, group=2)
+    b.output(b.node("Relu", [y]))
+    graph = GraphIndex(b.model())
+    refusal = ConvTransposeIntoBatchNorm().plan(affine_over(graph, 1, 6), graph)
+    assert refusal == Refusal(
+        "ConvTranspose 'convtranspose0' weight shape [4, 2, 3, 3] with group=2 does not give the BN's 6 channels"
+    )
+
+
+def test_merge_of_different_channel_counts_is_refused() -> None:
+    b = GraphBuilder(seed=34)
+    y = b.batchnorm(b.node("Relu", [b.input("x", [2, 4, 3, 3])]), 4)
+    b.output(b.node("Relu", [y]))
+    graph = GraphIndex(b.model())
+    refusal = BatchNormIntoBatchNorm().plan(affine_over(graph, 2, 8), graph)
+    assert refusal == Refusal("BatchNormalization 'batchnormalization0' has 4 channels, Relu 'relu1' 8")
+
+
+def test_float16_matmul_weight_that_would_overflow_is_refused() -> None:
+    b = GraphBuilder(seed=35, dtype=np.float16)
+    y = b.node("MatMul", [b.input("x", [2, 3]), b.const("W", np.full([3, 2], 1000.0, np.float16))])
+    ones = np.ones(2, np.float16)
+    tiny_var = np.full(2, 1e-4, np.float16)
+    parameters = [b.const(name, values) for name, values in (("g", ones), ("b", ones), ("m", ones), ("v", tiny_var))]
+    b.output(b.node("BatchNormalization", [y, *parameters], epsilon=0.0))
+    check = fold_and_compare(b.model())
+    assert op_count(check.folded, "BatchNormalization") == 1
+    assert "MatMul 'matmul0': folded weight would overflow float16" in check.outcome.left[0].reason
