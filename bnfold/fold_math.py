@@ -96,8 +96,10 @@ def scale_convtranspose_weight(weight: np.ndarray, s: np.ndarray, group: int) ->
     return (grouped * scale).reshape(weight.shape)
 
 
-def compose_affines(first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def compose_affines(
+    first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """``(s, t)`` of ``then(first(x))`` for two per-channel affine maps: ``s2 * (s1 x + t1) + t2``."""
-    (s1, t1), (s2, t2) = first, then
-    s2 = np.asarray(s2, dtype=np.float64)
-    return s2 * np.asarray(s1, dtype=np.float64), s2 * np.asarray(t1, dtype=np.float64) + np.asarray(t2, dtype=np.float64)
+    s1, t1 = (np.asarray(v, dtype=np.float64) for v in first)
+    s2, t2 = (np.asarray(v, dtype=np.float64) for v in then)
+    return s2 * s1, s2 * t1 + t2

@@ -30,7 +30,7 @@ def apply(b: GraphBuilder, op: str, x: str, shape: list[int], *, constant_first:
     return b.node(op, [constant, x] if constant_first else [x, constant])
 
 
-def arithmetic_counts(model) -> list[int]:  # noqa: ANN001 - an onnx.ModelProto
+def arithmetic_counts(model: onnx.ModelProto) -> list[int]:
     return [op_count(model, op) for op in ARITHMETIC]
 
 

@@ -84,7 +84,10 @@ def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
         return None  # two runtime values, or a constant subexpression
     constant_slot = 0 if values[0] is not None else 1
     data_input = node.input[1 - constant_slot]
-    found = per_channel_vector(values[constant_slot], graph.rank_of(data_input))
+    constant = values[constant_slot]
+    # A [C] constant scales the last axis whatever the rank: ask (maybe infer shapes) only when it matters.
+    data_rank = graph.rank_of(data_input) if constant.ndim > 1 else None
+    found = per_channel_vector(constant, data_rank)
     if found is None:
         return None
     c, channel_axis = found
