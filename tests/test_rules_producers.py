@@ -292,3 +292,15 @@ def test_float16_matmul_weight_that_would_overflow_is_refused() -> None:
     check = fold_and_compare(b.model())
     assert op_count(check.folded, "BatchNormalization") == 1
     assert "MatMul 'matmul0': folded weight would overflow float16" in check.outcome.left[0].reason
+
+
+def test_rank_of_uses_declarations_constants_then_shape_inference() -> None:
+    b = GraphBuilder(seed=36)
+    product = b.node("MatMul", [b.input("x", [2, 3, 6]), b.random("W", [6, 4])])
+    squeezed = b.node("Squeeze", [b.input("z", ["a", "b"])])  # how many axes remain is unknown
+    b.output(b.node("Relu", [product]))
+    b.output(b.node("Identity", [squeezed]), ["n"])
+    model = b.model()
+    del model.graph.value_info[:]  # nothing declared between the nodes
+    graph = GraphIndex(model)
+    assert [graph.rank_of(name) for name in ("x", "z", "W0", product, squeezed, "identity0_out")] == [3, 2, 2, 3, None, 1]
