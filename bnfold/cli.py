@@ -131,13 +131,17 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--dry-run", is_flag=True, help="Fold and verify in a temporary folder; write nothing.")
 @click.option("--keep-failed", is_flag=True, help="Write the folded model even if verification fails.")
+@click.option("--exact-padding", is_flag=True,
+              help="Also fold a BN into a following padded Conv, adding a per-position bias (static shapes only).")
 @verification_options
 def fold(model: Path, output: Path | None, in_place: bool, no_verify: bool, dry_run: bool, keep_failed: bool,
+         exact_padding: bool,
          shapes: dict[str, tuple[int, ...]], seed: int, atol: float | None, rtol: float | None, provider: str,
          json_path: str | None, quiet: bool) -> None:
     """Fold every foldable BatchNormalization of MODEL, verify, and write the result."""
     options = FoldOptions(output=output, in_place=in_place, verify=not no_verify, dry_run=dry_run,
-                          keep_failed=keep_failed, verify_options=_verify_options(shapes, seed, atol, rtol, provider))
+                          keep_failed=keep_failed, exact_padding=exact_padding,
+                          verify_options=_verify_options(shapes, seed, atol, rtol, provider))
 
     def action() -> int:
         result = fold_file(model, options)

@@ -5,6 +5,10 @@ and applies the plans that do not touch the same nodes. Passes repeat until
 nothing changes, so chains (a BN whose producer was itself just folded, or a
 plan held back because its target was busy) are handled without special cases.
 Every BN still present at the end carries the reason it was left.
+
+Subgraphs (If/Loop/Scan bodies) are folded after their enclosing graph, with an
+index that sees the enclosing graph's constants; model-local functions are
+folded through a graph view of their body.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx
+from onnx import helper
 
-from bnfold.graph import GraphIndex, describe, node_id
-from bnfold.rewrite import apply_plans
+from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
 
 BATCHNORM = "BatchNormalization"
@@ -83,16 +88,86 @@ def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> 
 
 
 def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES) -> FoldOutcome:
-    """Fold in place every BatchNormalization of ``model.graph`` that a rule can fold.
+    """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
+    in every If/Loop/Scan body nested in it, and in the model-local functions.
 
     Affine maps found by the other readers (decomposed BN forms) are folded too
-    when a rule can, but only BatchNormalization nodes are reported as left.
+    when a rule can, but only BatchNormalization nodes are reported as left. BNs
+    inside subgraphs and functions are labelled with where they are, e.g.
+    ``If 'cond' then_branch / bn3``.
     """
     outcome = FoldOutcome()
+    _fold_scope(model, model.graph, None, "", rules, outcome)
+    for function in model.functions:
+        _fold_function(model, function, rules, outcome)
+    return outcome
+
+
+def _fold_scope(
+    model: onnx.ModelProto,
+    graph: onnx.GraphProto,
+    parent: GraphIndex | None,
+    scope: str,
+    rules: tuple[FoldRule, ...],
+    outcome: FoldOutcome,
+) -> None:
+    """Fold ``graph``, then the bodies nested in it (which see its folded constants),
+    then drop the constants of ``graph`` that only those bodies read and no longer do."""
+    _fold_graph(model, graph, parent, scope, rules, outcome)
+    index = GraphIndex(model, graph, parent=parent)
+    read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
+    for node in index.nodes:
+        for where, body in subgraphs(node):
+            _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, outcome)
+    still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
+    if read_by_bodies - still_read:
+        index = GraphIndex(model, graph, parent=parent)
+        outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
+
+
+def _fold_function(
+    model: onnx.ModelProto, function: onnx.FunctionProto, rules: tuple[FoldRule, ...], outcome: FoldOutcome
+) -> None:
+    """Fold inside a model-local function through a graph view of its body.
+
+    A function has no initializers, so the tensors a fold creates become Constant
+    nodes. Its inputs are values of the caller: weights passed in are refused as
+    graph inputs; only weights constant inside the function fold.
+    """
+    view = helper.make_model(
+        helper.make_graph(
+            function.node,
+            function.name,
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.input],
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.output],
+        ),
+        opset_imports=function.opset_import,
+        ir_version=model.ir_version,
+    )
+    before = len(outcome.folds)
+    _fold_scope(view, view.graph, None, f"function '{function.name}' / ", rules, outcome)
+    if len(outcome.folds) == before:
+        return
+    constants = [
+        helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant", value=tensor)
+        for tensor in view.graph.initializer
+    ]
+    del function.node[:]
+    function.node.extend([*constants, *view.graph.node])
+
+
+def _fold_graph(
+    model: onnx.ModelProto,
+    graph_proto: onnx.GraphProto,
+    parent: GraphIndex | None,
+    scope: str,
+    rules: tuple[FoldRule, ...],
+    outcome: FoldOutcome,
+) -> None:
+    """Fold the BNs of one graph (not its bodies) to a fixed point."""
     while True:
-        graph = GraphIndex(model)
-        plans: list[FoldPlan] = []
-        busy: set[int] = set()
+        graph = GraphIndex(model, graph_proto, parent=parent)
+        candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         for node in graph.nodes:
             bn = _read_affine(node, graph)
@@ -101,18 +176,23 @@ def fold_batchnorms(model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES)
             result = bn if isinstance(bn, Refusal) else _plan_for(bn, graph, rules)
             if isinstance(result, Refusal):
                 if is_batchnorm(node):
-                    left.append(LeftRecord(node_id(node), result.reason))
+                    left.append(LeftRecord(scope + node_id(node), result.reason))
                 continue
-            changed = (*result.bn.nodes, result.target, *(update.node for update in result.updates))
-            touched = {graph.position_of(n) for n in changed}
+            candidates.append(result)
+        plans: list[FoldPlan] = []
+        busy: set[int] = set()
+        # Backward folds claim their layer first: a forward fold into the same layer may
+        # add a node after it, which would hide the layer from the BN that follows it.
+        for plan in sorted(candidates, key=lambda candidate: candidate.direction != "backward"):
+            touched = {graph.position_of(n) for n in plan.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
-            plans.append(result)
+            plans.append(plan)
         if not plans:
-            outcome.left = left
-            return outcome
-        labels = [(node_id(plan.bn.node), describe(plan.target)) for plan in plans]
+            outcome.left += left
+            return
+        labels = [(scope + node_id(plan.bn.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
         outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
             outcome.folds.append(

@@ -9,6 +9,13 @@ Backward fold (BN after a linear layer ``y = W x + b`` whose output channel c is
 row c of W): ``BN(y) = (s * W) x + (s * b + t)``, so ``W' = W * s`` along the
 output-channel axis and ``b' = s * b + t = (b - mean) * s + beta``.
 
+Forward fold (BN before a linear layer whose input channel c is column c of W):
+``W BN(x) + b = (W diag(s)) x + (b + W t)``, so ``W' = W * s`` along the
+*input*-channel axis and ``b' = b + W t``. For a Conv, ``W t`` sums the kernel over
+every input channel of the output's group; that is exact only when no output
+position sees padding, since padded zeros are not shifted by ``t``
+(:func:`conv_of_padded_shift` gives the exact per-position term).
+
 Everything here is computed in float64 from the stored values and cast back to
 the model's dtype exactly once, at the end (:func:`cast_back`); doing the math in
 float16/float32 is the classic source of folding error. No ONNX types appear in
@@ -39,6 +46,21 @@ def batchnorm_affine(
     return s, t
 
 
+def per_channel_affine(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reduce per-element ``s``, ``t`` of shape ``[C, D1, ...]`` to per-channel ``[C]``.
+
+    Opset 7/8 BatchNormalization with ``spatial=0`` has one statistic per element.
+    A layer's weights can only absorb one scale per output channel, so this works
+    exactly when ``s`` and ``t`` are the same at every position of a channel;
+    otherwise it returns None.
+    """
+    flat_s = np.asarray(s, dtype=np.float64).reshape(s.shape[0], -1)
+    flat_t = np.asarray(t, dtype=np.float64).reshape(t.shape[0], -1)
+    if flat_s.shape[1] == 0 or np.any(flat_s != flat_s[:, :1]) or np.any(flat_t != flat_t[:, :1]):
+        return None
+    return flat_s[:, 0].copy(), flat_t[:, 0].copy()
+
+
 def scale_along_axis(weight: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
     """Multiply ``weight`` by ``s[c]`` at every index ``c`` of ``axis`` (float64 result).
 
@@ -62,6 +84,111 @@ def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> np.ndarr
     if bias is None:
         return np.asarray(t, dtype=np.float64).copy()
     return np.asarray(bias, dtype=np.float64) * s + t
+
+
+def fold_into_next_linear(
+    weight: np.ndarray, s: np.ndarray, t: np.ndarray, input_axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward fold into a 2-D weight: return ``(W', offset)`` with
+    ``x @ W' + offset == (s * x + t) @ W`` (float64).
+
+    ``input_axis`` is the axis of ``weight`` that the input's columns multiply:
+    0 for ``[K, N]`` (MatMul, Gemm ``transB=0``), 1 for ``[N, K]`` (Gemm ``transB=1``).
+    ``offset = t @ W`` has one entry per output column N.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    offset = np.tensordot(np.asarray(t, dtype=np.float64), weight, axes=([0], [input_axis]))
+    return scale_along_axis(weight, s, input_axis), offset
+
+
+def gemm_bias_with_offset(
+    bias: np.ndarray | None, offset: np.ndarray, alpha: float, beta: float
+) -> np.ndarray:
+    """Gemm's new C when ``alpha * offset`` joins its output: ``Y = alpha A B + beta C``,
+    so ``C' = C + offset * alpha / beta`` keeps alpha and beta as they are (beta != 0).
+
+    A missing C counts as zero; the result has the broadcast shape of C and ``[N]``.
+    """
+    base = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
+    return base + np.asarray(offset, dtype=np.float64) * (float(alpha) / float(beta))
+
+
+def conv_input_channel_factors(values: np.ndarray, out_channels: int, group: int) -> np.ndarray:
+    """Per-input-channel ``values`` laid out like the first two axes of a Conv weight.
+
+    A grouped Conv weight is ``[M, C/group, k...]``: output channel o belongs to group
+    ``o // (M/group)``, and index j of axis 1 is input channel ``group(o) * C/group + j``.
+    Entry ``[o, j]`` of the result is the value of that input channel.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    per_group = values.shape[0] // group
+    group_of_output = np.arange(out_channels) // (out_channels // group)
+    return values[group_of_output[:, None] * per_group + np.arange(per_group)[None, :]]
+
+
+def fold_into_next_conv(
+    weight: np.ndarray, s: np.ndarray, t: np.ndarray, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward fold into an unpadded Conv: return ``(W', offset)`` with
+    ``Conv(x, W') + offset[o] == Conv(s * x + t, W)`` per output channel o (float64).
+
+    ``W'[o, j, k...] = W[o, j, k...] * s[c]`` and ``offset[o] = sum_{j,k} W[o, j, k] * t[c]``
+    where c is the input channel at ``[o, j]`` (:func:`conv_input_channel_factors`).
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    out_channels = weight.shape[0]
+    kernel_axes = (1,) * (weight.ndim - 2)
+    scale = conv_input_channel_factors(s, out_channels, group).reshape(*weight.shape[:2], *kernel_axes)
+    shift = conv_input_channel_factors(t, out_channels, group).reshape(*weight.shape[:2], *kernel_axes)
+    return weight * scale, np.sum(weight * shift, axis=tuple(range(1, weight.ndim)))
+
+
+def conv_output_size(size: int, kernel: int, pad_begin: int, pad_end: int, stride: int, dilation: int) -> int:
+    """Length of one spatial axis of a Conv output (ONNX/PyTorch floor rule)."""
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_of_padded_shift(
+    weight: np.ndarray,
+    t: np.ndarray,
+    group: int,
+    spatial_shape: tuple[int, ...],
+    pads: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+) -> np.ndarray:
+    """What the BN's shift contributes to a *padded* Conv, per output position: ``[M, out...]``.
+
+    The Conv sees ``pad(s * x + t) = pad(s * x) + pad(t)``, where ``pad(t)`` holds
+    ``t[c]`` inside the image and zeros in the padding. This returns ``Conv(pad(t), W)``
+    without bias; near the border the kernel partly covers padding, so it differs from
+    the constant offset of :func:`fold_into_next_conv`. ``pads`` is ONNX-ordered
+    (all begins, then all ends).
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    out_channels, per_group = weight.shape[:2]
+    kernel = weight.shape[2:]
+    rank = len(kernel)
+    begins, ends = pads[:rank], pads[rank:]
+    padded_shape = [size + b + e for size, b, e in zip(spatial_shape, begins, ends)]
+    image = np.zeros((t.shape[0], *padded_shape))
+    interior = tuple(slice(b, b + size) for b, size in zip(begins, spatial_shape))
+    image[(slice(None), *interior)] = t.reshape(-1, *(1,) * rank)
+    image = image.reshape(group, per_group, *padded_shape)
+    out_shape = [
+        conv_output_size(size, k, b, e, stride, dilation)
+        for size, k, b, e, stride, dilation in zip(spatial_shape, kernel, begins, ends, strides, dilations)
+    ]
+    kernels = weight.reshape(group, out_channels // group, per_group, *kernel)
+    result = np.zeros((group, out_channels // group, *out_shape))
+    for tap in np.ndindex(*kernel):
+        window = tuple(
+            slice(k * dilation, k * dilation + stride * (size - 1) + 1, stride)
+            for k, dilation, stride, size in zip(tap, dilations, strides, out_shape)
+        )
+        result += np.einsum("gmc,gc...->gm...", kernels[(..., *tap)], image[(slice(None), slice(None), *window)])
+    return result.reshape(out_channels, *out_shape)
 
 
 def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:

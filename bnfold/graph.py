@@ -22,6 +22,16 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graphs in a node's attributes (If branches, Loop/Scan bodies), each with
+    the attribute's name (``then_branch``, or ``name[i]`` in a list of graphs)."""
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            yield attribute.name, attribute.g
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            yield from ((f"{attribute.name}[{i}]", graph) for i, graph in enumerate(attribute.graphs))
+
+
 def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
     """Every value name read inside the node's subgraph attributes (If/Loop/Scan bodies).
 
@@ -54,31 +64,20 @@ def node_id(node: onnx.NodeProto) -> str:
     return f"→ '{next((name for name in node.output if name), '?')}'"
 
 
-def _declared_ranks(graph: onnx.GraphProto) -> dict[str, int]:
-    """Ranks of the values whose declared type has a shape (an absent shape says nothing)."""
-    ranks = {}
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        tensor_type = value.type.tensor_type
-        if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            ranks[value.name] = len(tensor_type.shape.dim)
-    return ranks
-
-
-def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks onnx shape inference finds; empty when inference fails on this model."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - inference failing only means the ranks stay unknown
-        return {}
-    return _declared_ranks(inferred.graph)
-
-
 class GraphIndex:
-    """Producers, consumers, initializers and constant values of one graph."""
+    """Producers, consumers, initializers and constant values of one graph.
 
-    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None) -> None:
+    For a subgraph (an If/Loop/Scan body), ``parent`` indexes the enclosing graph:
+    a body may read the parent's values by name, and whether those are constant
+    is the parent's answer.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None, *, parent: GraphIndex | None = None
+    ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
+        self.parent = parent
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -97,8 +96,7 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
-        self._ranks: dict[str, int] | None = None
-        self._shapes_inferred = False
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -129,27 +127,6 @@ class GraphIndex:
         """The model's version of the standard ``ai.onnx`` operator set."""
         return self.opsets.get("", self.opsets.get("ai.onnx", 0))
 
-    def rank_of(self, name: str) -> int | None:
-        """How many axes value ``name`` has, or None when nothing says.
-
-        Rules need it to tell which axis a per-channel constant scales (axis 1 and
-        the last axis coincide only for rank 2). Declared types (graph inputs,
-        outputs, value_info) are used first, then the value of a constant, and
-        only then onnx shape inference, run once per index and only when needed.
-        """
-        if self._ranks is None:
-            self._ranks = _declared_ranks(self.graph)
-        if name in self._ranks:
-            return self._ranks[name]
-        value = self.constant_value(name)
-        if value is not None:
-            return value.ndim
-        if not self._shapes_inferred and self.graph is self.model.graph:
-            self._shapes_inferred = True
-            for known, rank in _inferred_ranks(self.model).items():
-                self._ranks.setdefault(known, rank)
-        return self._ranks.get(name)
-
     # -- constants ---------------------------------------------------------------------------
 
     def is_runtime_input(self, name: str) -> bool:
@@ -159,9 +136,15 @@ class GraphIndex:
         only a default and may be overridden, so it is not a constant. Before IR 4
         every initializer had to be listed as an input and they were all constants.
         """
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.is_runtime_input(name)
         if name not in self.graph_inputs:
             return False
         return not (name in self.initializers and self.model.ir_version < 4)
+
+    def is_outer(self, name: str) -> bool:
+        """True for a name this graph reads but does not define (an outer-scope value)."""
+        return name not in self._producer and name not in self.initializers and name not in self.graph_inputs
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is fixed at export time, else ``None``.
@@ -180,6 +163,8 @@ class GraphIndex:
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if not name or self.is_runtime_input(name):
             return None
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.constant_value(name)
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer_of(name)
@@ -211,3 +196,37 @@ class GraphIndex:
             return "initializer"
         node = self.producer_of(name)
         return "graph input" if node is None else f"{node.op_type} node"
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def static_shape(self, name: str) -> tuple[int | None, ...] | None:
+        """The shape of value ``name`` (None for a symbolic dimension), or None if even
+        the rank is unknown.
+
+        Declared shapes come from the graph's inputs, outputs and value_info; shape
+        inference runs once per index, and only when a rule asks (most folds never
+        need a shape). A model that cannot be inferred simply has unknown shapes.
+        """
+        if self._shapes is None:
+            self._shapes = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+            except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
+                inferred = self.graph
+            for value in (*inferred.input, *inferred.output, *inferred.value_info):
+                if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                    self._shapes[value.name] = tuple(
+                        dim.dim_value if dim.HasField("dim_value") else None
+                        for dim in value.type.tensor_type.shape.dim
+                    )
+            self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
+        return self._shapes.get(name)
+
+    def rank_of(self, name: str) -> int | None:
+        """How many axes value ``name`` has, or None when even that is unknown.
+
+        Rules need the rank to tell which axis a per-channel constant scales: axis 1
+        and the last axis coincide only for rank 2.
+        """
+        shape = self.static_shape(name)
+        return None if shape is None else len(shape)

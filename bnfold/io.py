@@ -207,6 +207,25 @@ def validate_output_path(output: Path, input_path: Path, *, in_place: bool) -> N
         raise InputError(f"{output}: output folder is not writable")
 
 
+def output_data_location(output: Path) -> str:
+    """Where a model saved with external data keeps it: ``<output name>.data`` beside it."""
+    return f"{output.name}.data"
+
+
+def validate_output_data(output: Path, loaded: LoadedModel, *, in_place: bool) -> None:
+    """Refuse an output whose data file would overwrite the input's external data.
+
+    Only ``--in-place`` may replace the input's files (it replaces the model too).
+    """
+    written = (output.parent / output_data_location(output)).resolve()
+    read = {(loaded.path.parent / location).resolve() for location in loaded.external_data_files}
+    if written in read and not in_place:
+        raise InputError(
+            f"{output}: its data file '{output_data_location(output)}' is the input's external data; "
+            "choose another output name"
+        )
+
+
 @dataclass
 class StagedOutput:
     """A model written to a temporary folder, waiting to be moved into place."""
@@ -248,7 +267,7 @@ def staged_save(
         staged_path = staging / target.name
         # 64 MiB of headroom for everything that is not initializer data.
         use_external = external_data or payload_bytes(model) > PROTOBUF_LIMIT - 2**26
-        data_location = f"{target.name}.data" if use_external else None
+        data_location = output_data_location(target) if use_external else None
         try:
             onnx.save_model(
                 model,

@@ -20,6 +20,7 @@ import onnx
 from bnfold import io
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.rules import RULES, with_exact_padding
 from bnfold.verify import Verification, input_specs, verify_equivalence
 
 
@@ -40,6 +41,8 @@ class FoldOptions:
     verify: bool = True
     dry_run: bool = False
     keep_failed: bool = False
+    exact_padding: bool = False
+    """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
 
 
@@ -123,12 +126,13 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     output = options.output or io.default_output_path(loaded.path)
     if not options.dry_run:
         io.validate_output_path(output, loaded.path, in_place=options.in_place)
+        io.validate_output_data(output, loaded, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     specs = input_specs(model, options.verify_options.shapes) if options.verify else []
     clock.lap("load")
 
-    outcome = fold_batchnorms(model)
+    outcome = fold_batchnorms(model, with_exact_padding(RULES) if options.exact_padding else RULES)
     problem = None
     if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"

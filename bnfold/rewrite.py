@@ -17,20 +17,29 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs
+from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
-from bnfold.rules.base import AppendedNode
+from bnfold.rules.base import AddedBias
 
 
 class _NameAllocator:
-    """Fresh value names that collide with nothing in the graph."""
+    """Fresh value names that collide with nothing in the graph or its subgraphs.
+
+    Names must be unique across a graph and every nested body (a body may read
+    outer values by name), so the whole tree is searched.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self._taken = {tensor.name for tensor in graph.initializer}
-        self._taken.update(value.name for value in graph.input)
-        for node in graph.node:
-            self._taken.update(node.input)
-            self._taken.update(node.output)
+        self._taken: set[str] = set()
+        pending = [graph]
+        while pending:
+            current = pending.pop()
+            self._taken.update(tensor.name for tensor in current.initializer)
+            self._taken.update(value.name for value in current.input)
+            for node in current.node:
+                self._taken.update(node.input)
+                self._taken.update(node.output)
+                pending.extend(body for _, body in subgraphs(node))
 
     def fresh(self, base: str) -> str:
         candidate, counter = f"{base}_bnfold", 1
@@ -87,6 +96,9 @@ def _apply_update(
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor = numpy_helper.from_array(update.values, names.fresh(base))
     graph.initializer.append(tensor)
+    if index.model.ir_version < 4:
+        # Before IR 4 the checker requires every initializer to be declared as a graph input.
+        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     while len(node.input) <= update.slot:
         node.input.append("")
     node.input[update.slot] = tensor.name
@@ -96,19 +108,36 @@ def _apply_update(
     return (old_name or None), note
 
 
-def _appended_node(
-    graph: onnx.GraphProto, plan: FoldPlan, spec: AppendedNode, names: _NameAllocator
-) -> onnx.NodeProto:
-    """Build the node a plan appends after its target, with its constants as new initializers."""
-    base = plan.target.name or plan.target.output[0]
-    inputs = [plan.target.output[0]]
-    for role, values in spec.constants:
-        tensor = numpy_helper.from_array(values, names.fresh(f"{base}_{role}"))
-        graph.initializer.append(tensor)
-        inputs.append(tensor.name)
-    return helper.make_node(
-        spec.op_type, inputs, [plan.bn.output_name], name=names.fresh(f"{base}_{spec.op_type.lower()}")
-    )
+def _bias_node(graph: onnx.GraphProto, added: AddedBias, names: _NameAllocator) -> onnx.NodeProto:
+    """Store the bias and return an Add that takes over ``added.node``'s output name.
+
+    The node writes a fresh name instead; the Add is placed into ``graph.node`` later
+    (:func:`_insert_after_producers`), once the folded nodes are deleted by position.
+    """
+    node = added.node
+    output = node.output[0]
+    label = node.name or output
+    tensor = numpy_helper.from_array(added.values, names.fresh(f"{label}_{added.role}"))
+    graph.initializer.append(tensor)
+    node.output[0] = names.fresh(output)
+    return helper.make_node("Add", [node.output[0], tensor.name], [output], name=names.fresh(f"{label}_add"))
+
+
+def _insert_after_producers(graph: onnx.GraphProto, added_nodes: list[onnx.NodeProto]) -> None:
+    """Place each new node right after the node whose output it reads, keeping the
+    graph topologically sorted (protobuf repeated fields cannot insert in place)."""
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for added in added_nodes:
+        after.setdefault(added.input[0], []).append(added)
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        ordered.append(kept)
+        for name in node.output:
+            ordered.extend(after.get(name, ()))
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _delete_where(repeated, doomed) -> None:  # noqa: ANN001 - any protobuf repeated field
@@ -145,16 +174,18 @@ def _constant_ancestors(index: GraphIndex, names: Iterable[str]) -> set[int]:
 
 
 def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]) -> list[str]:
-    """Apply non-overlapping plans (built against ``index``) to ``model.graph`` in place.
+    """Apply non-overlapping plans (built against ``index``) to ``index.graph`` in place.
 
-    Returns the names of initializers that became unused and were removed.
+    ``index.graph`` is ``model.graph`` or one of its subgraphs. Returns the names
+    of initializers that became unused and were removed.
     """
-    graph = model.graph
-    names = _NameAllocator(graph)
+    graph = index.graph
+    names = _NameAllocator(model.graph)
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
-    appended: list[onnx.NodeProto] = []  # each goes right after the node whose output it reads
+    added_nodes: list[onnx.NodeProto] = []
+    copies: list[tuple[FoldPlan, TensorUpdate, str, str]] = []
     for plan in plans:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
@@ -162,22 +193,71 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 released.append(old_name)
             if note:
                 plan.notes.append(note)
+                copies.append((plan, update, old_name, note))
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)
         bn = plan.bn
-        if plan.direction == "backward" and plan.appended is not None:
-            appended.append(_appended_node(graph, plan, plan.appended, names))
-        elif plan.direction == "backward":
+        if plan.direction == "backward":
             stale_value_info.add(plan.target.output[0])
             plan.target.output[0] = bn.output_name
         else:
-            for position, name in enumerate(plan.target.input):
-                if name == bn.output_name:
-                    plan.target.input[position] = bn.input_name
+            stale_value_info.add(bn.output_name)
+            for target in plan.targets:
+                for position, name in enumerate(target.input):
+                    if name == bn.output_name:
+                        target.input[position] = bn.input_name
+        added_nodes += [_bias_node(graph, added, names) for added in plan.added_biases]
         removed_positions.update(index.position_of(node) for node in bn.nodes)
         stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
         released.extend(bn.parameter_names)
+    removed = _remove_dead_constants(index, released, removed_positions, stale_value_info)
+    reclaimed = _reclaim_original_names(graph, copies, removed)
+    if added_nodes:  # last: it rebuilds graph.node, so the plans' node handles go stale
+        _insert_after_producers(graph, added_nodes)
+    return [name for name in removed if name not in reclaimed]
 
+
+def _reclaim_original_names(
+    graph: onnx.GraphProto, copies: list[tuple[FoldPlan, TensorUpdate, str, str]], removed: list[str]
+) -> set[str]:
+    """Give a copied weight its original name back when the original is gone.
+
+    A weight read by other nodes gets a copy, but when those readers only computed
+    the folded node's other constants (an exporter's zero bias
+    ``Expand(CastLike(0, W), Shape(W))``), they were removed with the original:
+    the copy then takes the original's name and the "shared" note is withdrawn.
+    Returns the reclaimed names.
+    """
+    free = set(removed)
+    tensors = {tensor.name: tensor for tensor in graph.initializer}
+    declared = {value.name: value for value in graph.input}
+    reclaimed: set[str] = set()
+    for plan, update, old_name, note in copies:
+        if old_name not in free:
+            continue
+        free.discard(old_name)
+        copy_name = update.node.input[update.slot]
+        tensors[copy_name].name = old_name
+        if copy_name in declared:
+            declared[copy_name].name = old_name
+        update.node.input[update.slot] = old_name
+        plan.notes.remove(note)
+        reclaimed.add(old_name)
+    return reclaimed
+
+
+def remove_unused_constants(index: GraphIndex, released: Iterable[str]) -> list[str]:
+    """Remove the initializers and constant nodes of ``index.graph`` that computed
+    ``released`` values and are now read by nothing (e.g. outer-scope weights that
+    folds inside subgraphs replaced). Returns the removed initializers' names."""
+    return _remove_dead_constants(index, list(released), set(), set())
+
+
+def _remove_dead_constants(
+    index: GraphIndex, released: list[str], removed_positions: set[int], stale_value_info: set[str]
+) -> list[str]:
+    """Delete ``removed_positions`` and whatever only computed ``released`` values."""
+    graph = index.graph
     # Nodes that only computed replaced constants (Constant, Identity, Cast...) may now be dead.
     candidates = _constant_ancestors(index, released) - removed_positions
     graph_outputs = {value.name for value in graph.output}
@@ -189,11 +269,9 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             break
         removed_positions |= dead
         candidates -= dead
+        released.extend(name for p in dead for name in index.nodes[p].input if name)  # their inputs too
     for position in sorted(removed_positions, reverse=True):
         del graph.node[position]
-    for node in appended:
-        position = next(p for p, existing in enumerate(graph.node) if node.input[0] in existing.output)
-        graph.node.insert(position + 1, node)
 
     used = _names_read(graph.node) | graph_outputs
     removed_initializers = [

@@ -32,7 +32,16 @@ EXACT = (0.0, 0.0)
 
 
 def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
-    """Per-dtype defaults; integer and boolean outputs must match exactly."""
+    """Per-dtype ``(atol, rtol)`` defaults; integer and boolean outputs must match exactly.
+
+    Why these values: folding rounds each folded weight once to the model's dtype
+    and changes the order of one multiply-add, so the expected difference is a few
+    units in the last place of the output, summed over a layer's fan-in. Machine
+    epsilon is 2.2e-16 (float64), 1.2e-7 (float32), 9.8e-4 (float16) and 7.8e-3
+    (bfloat16); each default leaves a wide margin above that (a float16 Conv→BN
+    fold differs by ~4e-3, a bfloat16 one by ~3e-2 on outputs of magnitude 5) and
+    stays far below the error of a wrong fold (order 1).
+    """
     return DEFAULT_TOLERANCES.get(np.dtype(dtype).name, EXACT)
 
 
@@ -124,7 +133,7 @@ def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
         elif dtype.kind in "iu":
             feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
         elif dtype.kind == "b":
-            feeds[spec.name] = rng.random(spec.shape) < 0.5
+            feeds[spec.name] = np.asarray(rng.random(spec.shape) < 0.5)  # a 0-d array, not np.bool, for shape ()
         else:
             raise InputError(f"input '{spec.name}' has dtype {spec.dtype}; bnfold cannot generate it")
     return feeds

@@ -81,6 +81,29 @@ def legacy_opset9() -> onnx.ModelProto:
     return b.model("legacy_opset9", opset=9, ir_version=4)
 
 
+def classifier_head_bn() -> onnx.ModelProto:
+    """A CNN classifier whose head normalizes *before* its linear layers, as
+    BatchNorm → Flatten → Linear and BatchNorm1d → Linear heads do: no layer precedes
+    those BNs (a Relu is in the way), so they fold forward into the next Gemm."""
+    b = GraphBuilder(seed=6)
+    x = b.input("image", ["batch", 3, 8, 8])
+    features = b.node("Relu", [b.batchnorm(b.conv(x, 3, 8, strides=[2, 2]), 8)])
+    flat = b.node("Flatten", [b.batchnorm(features, 8)])
+    hidden = b.node("Relu", [b.gemm(flat, 8 * 4 * 4, 32)])
+    b.output(b.gemm(b.batchnorm(hidden, 32), 32, 10))
+    return b.model("classifier_head_bn")
+
+
+def input_bn_conv() -> onnx.ModelProto:
+    """Input normalization as a BN on the raw image, then an unpadded Conv → BN → Relu:
+    the BN after the Conv folds backward into it, then the input BN forward."""
+    b = GraphBuilder(seed=7)
+    x = b.input("image", ["batch", 3, 16, 16])
+    conv = b.conv(b.batchnorm(x, 3), 3, 8, pads=[0, 0, 0, 0])
+    b.output(b.node("Relu", [b.batchnorm(conv, 8)]))
+    return b.model("input_bn_conv")
+
+
 def tf_style_decomposed() -> onnx.ModelProto:
     """BatchNormalization as tf2onnx writes Keras layers: Conv → Mul → Add by [C, 1, 1]
     constants, and a Dense (MatMul → Add) followed by Mul → Add by [C]. Every Mul and
@@ -118,6 +141,8 @@ SAMPLES: dict[str, Callable[[], onnx.ModelProto]] = {
     "mlp_gemm_bn": mlp_gemm_bn,
     "refused_bn": refused_bn,
     "legacy_opset9": legacy_opset9,
+    "classifier_head_bn": classifier_head_bn,
+    "input_bn_conv": input_bn_conv,
     "tf_style_decomposed": tf_style_decomposed,
     "convtranspose_decoder": convtranspose_decoder,
 }

@@ -6,7 +6,8 @@ model the project ships or tests is built the same way, with no torch involved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -36,6 +37,17 @@ class GraphBuilder:
         count = self._counts.get(base, 0)
         self._counts[base] = count + 1
         return f"{base}{count}"
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[tuple[list[onnx.NodeProto], list[onnx.TensorProto]]]:
+        """Send the nodes and initializers added inside the block to two fresh lists,
+        for a subgraph body; names stay unique across the model (one counter)."""
+        saved = self.nodes, self.initializers
+        self.nodes, self.initializers = [], []
+        try:
+            yield self.nodes, self.initializers
+        finally:
+            self.nodes, self.initializers = saved
 
     # -- graph boundary ---------------------------------------------------------------------
 
@@ -133,7 +145,14 @@ class GraphBuilder:
     def model(
         self, name: str = "bnfold_sample", *, opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION
     ) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
+        inputs = list(self.inputs)
+        if ir_version < 4:
+            # Before IR 4 every initializer must also be declared as a graph input.
+            inputs += [
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+                for tensor in self.initializers
+            ]
+        graph = helper.make_graph(self.nodes, name, inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version,
             producer_name="bnfold-modelkit",

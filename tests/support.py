@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from bnfold.fold import FoldOutcome, fold_batchnorms
+from bnfold.rules import RULES, FoldRule
 from bnfold.verify import default_tolerance, generate_inputs, input_specs
 
 
@@ -40,6 +41,7 @@ def fold_and_compare(
     shapes: dict[str, tuple[int, ...]] | None = None,
     tolerance: tuple[float, float] | None = None,
     atol_scales_with_output: bool = False,
+    rules: tuple[FoldRule, ...] = RULES,
 ) -> FoldCheck:
     """Fold a copy of ``model``; assert the checker passes and every output matches in onnxruntime.
 
@@ -51,7 +53,7 @@ def fold_and_compare(
     original.CopyFrom(model)
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    outcome = fold_batchnorms(folded)
+    outcome = fold_batchnorms(folded, rules)
     onnx.checker.check_model(folded, full_check=True)
     feeds = generate_inputs(input_specs(original, shapes or {}), seed)
     expected = run_onnxruntime(original, feeds)

@@ -3,7 +3,7 @@
 Adding a pattern means adding a module with one :class:`~bnfold.rules.base.FoldRule`
 subclass and one line here; no other rule changes. Backward folds (into the
 producer) come first so that a BN between two layers is folded into the one
-before it.
+before it; forward folds (into the consumers) follow.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from bnfold.rules.batchnorm_merge import BatchNormIntoBatchNorm
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
 from bnfold.rules.decomposed import read_decomposed_affine
+from bnfold.rules.forward_conv import ConvAfterBatchNorm
+from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
@@ -27,7 +29,20 @@ RULES: tuple[FoldRule, ...] = (
     ConvTransposeIntoBatchNorm(),
     MatMulIntoBatchNorm(),
     MatMulAddIntoBatchNorm(),
+    LinearAfterBatchNorm(),
+    FlattenLinearAfterBatchNorm(),
+    ConvAfterBatchNorm(),
     BatchNormIntoBatchNorm(),  # last: an affine merges into a BN only when no layer takes it
 )
 
-__all__ = ["AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm"]
+
+def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
+    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``)."""
+    return tuple(ConvAfterBatchNorm(exact_padding=True) if isinstance(rule, ConvAfterBatchNorm) else rule
+                 for rule in rules)
+
+
+__all__ = [
+    "AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm",
+    "with_exact_padding",
+]

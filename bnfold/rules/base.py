@@ -78,16 +78,17 @@ class TensorUpdate:
 
 
 @dataclass(frozen=True)
-class AppendedNode:
-    """A node that a backward fold adds after its target, for the part of the affine the
-    target has no input to hold (a MatMul has no bias).
+class AddedBias:
+    """Add the constant ``values`` to ``node``'s output through a new Add node.
 
-    It reads the target's output, then ``constants`` (role, values) as new
-    initializers, and writes the folded affine's output.
+    For a bias the node cannot hold itself (MatMul has no bias input; a per-position
+    correction does not fit a Conv's per-channel bias). The Add takes over the
+    node's output name, so every reader of that output sees the corrected value.
     """
 
-    op_type: str
-    constants: tuple[tuple[str, np.ndarray], ...]
+    node: onnx.NodeProto
+    values: np.ndarray
+    role: str
 
 
 @dataclass
@@ -98,12 +99,29 @@ class FoldPlan:
     bn: BatchNorm
     target: onnx.NodeProto
     direction: Literal["backward", "forward"]
-    """backward: the BN's producer absorbs it and takes over the BN's output name."""
+    """backward: the BN's producer absorbs it and takes over the BN's output name.
+    forward: every target that reads the BN's output reads the BN's input instead."""
     updates: list[TensorUpdate]
     attributes: dict[str, float | int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    appended: AppendedNode | None = None
-    """backward only: a node added after ``target``, which then keeps its own output."""
+    also_targets: list[onnx.NodeProto] = field(default_factory=list)
+    """Further nodes a forward fold changes (other consumers of the BN, or the layer
+    behind a Flatten); ``attributes`` apply to ``target`` only."""
+    added_biases: list[AddedBias] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[onnx.NodeProto]:
+        return [self.target, *self.also_targets]
+
+    @property
+    def touched_nodes(self) -> list[onnx.NodeProto]:
+        """Every node the plan removes or changes: no other plan may touch them in the same pass."""
+        return [
+            *self.bn.nodes,
+            *self.targets,
+            *(update.node for update in self.updates),
+            *(added.node for added in self.added_biases),
+        ]
 
 
 class FoldRule(ABC):
@@ -132,7 +150,36 @@ def constant_input(
     if value is None:
         origin = "a graph input" if graph.is_runtime_input(name) else "computed at run time"
         return Refusal(f"{describe(node)} {role} '{name}' is not a constant ({origin})")
+    dequantize = dequantizing_node(graph, name)
+    if dequantize is not None:
+        return Refusal(
+            f"{describe(node)} {role} is dequantized by {describe(dequantize)}; "
+            "folding would drop quantization"
+        )
     return value
+
+
+def dequantizing_node(graph: GraphIndex, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear among the nodes that compute constant ``name``, if any.
+
+    In QDQ models a weight is stored quantized and dequantized in the graph. It is
+    constant, but replacing it by folded float values would silently turn a
+    quantized layer into a float one, so such weights are not folded. Inside a
+    subgraph, values of the enclosing graphs are followed too.
+    """
+    pending, seen = [(graph, name)], set()
+    while pending:
+        scope, current = pending.pop()
+        while scope.parent is not None and scope.is_outer(current):
+            scope = scope.parent
+        producer = scope.producer_of(current)
+        if producer is None or (id(scope), current) in seen:
+            continue
+        seen.add((id(scope), current))
+        if producer.op_type == "DequantizeLinear":
+            return producer
+        pending.extend((scope, value) for value in producer.input if value)
+    return None
 
 
 def require_float(values: np.ndarray, node: onnx.NodeProto, role: str) -> Refusal | None:
@@ -221,6 +268,82 @@ class IntoProducer(FoldRule):
         """New tensors (and attributes) that make ``producer`` compute ``BN(producer(x))``."""
 
 
+def cast_or_refuse(node: onnx.NodeProto, values: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray | Refusal:
+    """:func:`fold_math.cast_back` for one tensor of ``node``, an overflow becoming a refusal."""
+    try:
+        return fold_math.cast_back(values, dtype, role)
+    except fold_math.FoldOverflowError as error:
+        return Refusal(f"{describe(node)}: {error}")
+
+
+@dataclass
+class ConsumerFold:
+    """What one reader of the BN output needs in order to absorb it (see :class:`IntoConsumer`)."""
+
+    updates: list[TensorUpdate]
+    added_biases: list[AddedBias] = field(default_factory=list)
+    also_changed: list[onnx.NodeProto] = field(default_factory=list)
+    """Nodes changed besides the reader itself, e.g. the Gemm behind a Flatten."""
+    notes: list[str] = field(default_factory=list)
+
+
+def is_standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+class IntoConsumer(FoldRule):
+    """Forward fold: ``layer(BN(x))`` becomes ``layer'(x)``, the layer reading the BN's input.
+
+    With ``BN(x) = s * x + t`` along the layer's *input* channels, a linear layer
+    ``y = W x + b`` gives ``W (s * x + t) + b = (W diag(s)) x + (b + W t)``: every
+    input channel of W is scaled by ``s`` and ``W t`` joins the bias.
+
+    Shared preconditions, checked here once for every consumer type:
+
+    1. some reader of the BN output is one of ``consumer_ops`` (else the rule does not match);
+    2. the BN output is not a graph output, which must keep the normalized values;
+    3. *every* reader is one of ``consumer_ops`` and reads it as its data input (input 0):
+       a reader that cannot absorb the BN would still need the normalized values.
+
+    Each reader then gets its own tensors (:meth:`absorb`); a weight shared between
+    readers is cloned by the rewrite, never overwritten.
+    """
+
+    consumer_ops: frozenset[str]
+
+    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
+        consumers = graph.consumers_of(bn.output_name)
+        if not any(is_standard(node) and node.op_type in self.consumer_ops for node in consumers):
+            return None
+        if bn.output_name in graph.graph_outputs:
+            return Refusal("the BN output is also a graph output")
+        for consumer in consumers:
+            if not (is_standard(consumer) and consumer.op_type in self.consumer_ops):
+                return Refusal(f"BN output also feeds {describe(consumer)}, which cannot absorb it")
+            if list(consumer.input).count(bn.output_name) != 1 or consumer.input[0] != bn.output_name:
+                return Refusal(f"{describe(consumer)} reads the BN output other than as its data input")
+        folds: list[ConsumerFold] = []
+        for consumer in consumers:
+            absorbed = self.absorb(consumer, bn, graph)
+            if isinstance(absorbed, Refusal):
+                return absorbed
+            folds.append(absorbed)
+        return FoldPlan(
+            rule=self.name,
+            bn=bn,
+            target=consumers[0],
+            direction="forward",
+            updates=[update for fold in folds for update in fold.updates],
+            notes=[note for fold in folds for note in fold.notes],
+            also_targets=[*consumers[1:], *(node for fold in folds for node in fold.also_changed)],
+            added_biases=[added for fold in folds for added in fold.added_biases],
+        )
+
+    @abstractmethod
+    def absorb(self, consumer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
+        """New tensors that make ``consumer`` compute ``consumer(BN(x))`` from ``x``."""
+
+
 def channel_axis_refusal(bn: BatchNorm, producer: onnx.NodeProto, axis: int, rank: int | None) -> Refusal | None:
     """Refuse unless the affine scales ``axis`` of the producer's output (of ``rank`` dims).
 
@@ -235,14 +358,6 @@ def channel_axis_refusal(bn: BatchNorm, producer: onnx.NodeProto, axis: int, ran
         f"{describe(bn.node)} scales axis {bn.channel_axis} of {shape} from {describe(producer)}, "
         f"whose channels are axis {axis}"
     )
-
-
-def cast_or_refuse(values: np.ndarray, dtype: np.dtype, node: onnx.NodeProto, role: str) -> np.ndarray | Refusal:
-    """:func:`~bnfold.fold_math.cast_back`, with an overflow turned into a refusal naming ``node``."""
-    try:
-        return fold_math.cast_back(values, dtype, role)
-    except fold_math.FoldOverflowError as error:
-        return Refusal(f"{describe(node)}: {error}")
 
 
 def matmul_weight(graph: GraphIndex, matmul: onnx.NodeProto, bn: BatchNorm) -> np.ndarray | Refusal:

@@ -4,9 +4,12 @@ A BN can only be folded when it is a fixed affine map at inference time:
 
 1. not in training mode (opset 14+ ``training_mode=1``; opset < 7 ``is_test=0``,
    which is the default there), where it normalizes with batch statistics;
-2. not opset 7/8 ``spatial=0``, where statistics are per element, not per channel;
+2. at opset 7/8 with ``spatial=0`` (statistics per element, parameters shaped
+   ``[C, D1, ...]``), the resulting ``s`` and ``t`` are constant within each channel,
+   so they are per-channel after all (always true for ``[C]`` parameters, e.g. a BN
+   after Gemm whose output is ``[N, C]``);
 3. its running-statistics outputs (training mode only) are not read;
-4. scale, bias, mean and var are constants of one length C;
+4. scale, bias, mean and var are constants of one length C (``spatial=0``: of one shape);
 5. every parameter is finite and ``var + epsilon > 0``, so ``s = scale / sqrt(var + eps)``
    is finite.
 """
@@ -43,8 +46,7 @@ def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refus
         return Refusal("BN in training mode (training_mode=1)")
     if opset < 7 and not _attribute(node, "is_test", 0):
         return Refusal("BN in training mode (is_test=0)")
-    if opset < 9 and not _attribute(node, "spatial", 1):
-        return Refusal("BN with spatial=0 normalizes per element, not per channel")
+    per_element = opset < 9 and not _attribute(node, "spatial", 1)
     used_statistics = [name for name in node.output[1:] if name and graph.use_count(name)]
     if used_statistics:
         return Refusal(f"BN running-statistics output '{used_statistics[0]}' is used")
@@ -60,10 +62,11 @@ def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refus
             return value
         parameters[role] = value
 
-    lengths = {role: value.size for role, value in parameters.items()}
-    if any(value.ndim != 1 for value in parameters.values()) or len(set(lengths.values())) != 1:
-        shapes = ", ".join(f"{role} {list(value.shape)}" for role, value in parameters.items())
-        return Refusal(f"BN parameters are not vectors of one length ({shapes})")
+    shapes = {value.shape for value in parameters.values()}
+    (shape,) = shapes if len(shapes) == 1 else (None,)
+    if shape is None or len(shape) == 0 or (len(shape) != 1 and not per_element):
+        listed = ", ".join(f"{role} {list(value.shape)}" for role, value in parameters.items())
+        return Refusal(f"BN parameters are not vectors of one length ({listed})")
     for role, value in parameters.items():
         as_float = value.astype(np.float64)
         if not np.all(np.isfinite(as_float)):
@@ -72,11 +75,19 @@ def read_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refus
     epsilon = float(_attribute(node, "epsilon", 1e-5))
     denominator = parameters["var"].astype(np.float64) + epsilon
     if np.any(denominator <= 0):
-        channel = int(np.argmax(denominator <= 0))
+        channel = int(np.argwhere(denominator <= 0)[0][0])
         return Refusal(f"BN var + epsilon <= 0 at channel {channel}")
     s, t = fold_math.batchnorm_affine(
         parameters["scale"], parameters["bias"], parameters["mean"], parameters["var"], epsilon
     )
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         return Refusal("BN scale / sqrt(var + epsilon) is not finite")
+    if s.ndim > 1:
+        per_channel = fold_math.per_channel_affine(s, t)
+        if per_channel is None:
+            return Refusal(
+                f"BN with spatial=0 has statistics that vary within a channel (parameters shaped "
+                f"{list(s.shape)}); only per-channel statistics fold into weights"
+            )
+        s, t = per_channel
     return BatchNorm(nodes=(node,), input_name=node.input[0], output_name=node.output[0], s=s, t=t)

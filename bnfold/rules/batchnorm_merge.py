@@ -46,8 +46,8 @@ class BatchNormIntoBatchNorm(IntoProducer):
             return mismatch
         gamma = graph.constant_value(producer.input[1])
         beta = graph.constant_value(producer.input[2])
-        new_gamma = cast_or_refuse(fold_math.scale_along_axis(gamma, bn.s, axis=0), gamma.dtype, producer, "scale")
-        new_beta = cast_or_refuse(fold_math.fold_bias(beta, bn.s, bn.t), beta.dtype, producer, "bias")
+        new_gamma = cast_or_refuse(producer, fold_math.scale_along_axis(gamma, bn.s, axis=0), gamma.dtype, "scale")
+        new_beta = cast_or_refuse(producer, fold_math.fold_bias(beta, bn.s, bn.t), beta.dtype, "bias")
         for result in (new_gamma, new_beta):
             if isinstance(result, Refusal):
                 return result

@@ -6,7 +6,7 @@ axis is Y's last axis: always for a decomposed affine by a ``[C]`` constant, and
 for a BatchNormalization (axis 1) only when Y is rank 2. For ``[N, T, C]`` a BN
 normalizes T, which no column of W owns, so that is refused (as is an unknown rank).
 
-A MatMul has no bias input, so ``t`` goes into an Add node appended after it
+A MatMul has no bias input, so ``t`` goes into an Add node added after it
 (none when ``t = 0``). We keep MatMul + Add rather than rewriting a rank-2
 MatMul into a Gemm: it works for every rank, keeps the op the exporter chose,
 and onnxruntime fuses MatMul + Add on its own. A lone bias Add/Sub after a
@@ -21,7 +21,7 @@ import onnx
 from bnfold import fold_math
 from bnfold.graph import GraphIndex
 from bnfold.rules.base import (
-    AppendedNode,
+    AddedBias,
     BatchNorm,
     FoldPlan,
     IntoProducer,
@@ -46,10 +46,10 @@ class MatMulIntoBatchNorm(IntoProducer):
         planned = super().plan(bn, graph)
         if not isinstance(planned, FoldPlan) or not np.any(bn.t):
             return planned
-        shift = cast_or_refuse(bn.t, planned.updates[0].values.dtype, planned.target, "bias")
+        shift = cast_or_refuse(planned.target, bn.t, planned.updates[0].values.dtype, "bias")
         if isinstance(shift, Refusal):
             return shift
-        planned.appended = AppendedNode("Add", (("bias", shift),))
+        planned.added_biases.append(AddedBias(planned.target, shift, "bias"))
         return planned
 
     def absorb(
@@ -61,7 +61,7 @@ class MatMulIntoBatchNorm(IntoProducer):
         mismatch = channel_axis_refusal(bn, producer, axis=-1, rank=matmul_output_rank(graph, producer))
         if mismatch:
             return mismatch
-        scaled = cast_or_refuse(fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, producer, "weight")
+        scaled = cast_or_refuse(producer, fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, "weight")
         if isinstance(scaled, Refusal):
             return scaled
         return [TensorUpdate(producer, 1, scaled, "weight")], {}

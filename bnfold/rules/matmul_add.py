@@ -71,8 +71,8 @@ class MatMulAddIntoBatchNorm(IntoProducer):
             return not_float
         if bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
             return Refusal(f"{describe(producer)} bias shape {list(bias.shape)} does not broadcast to {bn.channels}")
-        scaled = cast_or_refuse(fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, matmul, "weight")
-        folded_bias = cast_or_refuse(fold_math.fold_bias(bias, bn.s, bn.t), bias.dtype, producer, "bias")
+        scaled = cast_or_refuse(matmul, fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, "weight")
+        folded_bias = cast_or_refuse(producer, fold_math.fold_bias(bias, bn.s, bn.t), bias.dtype, "bias")
         for result in (scaled, folded_bias):
             if isinstance(result, Refusal):
                 return result

@@ -1,0 +1,123 @@
+"""BatchNormalization → Conv: fold into the next Conv's weight and bias.
+
+Conv weight is ``[M, C/group, k...]``; index j of axis 1 of output channel o's slice
+is input channel ``group(o) * C/group + j``. With ``BN(x) = s * x + t`` on the input
+channels, ``W'[o, j, k...] = W[o, j, k...] * s[c]`` and, when no output position sees
+padding, ``b'[o] = b[o] + sum_{j,k} W[o, j, k] * t[c]``. Preconditions:
+
+1. the BN normalizes axis 1, the Conv's input channels;
+2. weight (and bias) are constant floats, the weight taking the BN's C channels;
+3. no padding (all ``pads`` 0, ``auto_pad`` NOTSET or VALID): padded zeros are not
+   shifted by ``t``, so near the border ``W t`` over-counts and the plain fold is not
+   exact. This is refused by default.
+
+With ``exact_padding`` (``--exact-padding``) and static spatial sizes, a padded Conv
+is folded too: the weight is scaled as above, the bias is kept, and the shift's
+exact contribution ``Conv(pad(t), W)`` — a ``[1, M, H_out, W_out]`` constant — is
+added by a new Add node after the Conv. The notes give its size in bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex, describe
+from bnfold.rules.base import (
+    AddedBias,
+    BatchNorm,
+    ConsumerFold,
+    IntoConsumer,
+    Refusal,
+    TensorUpdate,
+    cast_or_refuse,
+    constant_weight_and_bias,
+    weight_and_bias_updates,
+)
+
+
+def _same_padding(
+    auto_pad: str, spatial: tuple[int, ...], kernel: tuple[int, ...], strides: list[int], dilations: list[int]
+) -> list[int]:
+    """Explicit ONNX pads (begins, then ends) for ``auto_pad`` SAME_UPPER / SAME_LOWER."""
+    begins, ends = [], []
+    for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
+        total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+class ConvAfterBatchNorm(IntoConsumer):
+    """``Conv(BN(x), W, b)`` → ``Conv(x, W * s, b + W t)`` (unpadded; padded with ``exact_padding``)."""
+
+    name = "bn-conv"
+    consumer_ops = frozenset({"Conv"})
+
+    def __init__(self, exact_padding: bool = False) -> None:
+        self.exact_padding = exact_padding
+
+    def absorb(self, conv: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
+        if bn.channel_axis != 1:
+            return Refusal(f"the affine scales axis {bn.channel_axis}, not the input channels of {describe(conv)}")
+        found = constant_weight_and_bias(graph, conv, "weight", "bias")
+        if isinstance(found, Refusal):
+            return found
+        weight, bias = found
+        attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        group = int(attributes.get("group", 1))
+        if weight.ndim < 3 or weight.shape[1] * group != bn.channels or weight.shape[0] % group:
+            return Refusal(
+                f"{describe(conv)} weight shape {list(weight.shape)} (group={group}) does not take "
+                f"the BN's {bn.channels} channels"
+            )
+        out_channels, kernel = weight.shape[0], tuple(weight.shape[2:])
+        if bias is not None and bias.shape != (out_channels,):
+            return Refusal(f"{describe(conv)} bias shape {list(bias.shape)} is not [{out_channels}]")
+        strides = list(attributes.get("strides", [1] * len(kernel)))
+        dilations = list(attributes.get("dilations", [1] * len(kernel)))
+        auto_pad = attributes.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        shape = graph.static_shape(bn.input_name)
+        spatial = None if shape is None or any(d is None for d in shape[2:]) else tuple(shape[2:])
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
+        else:
+            no_pads = [0] * (2 * len(kernel))
+            pads = no_pads if auto_pad == "VALID" else list(attributes.get("pads", no_pads))
+
+        folded_weight, offset = fold_math.fold_into_next_conv(weight, bn.s, bn.t, group)
+        if pads is not None and not any(pads):
+            folded_bias = offset if bias is None else bias.astype(np.float64) + offset
+            updates = weight_and_bias_updates(conv, weight, folded_weight, bias, folded_bias)
+            return updates if isinstance(updates, Refusal) else ConsumerFold(updates)
+        if not self.exact_padding:
+            return Refusal(
+                f"{describe(conv)} pads its input: the padded zeros bypass the BN's shift, so the fold "
+                "is not exact (--exact-padding adds a per-position bias instead)"
+            )
+        if spatial is None:
+            return Refusal(
+                f"the BN input's spatial shape is unknown, so the padding correction for {describe(conv)} "
+                "cannot be computed"
+            )
+        correction = fold_math.conv_of_padded_shift(weight, bn.t, group, spatial, tuple(pads), strides, dilations)
+        new_weight = cast_or_refuse(conv, folded_weight, weight.dtype, "weight")
+        if isinstance(new_weight, Refusal):
+            return new_weight
+        new_correction = cast_or_refuse(conv, correction[np.newaxis], weight.dtype, "padding bias")
+        if isinstance(new_correction, Refusal):
+            return new_correction
+        return ConsumerFold(
+            [TensorUpdate(conv, 1, new_weight, "weight")],
+            [AddedBias(conv, new_correction, "padding_bias")],
+            notes=[
+                f"exact padding: added a {list(new_correction.shape)} bias after {describe(conv)} "
+                f"({new_correction.nbytes} bytes)"
+            ],
+        )

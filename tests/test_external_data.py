@@ -1,0 +1,139 @@
+"""Models whose weights live outside the .onnx file: load, fold, verify, save.
+
+The > 2 GiB path is exercised cheaply by lowering ``io.PROTOBUF_LIMIT``: the
+code that decides "too big for one protobuf" is the same, only the threshold moves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import external_data_helper
+
+from bnfold import io
+from bnfold.errors import InputError
+from bnfold.fold import FoldOutcome
+from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
+from sample_models.modelkit import GraphBuilder
+from tests.support import op_count
+
+BN = "BatchNormalization"
+
+
+def _model() -> onnx.ModelProto:
+    b = GraphBuilder(seed=30)
+    x = b.input("x", ["batch", 8, 10, 10])
+    y = b.node("Relu", [b.batchnorm(b.conv(x, 8, 16, bias=False), 16)])
+    b.output(b.batchnorm(b.conv(y, 16, 16), 16))
+    return b.model()
+
+
+def _save_external(model: onnx.ModelProto, path: Path, location: str) -> None:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _external_locations(path: Path) -> set[str]:
+    model = onnx.load_model(str(path), load_external_data=False)
+    return {
+        external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(tensor)
+    }
+
+
+def test_external_data_model_folds_verifies_and_writes_its_own_data_file(tmp_path: Path) -> None:
+    source = tmp_path / "net.onnx"
+    _save_external(_model(), source, "weights.bin")
+    input_digest = _digest(tmp_path / "weights.bin")
+    output = tmp_path / "out.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.written and report.status == "equivalent" and report.verification.passed
+    assert report.before.batchnorms == 2 and report.after.batchnorms == 0
+    assert _external_locations(output) == {"out.onnx.data"}
+    assert (tmp_path / "out.onnx.data").is_file()
+    assert _digest(tmp_path / "weights.bin") == input_digest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]  # staging removed
+    reloaded = io.load_model(output)
+    assert op_count(reloaded.model, BN) == 0 and reloaded.external_data_files == ("out.onnx.data",)
+    assert check_files(source, output, VerifyOptions()).verification.passed
+
+
+def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "net.onnx"
+    _save_external(_model(), source, "out.onnx.data")
+    with pytest.raises(InputError, match="its data file 'out.onnx.data' is the input's external data"):
+        fold_file(source, FoldOptions(output=tmp_path / "out.onnx"))
+
+
+def test_above_protobuf_limit_the_output_goes_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "net.onnx"
+    onnx.save_model(_model(), str(source))  # self-contained input
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2000)
+    output = tmp_path / "big.folded.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.problem is None and report.written and report.verification.passed
+    assert report.after.batchnorms == 0
+    assert _external_locations(output) == {"big.folded.onnx.data"}
+    assert op_count(io.load_model(output).model, BN) == 0
+
+
+def test_folded_model_failing_the_checker_above_the_limit_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the limit the checker still runs (on a weight-less skeleton): a broken fold is caught."""
+    source = tmp_path / "net.onnx"
+    onnx.save_model(_model(), str(source))
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2000)
+
+    def fold_that_breaks(model: onnx.ModelProto, *_rules: object) -> FoldOutcome:
+        model.graph.node[0].input[1] = "missing_weight"
+        return FoldOutcome()
+
+    monkeypatch.setattr("bnfold.pipeline.fold_batchnorms", fold_that_breaks)
+    output = tmp_path / "out.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.problem == "the folded model fails onnx.checker" and not report.written
+    assert not output.exists() and not (tmp_path / "out.onnx.data").exists()
+
+
+def _with_location(tmp_path: Path, location: str) -> Path:
+    """A model whose first tensor claims to live at ``location``."""
+    model = _model()
+    tensor = model.graph.initializer[0]
+    external_data_helper.set_external_data(tensor, location=location, offset=0, length=16)
+    tensor.ClearField("raw_data")
+    path = tmp_path / "model" / "net.onnx"
+    path.parent.mkdir()
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", ["../../etc/passwd", "../secret.bin", "/etc/passwd"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path: Path, location: str) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    path = _with_location(tmp_path, location)
+    with pytest.raises(InputError, match=f"external data location '{location}' points outside the model's folder"):
+        io.load_model(path)
+
+
+def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    path = _with_location(tmp_path, "link.bin")
+    os.symlink(tmp_path / "secret.bin", path.parent / "link.bin")
+    with pytest.raises(InputError, match="'link.bin' points outside the model's folder"):
+        io.load_model(path)
+
+
+def test_missing_external_data_file_is_refused(tmp_path: Path) -> None:
+    path = _with_location(tmp_path, "gone.bin")
+    with pytest.raises(InputError, match="external data file 'gone.bin' is missing"):
+        io.load_model(path)
