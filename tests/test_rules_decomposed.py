@@ -225,3 +225,24 @@ def test_tf_style_sample_folds_every_batchnorm_mul_and_add() -> None:
     check = fold_and_compare(model, shapes={"image": (2, 3, 16, 16)})
     assert arithmetic_counts(check.folded) == [0, 1, 0, 0]  # the Dense's own bias
     assert [fold.kind for fold in check.outcome.folds] == ["Mul+Add", "Mul+Add", "Add+Mul+Add"]
+
+
+# -- before a layer: the forward rules take a decomposed affine like a BN --------------------------
+
+
+def test_input_normalization_as_mul_add_folds_forward_into_an_unpadded_conv() -> None:
+    b = GraphBuilder(seed=37)
+    x = apply(b, "Add", apply(b, "Mul", b.input("x", [1, 3, 8, 8]), [3, 1, 1]), [3, 1, 1])
+    b.output(b.conv(x, 3, 4, pads=[0, 0, 0, 0]))
+    check = fold_and_compare(b.model())
+    assert arithmetic_counts(check.folded) == [0, 0, 0, 0]
+    assert [fold.direction for fold in check.outcome.folds] == ["forward"]
+
+
+def test_last_axis_affine_before_gemm_folds_forward() -> None:
+    b = GraphBuilder(seed=38)
+    x = apply(b, "Sub", apply(b, "Div", b.input("x", [4, 6]), [6]), [6])
+    b.output(b.gemm(x, 6, 3))
+    check = fold_and_compare(b.model())
+    assert arithmetic_counts(check.folded) == [0, 0, 0, 0]
+    assert op_count(check.folded, "Gemm") == 1
