@@ -224,3 +224,28 @@ def max_abs_difference(cast: np.ndarray, exact: np.ndarray) -> float:
     """Largest ``|cast - exact|`` in float64: the rounding the cast back to the model's dtype cost."""
     difference = np.abs(np.asarray(cast, dtype=np.float64) - np.asarray(exact, dtype=np.float64))
     return float(difference.max()) if difference.size else 0.0
+
+
+def scale_convtranspose_weight(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """``W' = W * s`` for a ConvTranspose weight ``[C_in, C_out/group, k...]`` (float64 result).
+
+    Unlike Conv, the output channel is not the weight's first axis. Output channel
+    ``o = g * (C_out/group) + j`` is computed from slice ``W[i, j]`` for every input
+    channel ``i`` of group ``g`` (``i // (C_in/group) == g``), so ``s[o]`` scales axis
+    1 of the rows that belong to group ``g``. Splitting both channel axes by group
+    makes that a plain broadcast.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    c_in, per_group_out, *kernel = weight.shape
+    grouped = weight.reshape(group, c_in // group, per_group_out, *kernel)
+    scale = np.asarray(s, dtype=np.float64).reshape(group, 1, per_group_out, *([1] * len(kernel)))
+    return (grouped * scale).reshape(weight.shape)
+
+
+def compose_affines(
+    first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, t)`` of ``then(first(x))`` for two per-channel affine maps: ``s2 * (s1 x + t1) + t2``."""
+    s1, t1 = (np.asarray(v, dtype=np.float64) for v in first)
+    s2, t2 = (np.asarray(v, dtype=np.float64) for v in then)
+    return s2 * s1, s2 * t1 + t2

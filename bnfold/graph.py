@@ -221,3 +221,12 @@ class GraphIndex:
                     )
             self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
         return self._shapes.get(name)
+
+    def rank_of(self, name: str) -> int | None:
+        """How many axes value ``name`` has, or None when even that is unknown.
+
+        Rules need the rank to tell which axis a per-channel constant scales: axis 1
+        and the last axis coincide only for rank 2.
+        """
+        shape = self.static_shape(name)
+        return None if shape is None else len(shape)

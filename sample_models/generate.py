@@ -104,6 +104,37 @@ def input_bn_conv() -> onnx.ModelProto:
     return b.model("input_bn_conv")
 
 
+def tf_style_decomposed() -> onnx.ModelProto:
+    """BatchNormalization as tf2onnx writes Keras layers: Conv → Mul → Add by [C, 1, 1]
+    constants, and a Dense (MatMul → Add) followed by Mul → Add by [C]. Every Mul and
+    every BN Add folds; the Dense keeps one bias Add."""
+    b = GraphBuilder(seed=6)
+    x = b.input("image", ["batch", 3, 16, 16])
+
+    def keras_batchnorm(y: str, shape: list[int]) -> str:
+        scale = b.const("bn_multiplier", b.rng.uniform(0.5, 1.5, shape).astype(b.dtype))
+        return b.node("Add", [b.node("Mul", [y, scale]), b.random("bn_offset", shape, scale=0.2)])
+
+    y = b.node("Relu", [keras_batchnorm(b.conv(x, 3, 8, bias=False), [8, 1, 1])])
+    y = b.node("Relu", [keras_batchnorm(b.conv(y, 8, 8, group=8, bias=False), [8, 1, 1])])
+    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    dense = b.node("Add", [b.node("MatMul", [pooled, b.random("kernel", [8, 4])]), b.random("bias", [4], scale=0.1)])
+    b.output(keras_batchnorm(dense, [4]))
+    return b.model("tf_style_decomposed")
+
+
+def convtranspose_decoder() -> onnx.ModelProto:
+    """A small decoder: ConvTranspose → BN → Relu upsampling blocks (grouped, strided,
+    with output_padding; with and without bias). Both BNs fold."""
+    b = GraphBuilder(seed=7)
+    x = b.input("latent", ["batch", 8, 4, 4])
+    y = b.conv_transpose(x, 8, 8, group=2, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])
+    y = b.node("Relu", [b.batchnorm(y, 8)])
+    y = b.conv_transpose(y, 8, 3, kernel=(4, 4), bias=False, strides=[2, 2], pads=[1, 1, 1, 1])
+    b.output(b.node("Sigmoid", [b.batchnorm(y, 3)]))
+    return b.model("convtranspose_decoder")
+
+
 SAMPLES: dict[str, Callable[[], onnx.ModelProto]] = {
     "cnn_residual": cnn_residual,
     "conv_no_bias": conv_no_bias,
@@ -112,6 +143,8 @@ SAMPLES: dict[str, Callable[[], onnx.ModelProto]] = {
     "legacy_opset9": legacy_opset9,
     "classifier_head_bn": classifier_head_bn,
     "input_bn_conv": input_bn_conv,
+    "tf_style_decomposed": tf_style_decomposed,
+    "convtranspose_decoder": convtranspose_decoder,
 }
 
 

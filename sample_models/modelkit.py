@@ -102,6 +102,22 @@ class GraphBuilder:
             attributes["pads"] = [k // 2 for k in kernel] * 2
         return self.node("Conv", inputs, group=group, **attributes)
 
+    def conv_transpose(
+        self,
+        x: str,
+        c_in: int,
+        c_out: int,
+        kernel: Sequence[int] = (3, 3),
+        *,
+        group: int = 1,
+        bias: bool = True,
+        **attributes: object,
+    ) -> str:
+        """A ConvTranspose; its weight is ``[c_in, c_out / group, *kernel]``."""
+        weight = self.random("W", [c_in, c_out // group, *kernel], scale=1.0 / np.sqrt(c_in * np.prod(kernel)))
+        inputs = [x, weight] + ([self.random("b", [c_out], scale=0.1)] if bias else [])
+        return self.node("ConvTranspose", inputs, group=group, **attributes)
+
     def gemm(self, x: str, k: int, n: int, *, trans_b: int = 1, bias: bool = True, **attributes: object) -> str:
         shape = [n, k] if trans_b else [k, n]
         weight = self.random("W", shape, scale=1.0 / np.sqrt(k))

@@ -21,6 +21,8 @@ EXPECTED_LEFT = {
     "legacy_opset9": 0,
     "classifier_head_bn": 0,
     "input_bn_conv": 0,
+    "tf_style_decomposed": 0,
+    "convtranspose_decoder": 0,
 }
 
 

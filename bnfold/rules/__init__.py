@@ -10,20 +10,29 @@ from __future__ import annotations
 
 from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, TensorUpdate
 from bnfold.rules.batchnorm import read_batchnorm
+from bnfold.rules.batchnorm_merge import BatchNormIntoBatchNorm
 from bnfold.rules.conv import ConvIntoBatchNorm
+from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
+from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import ConvAfterBatchNorm
 from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules.matmul import MatMulIntoBatchNorm
+from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
-AFFINE_READERS = (read_batchnorm,)
+AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
 
 RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
+    ConvTransposeIntoBatchNorm(),
+    MatMulIntoBatchNorm(),
+    MatMulAddIntoBatchNorm(),
     LinearAfterBatchNorm(),
     FlattenLinearAfterBatchNorm(),
     ConvAfterBatchNorm(),
+    BatchNormIntoBatchNorm(),  # last: an affine merges into a BN only when no layer takes it
 )
 
 

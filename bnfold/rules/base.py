@@ -352,3 +352,43 @@ class IntoConsumer(FoldRule):
     @abstractmethod
     def absorb(self, consumer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
         """New tensors that make ``consumer`` compute ``consumer(BN(x))`` from ``x``."""
+
+
+def channel_axis_refusal(bn: BatchNorm, producer: onnx.NodeProto, axis: int, rank: int | None) -> Refusal | None:
+    """Refuse unless the affine scales ``axis`` of the producer's output (of ``rank`` dims).
+
+    A BatchNormalization always scales axis 1; a decomposed affine may scale the
+    last axis instead (a ``[C]`` constant), which is a layer's channel axis only
+    when the two coincide for the output's rank.
+    """
+    if bn.channel_axis == axis or (rank is not None and bn.channel_axis % rank == axis % rank):
+        return None
+    shape = f"a rank-{rank} output" if rank is not None else "an output of unknown rank"
+    return Refusal(
+        f"{describe(bn.node)} scales axis {bn.channel_axis} of {shape} from {describe(producer)}, "
+        f"whose channels are axis {axis}"
+    )
+
+
+def matmul_weight(graph: GraphIndex, matmul: onnx.NodeProto, bn: BatchNorm) -> np.ndarray | Refusal:
+    """A MatMul's constant float weight ``[K, C]``: then column c computes output channel c.
+
+    A batched (3-D+) or runtime weight has no single column per channel to scale.
+    """
+    weight = constant_input(graph, matmul, 1, "weight")
+    if weight is None:
+        return Refusal(f"{describe(matmul)} has no weight input")
+    if isinstance(weight, Refusal):
+        return weight
+    if weight.ndim != 2 or weight.shape[1] != bn.channels:
+        return Refusal(f"{describe(matmul)} weight shape {list(weight.shape)} is not [K, {bn.channels}]")
+    return require_float(weight, matmul, "weight") or weight
+
+
+def matmul_output_rank(graph: GraphIndex, matmul: onnx.NodeProto) -> int | None:
+    """Rank of a MatMul's output: declared or inferred, else ``max(rank X, 2)`` for a 2-D weight."""
+    rank = graph.rank_of(matmul.output[0])
+    if rank is None:
+        x_rank = graph.rank_of(matmul.input[0])
+        rank = None if x_rank is None else max(x_rank, 2)
+    return rank

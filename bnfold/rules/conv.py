@@ -16,6 +16,7 @@ from bnfold.rules.base import (
     IntoProducer,
     Refusal,
     TensorUpdate,
+    channel_axis_refusal,
     constant_weight_and_bias,
     weight_and_bias_updates,
 )
@@ -39,6 +40,9 @@ class ConvIntoBatchNorm(IntoProducer):
                 f"{describe(producer)} weight shape {list(weight.shape)} does not match "
                 f"the BN's {bn.channels} channels"
             )
+        mismatch = channel_axis_refusal(bn, producer, axis=1, rank=weight.ndim)
+        if mismatch:
+            return mismatch
         if bias is not None and bias.shape != (bn.channels,):
             return Refusal(f"{describe(producer)} bias shape {list(bias.shape)} is not [{bn.channels}]")
         updates = weight_and_bias_updates(

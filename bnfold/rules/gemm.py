@@ -20,6 +20,7 @@ from bnfold.rules.base import (
     IntoProducer,
     Refusal,
     TensorUpdate,
+    channel_axis_refusal,
     constant_weight_and_bias,
     weight_and_bias_updates,
 )
@@ -46,6 +47,9 @@ class GemmIntoBatchNorm(IntoProducer):
                 f"{describe(producer)} B shape {list(weight.shape)} (transB={trans_b}) "
                 f"does not give the BN's {bn.channels} channels"
             )
+        mismatch = channel_axis_refusal(bn, producer, axis=1, rank=2)
+        if mismatch:
+            return mismatch
         if bias is not None and bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
             return Refusal(
                 f"{describe(producer)} C shape {list(bias.shape)} does not broadcast to N={bn.channels}"

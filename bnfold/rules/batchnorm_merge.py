@@ -1,0 +1,54 @@
+"""An affine after a BatchNormalization merges into that BN's scale and bias.
+
+When a BN cannot reach a layer, whatever per-channel affine follows it (a second
+BN, or Caffe2's BN + Scale written as Mul → Add) is still removable:
+``s * BN(x) + t = (gamma * s) * (x - mean) / sqrt(var + eps) + (beta * s + t)``,
+so ``gamma' = gamma * s`` and ``beta' = beta * s + t`` while mean, var and epsilon
+stay. It is tried after every layer rule, and a BN that can fold into its own
+producer does so first in the same pass, so this only merges what is left
+beside a BN that stays.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex, describe
+from bnfold.rules.base import (
+    BatchNorm,
+    IntoProducer,
+    Refusal,
+    TensorUpdate,
+    cast_or_refuse,
+    channel_axis_refusal,
+)
+from bnfold.rules.batchnorm import read_batchnorm
+
+
+class BatchNormIntoBatchNorm(IntoProducer):
+    """``affine(BN(x; gamma, beta))`` → ``BN(x; gamma * s, beta * s + t)``."""
+
+    name = "bn-merge"
+    producer_ops = frozenset({"BatchNormalization"})
+
+    def absorb(
+        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
+    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
+        earlier = read_batchnorm(producer, graph)
+        if not isinstance(earlier, BatchNorm):
+            reason = earlier.reason if isinstance(earlier, Refusal) else "it is not an inference BN"
+            return Refusal(f"{describe(producer)} cannot absorb it: {reason}")
+        if earlier.channels != bn.channels:
+            return Refusal(f"{describe(producer)} has {earlier.channels} channels, {describe(bn.node)} {bn.channels}")
+        mismatch = channel_axis_refusal(bn, producer, axis=1, rank=graph.rank_of(producer.output[0]))
+        if mismatch:
+            return mismatch
+        gamma = graph.constant_value(producer.input[1])
+        beta = graph.constant_value(producer.input[2])
+        new_gamma = cast_or_refuse(producer, fold_math.scale_along_axis(gamma, bn.s, axis=0), gamma.dtype, "scale")
+        new_beta = cast_or_refuse(producer, fold_math.fold_bias(beta, bn.s, bn.t), beta.dtype, "bias")
+        for result in (new_gamma, new_beta):
+            if isinstance(result, Refusal):
+                return result
+        return [TensorUpdate(producer, 1, new_gamma, "scale"), TensorUpdate(producer, 2, new_beta, "bias")], {}

@@ -1,0 +1,148 @@
+"""Decomposed BatchNormalization: a chain of Mul/Add/Sub/Div by per-channel constants.
+
+tf2onnx writes every Keras BatchNormalization as ``x * m + a``; other exporters
+emit ``x / d - c``, ``(x - c) * m``, or a lone Mul or Add (a layer scale, a bias
+kept apart from its layer). Each such node is a per-channel affine
+``s * x + t`` with, for a constant ``c``:
+
+====================  ==========  ==========
+node                  s           t
+====================  ==========  ==========
+``x * c``, ``c * x``  ``c``       ``0``
+``x + c``, ``c + x``  ``1``       ``c``
+``x - c``             ``1``       ``-c``
+``c - x``             ``-1``      ``c``
+``x / c``             ``1 / c``   ``0``
+====================  ==========  ==========
+
+and a chain composes into one affine (:func:`~bnfold.fold_math.compose_affines`),
+which the backward rules fold like a BatchNormalization. ``c / x`` is not affine.
+
+A constant is per-channel when exactly one of its axes has more than one entry:
+``[C]`` or ``[1, C]`` scales the data's last axis (``channel_axis = -1``);
+``[C, 1, 1]`` or ``[1, C, 1, 1]`` on a rank-4 tensor scales axis 1. A scalar or a
+per-element constant is ordinary arithmetic, not a per-channel affine.
+
+A chain is read once, from its head: a node whose data input comes from another
+link of the same chain (same axis and length, read by nothing else) returns
+None, so the tail Add of ``x * m + a`` is never folded on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex
+from bnfold.rules.base import BatchNorm
+
+AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
+
+
+@dataclass(frozen=True)
+class AffineStep:
+    """One node of a decomposed affine: ``output = s * data + t`` along ``channel_axis``."""
+
+    data_input: str
+    s: np.ndarray
+    t: np.ndarray
+    channel_axis: int
+
+
+def per_channel_vector(constant: np.ndarray, data_rank: int | None) -> tuple[np.ndarray, int] | None:
+    """The constant as a float64 ``[C]`` vector and the data axis it indexes (1 or -1), or None.
+
+    None for a scalar, a per-element constant, a non-float or non-finite one,
+    one that would broadcast the data to a higher rank, and one whose axis is
+    neither the last nor (for a known rank) axis 1.
+    """
+    if constant.dtype.kind != "f" or constant.size < 2:
+        return None
+    long_axes = [axis for axis, size in enumerate(constant.shape) if size > 1]
+    if len(long_axes) != 1 or (data_rank is not None and constant.ndim > data_rank):
+        return None
+    axes_from_end = constant.ndim - long_axes[0]
+    if axes_from_end == 1:
+        channel_axis = -1
+    elif data_rank is not None and data_rank - axes_from_end == 1:
+        channel_axis = 1
+    else:
+        return None
+    vector = constant.reshape(-1).astype(np.float64)
+    return (vector, channel_axis) if np.all(np.isfinite(vector)) else None
+
+
+def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
+    """Read one Mul/Add/Sub/Div of a runtime value and a per-channel constant (see the table)."""
+    if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    values = [graph.constant_value(name) for name in node.input]
+    if (values[0] is None) == (values[1] is None):
+        return None  # two runtime values, or a constant subexpression
+    constant_slot = 0 if values[0] is not None else 1
+    data_input = node.input[1 - constant_slot]
+    constant = values[constant_slot]
+    # A [C] constant scales the last axis whatever the rank: ask (maybe infer shapes) only when it matters.
+    data_rank = graph.rank_of(data_input) if constant.ndim > 1 else None
+    found = per_channel_vector(constant, data_rank)
+    if found is None:
+        return None
+    c, channel_axis = found
+    ones, zeros = np.ones_like(c), np.zeros_like(c)
+    if node.op_type == "Mul":
+        s, t = c, zeros
+    elif node.op_type == "Add":
+        s, t = ones, c
+    elif node.op_type == "Sub":
+        s, t = (ones, -c) if constant_slot == 1 else (-ones, c)
+    elif constant_slot == 1 and np.all(c != 0):
+        s, t = 1.0 / c, zeros
+    else:
+        return None  # c / x, or a division by zero
+    return AffineStep(data_input, s, t, channel_axis)
+
+
+def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep, graph: GraphIndex) -> bool:
+    """Whether a step continues the chain ending at ``first``: it reads ``first``'s
+    output, which nothing else reads, along the same axis and channel count."""
+    output = first.output[0]
+    return (
+        then_step.data_input == output
+        and graph.use_count(output) == 1
+        and then_step.channel_axis == first_step.channel_axis
+        and then_step.s.shape == first_step.s.shape
+    )
+
+
+def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | None:
+    """The longest per-channel affine chain headed by ``node``, or None if there is none
+    or ``node`` is inside a chain that starts earlier."""
+    head = affine_step(node, graph)
+    if head is None:
+        return None
+    previous = graph.producer_of(head.data_input)
+    if previous is not None:
+        previous_step = affine_step(previous, graph)
+        if previous_step is not None and _links(previous, previous_step, head, graph):
+            return None
+    chain, s, t = [node], head.s, head.t
+    last_step = head
+    while True:
+        consumers = graph.consumers_of(chain[-1].output[0])
+        following = affine_step(consumers[0], graph) if len(consumers) == 1 else None
+        if following is None or not _links(chain[-1], last_step, following, graph):
+            break
+        chain.append(consumers[0])
+        s, t = fold_math.compose_affines((s, t), (following.s, following.t))
+        last_step = following
+    return BatchNorm(
+        nodes=tuple(chain),
+        input_name=head.data_input,
+        output_name=chain[-1].output[0],
+        s=s,
+        t=t,
+        channel_axis=head.channel_axis,
+    )

@@ -1,0 +1,79 @@
+"""MatMul → Add(constant bias) → BatchNormalization: how many exporters write a Linear.
+
+``BN(X W + b) = X (W * s) + (b * s + t)``: the MatMul's weight columns are scaled
+and the existing bias Add takes the folded bias and the BN's output, so the pair
+stays one MatMul + one Add. As for a lone MatMul, the affine's channel axis must
+be the last axis of the Add's output (a BN qualifies only at rank 2), and the
+MatMul's output must feed nothing but the Add.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from bnfold import fold_math
+from bnfold.graph import GraphIndex, describe
+from bnfold.rules.base import (
+    BatchNorm,
+    FoldPlan,
+    IntoProducer,
+    Refusal,
+    TensorUpdate,
+    cast_or_refuse,
+    channel_axis_refusal,
+    matmul_weight,
+    require_float,
+)
+
+
+def matmul_and_bias_slot(add: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.NodeProto, int] | None:
+    """For ``Add(MatMul(...), constant)`` (either order): the MatMul and the constant's slot."""
+    if len(add.input) != 2 or add.domain not in ("", "ai.onnx"):
+        return None
+    constant_slots = [slot for slot, name in enumerate(add.input) if graph.constant_value(name) is not None]
+    if len(constant_slots) != 1:
+        return None
+    bias_slot = constant_slots[0]
+    matmul = graph.producer_of(add.input[1 - bias_slot])
+    if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+        return None
+    return matmul, bias_slot
+
+
+class MatMulAddIntoBatchNorm(IntoProducer):
+    """``BN(Add(MatMul(X, W), b))`` → ``Add(MatMul(X, W * s), b * s + t)``."""
+
+    name = "matmul-add-bn"
+    producer_ops = frozenset({"Add"})
+
+    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
+        add = graph.producer_of(bn.input_name)
+        if add is None or matmul_and_bias_slot(add, graph) is None:
+            return None
+        return super().plan(bn, graph)
+
+    def absorb(
+        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
+    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
+        matmul, bias_slot = matmul_and_bias_slot(producer, graph)  # type: ignore[misc] - matched in plan
+        other_uses = graph.other_uses(matmul.output[0], besides=producer)
+        if other_uses:
+            return Refusal(f"{describe(matmul)} output also feeds {', '.join(other_uses)}")
+        weight = matmul_weight(graph, matmul, bn)
+        if isinstance(weight, Refusal):
+            return weight
+        mismatch = channel_axis_refusal(bn, producer, axis=-1, rank=graph.rank_of(producer.output[0]))
+        if mismatch:
+            return mismatch
+        bias = graph.constant_value(producer.input[bias_slot])
+        not_float = require_float(bias, producer, "bias")
+        if not_float:
+            return not_float
+        if bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
+            return Refusal(f"{describe(producer)} bias shape {list(bias.shape)} does not broadcast to {bn.channels}")
+        scaled = cast_or_refuse(matmul, fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, "weight")
+        folded_bias = cast_or_refuse(producer, fold_math.fold_bias(bias, bn.s, bn.t), bias.dtype, "bias")
+        for result in (scaled, folded_bias):
+            if isinstance(result, Refusal):
+                return result
+        return [TensorUpdate(matmul, 1, scaled, "weight"), TensorUpdate(producer, bias_slot, folded_bias, "bias")], {}
