@@ -324,7 +324,7 @@ def batch_table(report: BatchReport) -> Table:
     """One row per model in input order, then the totals (time: wall clock of the whole run)."""
     table = Table(box=box.SIMPLE_HEAD, title=f"Folded {len(report.results)} models (-j {report.jobs})",
                   title_justify="left", pad_edge=False)
-    table.add_column("model", overflow="fold", min_width=12)
+    table.add_column("model", overflow="fold", min_width=16)
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
         table.add_column(column, justify="left" if column == "status" else "right",
                          no_wrap=column not in ("nodes", "size"))
