@@ -31,12 +31,11 @@ from pathlib import Path
 from types import FrameType
 
 from bnfold import io
-from bnfold.errors import EXIT_OK, BnfoldError, InputError
+from bnfold.errors import EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
 
 FOLDED_SUFFIX = ".folded.onnx"
 STAGING_PREFIX = ".bnfold-"
-EXIT_INTERRUPTED = 130
 
 
 def _is_model_file(path: Path, folder: Path) -> bool:
@@ -205,8 +204,8 @@ def fold_models(
 ) -> BatchReport:
     """Fold every model with the same options; ``on_result`` hears of each as it finishes.
 
-    ``options.output`` must be None (each model gets its own output: beside it, or
-    in ``output_dir``). ``jobs == 1`` folds in this process.
+    ``options.output`` is ignored: each model gets its own output, beside it or in
+    ``output_dir``. ``jobs == 1`` folds in this process.
 
     Raises:
         InputError: before any work, when two models would be written to the same file.

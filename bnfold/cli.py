@@ -16,8 +16,8 @@ import click
 from rich.console import Console
 
 from bnfold import report as render
-from bnfold.batch import EXIT_INTERRUPTED, find_models, fold_models, output_in
-from bnfold.errors import BnfoldError, InputError
+from bnfold.batch import find_models, fold_models, output_in
+from bnfold.errors import EXIT_INTERRUPTED, BnfoldError, InputError
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from bnfold.verify import DEFAULT_TOLERANCES, Tolerances
 
@@ -197,7 +197,7 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
         _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,
                         json_path, quiet)
     elif output:
-        raise click.UsageError(f"-o/--output names one file but {len(found)} models were given; use --output-dir DIR")
+        raise click.UsageError("-o/--output names one file; with several models or a folder use --output-dir DIR")
     else:
         _fold_many_models(found, output_dir, jobs, options, json_path, quiet)
 
