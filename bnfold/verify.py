@@ -111,6 +111,11 @@ class Verification:
     def passed(self) -> bool:
         return all(output.passed for output in (*self.outputs, *self.expected))
 
+    @property
+    def max_abs_error(self) -> float | None:
+        """The largest max |Δ| over the outputs (folded vs original); None with no outputs."""
+        return max((output.max_abs_error for output in self.outputs), default=None)
+
 
 @dataclass(frozen=True)
 class Tolerances:
