@@ -327,7 +327,10 @@ def staged_save(
     folder). Saving with external data moves the model's tensors out of memory.
     """
     folder = target.parent if str(target.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
+    except OSError as error:
+        raise InputError(f"{target}: cannot write in {folder} ({first_line(error)})") from None
     try:
         staged_path = staging / target.name
         # 64 MiB of headroom for everything that is not initializer data.
