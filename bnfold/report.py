@@ -344,7 +344,8 @@ def batch_table(report: BatchReport) -> Table:
     """
     table = Table(box=box.SIMPLE_HEAD, title=f"Folded {len(report.results)} models (-j {report.jobs})",
                   title_justify="left", pad_edge=False)
-    table.add_column("model", overflow="fold", min_width=16)
+    longest_name = max((len(str(result.input)) for result in report.results), default=16)
+    table.add_column("model", overflow="fold", min_width=min(max(longest_name, 16), 24))
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for result in report.results:
