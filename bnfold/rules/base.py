@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, describe
@@ -274,6 +275,66 @@ class IntoProducer(FoldRule):
         self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
     ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
         """New tensors (and attributes) that make ``producer`` compute ``BN(producer(x))``."""
+
+
+class ScaledLayerIntoProducer(IntoProducer):
+    """Backward fold into a layer whose input 1 is a weight scaled per output channel
+    and whose optional input 2 is a bias: ``W' = scale(W, s)``, ``b' = b * s + t``.
+
+    The flow is the same for Conv, ConvTranspose and Gemm; a subclass states only
+    what differs: how its weight gives the BN's channels (:meth:`weight_refusal`),
+    how to scale it (:meth:`scale_weight`), and, where the layer has its own bias
+    semantics, :meth:`bias_refusal` and :meth:`bias_terms`.
+    """
+
+    weight_role = "weight"
+    bias_role = "bias"
+
+    def absorb(
+        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
+    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
+        found = constant_weight_and_bias(graph, producer, self.weight_role, self.bias_role)
+        if isinstance(found, Refusal):
+            return found
+        weight, bias = found
+        attributes = {a.name: helper.get_attribute_value(a) for a in producer.attribute}
+        refusal = (
+            self.weight_refusal(producer, attributes, weight, bn)
+            or channel_axis_refusal(bn, producer, axis=1, rank=self.output_rank(weight))
+            or self.bias_refusal(producer, bias, bn)
+        )
+        if refusal:
+            return refusal
+        bias, shift, new_attributes = self.bias_terms(bias, bn, attributes)
+        updates = weight_and_bias_updates(
+            producer, weight, self.scale_weight(weight, bn.s, attributes), bias, fold_math.fold_bias(bias, bn.s, shift)
+        )
+        return updates if isinstance(updates, Refusal) else (updates, new_attributes)
+
+    @abstractmethod
+    def weight_refusal(
+        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, bn: BatchNorm
+    ) -> Refusal | None:
+        """Why this weight cannot give the BN's channels (None when it can)."""
+
+    @abstractmethod
+    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        """``W'`` in float64: each output channel's slice times its ``s``."""
+
+    def output_rank(self, weight: np.ndarray) -> int:
+        """Rank of the layer's output, for the channel-axis check (a Conv's is its weight's)."""
+        return weight.ndim
+
+    def bias_refusal(self, producer: onnx.NodeProto, bias: np.ndarray | None, bn: BatchNorm) -> Refusal | None:
+        if bias is not None and bias.shape != (bn.channels,):
+            return Refusal(f"{describe(producer)} {self.bias_role} shape {list(bias.shape)} is not [{bn.channels}]")
+        return None
+
+    def bias_terms(
+        self, bias: np.ndarray | None, bn: BatchNorm, attributes: dict[str, Any]
+    ) -> tuple[np.ndarray | None, np.ndarray, dict[str, float | int]]:
+        """The bias to fold, the shift added to it, and attribute changes: ``b * s + t``."""
+        return bias, bn.t, {}
 
 
 def cast_or_refuse(node: onnx.NodeProto, values: np.ndarray, dtype: np.dtype, role: str) -> np.ndarray | Refusal:

@@ -10,62 +10,58 @@ along N and ``C' = C * s + t / beta``, broadcast to ``[N]`` or kept ``[M, N]``.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import onnx
-from onnx import helper
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import (
-    BatchNorm,
-    IntoProducer,
-    Refusal,
-    TensorUpdate,
-    channel_axis_refusal,
-    constant_weight_and_bias,
-    weight_and_bias_updates,
-)
+from bnfold.graph import describe
+from bnfold.rules.base import BatchNorm, Refusal, ScaledLayerIntoProducer
 
 
-class GemmIntoBatchNorm(IntoProducer):
+def _channel_axis(attributes: dict[str, Any]) -> int:
+    """The axis of B that indexes N: rows when B is stored transposed."""
+    return 0 if int(attributes.get("transB", 0)) else 1
+
+
+class GemmIntoBatchNorm(ScaledLayerIntoProducer):
     """``BN(Gemm(A, B, C))`` → ``Gemm(A, B * s, C * s + t / beta)``."""
 
     name = "gemm-bn"
     producer_ops = frozenset({"Gemm"})
+    weight_role = "B"
+    bias_role = "C"
 
-    def absorb(
-        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
-    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
-        found = constant_weight_and_bias(graph, producer, "B", "C")
-        if isinstance(found, Refusal):
-            return found
-        weight, bias = found
-        attributes = {a.name: helper.get_attribute_value(a) for a in producer.attribute}
-        trans_b = int(attributes.get("transB", 0))
-        channel_axis = 0 if trans_b else 1
-        if weight.ndim != 2 or weight.shape[channel_axis] != bn.channels:
+    def weight_refusal(
+        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, bn: BatchNorm
+    ) -> Refusal | None:
+        if weight.ndim != 2 or weight.shape[_channel_axis(attributes)] != bn.channels:
             return Refusal(
-                f"{describe(producer)} B shape {list(weight.shape)} (transB={trans_b}) "
+                f"{describe(producer)} B shape {list(weight.shape)} (transB={int(attributes.get('transB', 0))}) "
                 f"does not give the BN's {bn.channels} channels"
             )
-        mismatch = channel_axis_refusal(bn, producer, axis=1, rank=2)
-        if mismatch:
-            return mismatch
+        return None
+
+    def output_rank(self, weight: np.ndarray) -> int:
+        return 2
+
+    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        return fold_math.scale_along_axis(weight, s, _channel_axis(attributes))
+
+    def bias_refusal(self, producer: onnx.NodeProto, bias: np.ndarray | None, bn: BatchNorm) -> Refusal | None:
+        """C broadcasts to ``[M, N]``: any shape whose last axis is 1 or N will do."""
         if bias is not None and bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
             return Refusal(
                 f"{describe(producer)} C shape {list(bias.shape)} does not broadcast to N={bn.channels}"
             )
+        return None
+
+    def bias_terms(
+        self, bias: np.ndarray | None, bn: BatchNorm, attributes: dict[str, Any]
+    ) -> tuple[np.ndarray | None, np.ndarray, dict[str, float | int]]:
+        """``C' = C * s + t / beta``; with C absent or ignored (beta = 0), ``C' = t`` and beta = 1."""
         beta = float(attributes.get("beta", 1.0))
-        new_attributes: dict[str, float | int] = {}
         if bias is None or beta == 0.0:
-            # C is absent or ignored: the folded C is just t, added with beta = 1.
-            if beta != 1.0:
-                new_attributes["beta"] = 1.0
-            bias, beta = None, 1.0
-        updates = weight_and_bias_updates(
-            producer,
-            weight,
-            fold_math.scale_along_axis(weight, bn.s, channel_axis),
-            bias,
-            fold_math.fold_bias(bias, bn.s, bn.t / beta),
-        )
-        return updates if isinstance(updates, Refusal) else (updates, new_attributes)
+            return None, bn.t, ({} if beta == 1.0 else {"beta": 1.0})
+        return bias, bn.t / beta, {}
