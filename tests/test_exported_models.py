@@ -31,9 +31,6 @@ LEFT = {
     # BatchNorm1d on [N, C, L] before a Linear over L: it scales rows, the Linear mixes columns.
     **{f"mlp-{variant}": 1 for variant in (
         "classic-11-keepbn", "classic-13-nofold", "classic-17", "classic-17-keepbn", "dynamo", "dynamo-noopt")},
-    # Linear → Transpose → BatchNorm1d → Transpose: no rule looks through the Transposes yet.
-    **{f"seqbn-{variant}": 1 for variant in (
-        "classic-11-keepbn", "classic-13-nofold", "classic-17", "classic-17-keepbn", "dynamo", "dynamo-noopt")},
 }
 
 
