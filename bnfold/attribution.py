@@ -69,11 +69,12 @@ class _Search:
         model = onnx.ModelProto()
         model.CopyFrom(self.original.model)
         allowed = set(labels)
-        fold_batchnorms(model, self.rules, may_fold=allowed.__contains__)
+        fold_batchnorms(model, self.rules, may_fold=allowed.__contains__, base_dir=self.original.path.parent)
         self.verifications += 1
         with tempfile.TemporaryDirectory(prefix="bnfold-attribution-") as folder:
             target = Path(folder) / self.original.path.name
-            with io.staged_save(model, target, external_data=bool(self.original.external_data_files)) as staged:
+            with io.staged_save(model, target, external_data=bool(self.original.external_data_files),
+                                source_dir=self.original.path.parent) as staged:
                 return verify_equivalence(self.original.path, staged.staged_path, self.trials,
                                           tolerances=self.tolerances, provider=self.provider)
 

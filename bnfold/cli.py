@@ -16,7 +16,8 @@ import click
 from rich.console import Console
 
 from bnfold import report as render
-from bnfold.errors import BnfoldError, InputError
+from bnfold.batch import find_models, fold_models, output_in
+from bnfold.errors import EXIT_INTERRUPTED, BnfoldError, InputError
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from bnfold.verify import DEFAULT_TOLERANCES, Tolerances
 
@@ -26,6 +27,9 @@ Exit codes:
   1  not equivalent: outputs differ beyond tolerance (nothing written)
   2  bad input or usage: missing/unreadable/invalid model, bad option
   3  onnxruntime cannot load or run a given model (its message is shown)"""
+BATCH_EXIT_HELP = """
+  130 interrupted (Ctrl-C); no partial output is left
+  Several models: the worst code over all of them (3 > 2 > 1 > 0)."""
 
 
 class DefaultCommandGroup(click.Group):
@@ -132,16 +136,16 @@ def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str 
         Console(soft_wrap=False).print(human)
 
 
-def _run(action: Callable[[], int]) -> None:
-    """Turn bnfold's errors into one stderr line and their exit code."""
+def _run(action: Callable[[], int], interrupted: str = "nothing was written") -> None:
+    """Turn bnfold's errors into one stderr line and their exit code; Ctrl-C into 130."""
     try:
         code = action()
     except BnfoldError as error:
         click.echo(f"bnfold: error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        click.echo("bnfold: interrupted; nothing was written", err=True)
-        sys.exit(130)
+        click.echo(f"bnfold: interrupted; {interrupted}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
 
 
@@ -156,10 +160,14 @@ def main() -> None:
     """
 
 
-@main.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path))
+@main.command(epilog=EXIT_CODES_HELP + BATCH_EXIT_HELP)
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL...")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Where to write the folded model (default: MODEL.folded.onnx beside the input).")
+              help="Where to write the folded model (default: MODEL.folded.onnx beside the input). One model only.")
+@click.option("--output-dir", type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
+              default=None, help="Write each folded model to DIR/<name>.folded.onnx instead of beside its input.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Fold N models at a time in worker processes (1: in this process).")
 @click.option("--in-place", is_flag=True, help="Allow the output to be the input file itself.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--dry-run", is_flag=True, help="Fold and verify in a temporary folder; write nothing.")
@@ -167,16 +175,37 @@ def main() -> None:
 @click.option("--exact-padding", is_flag=True,
               help="Also fold a BN into a following padded Conv, adding a per-position bias (static shapes only).")
 @verification_options
-def fold(model: Path, output: Path | None, in_place: bool, no_verify: bool, dry_run: bool, keep_failed: bool,
-         exact_padding: bool, json_path: str | None, quiet: bool, **comparison: Any) -> None:
-    """Fold every foldable BatchNormalization of MODEL, verify, and write the result.
+def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None, jobs: int, in_place: bool,
+         no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, json_path: str | None,
+         quiet: bool, **comparison: Any) -> None:
+    """Fold every foldable BatchNormalization of each MODEL, verify, and write the result.
+
+    A MODEL may be a folder: its *.onnx files are folded (recursively, skipping
+    *.folded.onnx). Several models print one summary row each and exit with the
+    worst code (3 > 2 > 1 > 0); a bad model does not stop the others.
 
     When the folded model is not equivalent, the folds are re-applied in groups on
     fresh copies of MODEL to name the fold(s) that broke it.
     """
-    options = FoldOptions(output=output, in_place=in_place, verify=not no_verify, dry_run=dry_run,
+    if output and output_dir:
+        raise click.UsageError("-o/--output and --output-dir cannot be combined")
+    found = find_models(models)
+    options = FoldOptions(in_place=in_place, verify=not no_verify, dry_run=dry_run,
                           keep_failed=keep_failed, exact_padding=exact_padding,
                           verify_options=_verify_options(**comparison))
+    if len(models) == 1 and found == list(models):
+        _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,
+                        json_path, quiet)
+    elif output:
+        raise click.UsageError("-o/--output names one file; with several models or a folder use --output-dir DIR")
+    else:
+        _fold_many_models(found, output_dir, jobs, options, json_path, quiet)
+
+
+def _fold_one_model(model: Path, output: Path | None, options: FoldOptions, json_path: str | None,
+                    quiet: bool) -> None:
+    """The full report of one model (a lone file argument, not a folder)."""
+    options.output = output
 
     def action() -> int:
         result = fold_file(model, options)
@@ -185,6 +214,20 @@ def fold(model: Path, output: Path | None, in_place: bool, no_verify: bool, dry_
         return result.exit_code
 
     _run(action)
+
+
+def _fold_many_models(models: list[Path], output_dir: Path | None, jobs: int, options: FoldOptions,
+                      json_path: str | None, quiet: bool) -> None:
+    """One summary row per model, a progress bar on a terminal, the worst exit code."""
+
+    def action() -> int:
+        with render.batch_progress(len(models), quiet=quiet) as advance:
+            result = fold_models(models, options, output_dir=output_dir, jobs=jobs, on_result=advance)
+        _emit(render.batch_report_json(result), render.batch_table(result),
+              render.quiet_batch_lines(result), json_path, quiet)
+        return result.exit_code
+
+    _run(action, interrupted="models finished before were written; no partial output was left")
 
 
 @main.command(epilog=EXIT_CODES_HELP)

@@ -10,6 +10,8 @@ EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME_FAILURE = 3
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (the shell's 128 + SIGINT); no partial output is left."""
 
 
 class BnfoldError(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 from onnx import helper
@@ -97,8 +98,25 @@ def _largest(values: list[float | None]) -> float | None:
     return max(measured) if measured else None
 
 
+# New tensor bytes one pass may plan before applying them (see _fold_graph).
+PASS_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Run:
+    """What every scope of one fold run shares."""
+
+    rules: tuple[FoldRule, ...]
+    may_fold: Callable[[str], bool]
+    base_dir: Path | None
+    outcome: FoldOutcome
+
+
 def fold_batchnorms(
-    model: onnx.ModelProto, rules: tuple[FoldRule, ...] = RULES, may_fold: Callable[[str], bool] | None = None
+    model: onnx.ModelProto,
+    rules: tuple[FoldRule, ...] = RULES,
+    may_fold: Callable[[str], bool] | None = None,
+    base_dir: Path | None = None,
 ) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
@@ -108,46 +126,34 @@ def fold_batchnorms(
     inside subgraphs and functions are labelled with where they are, e.g.
     ``If 'cond' then_branch / bn3``. ``may_fold`` (given a BN's report label)
     restricts the run to some BNs, the others being neither folded nor reported:
-    error attribution re-applies folds in groups this way.
+    error attribution re-applies folds in groups this way. ``base_dir`` is the
+    model file's folder, where weights kept in external data are read from.
     """
-    outcome = FoldOutcome()
-    selection = may_fold or (lambda _label: True)
-    _fold_scope(model, model.graph, None, "", rules, selection, outcome)
+    run = _Run(rules, may_fold or (lambda _label: True), base_dir, FoldOutcome())
+    _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
-        _fold_function(model, function, rules, selection, outcome)
-    return outcome
+        _fold_function(run, model, function)
+    return run.outcome
 
 
 def _fold_scope(
-    model: onnx.ModelProto,
-    graph: onnx.GraphProto,
-    parent: GraphIndex | None,
-    scope: str,
-    rules: tuple[FoldRule, ...],
-    may_fold: Callable[[str], bool],
-    outcome: FoldOutcome,
+    run: _Run, model: onnx.ModelProto, graph: onnx.GraphProto, parent: GraphIndex | None, scope: str
 ) -> None:
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
-    _fold_graph(model, graph, parent, scope, rules, may_fold, outcome)
-    index = GraphIndex(model, graph, parent=parent)
+    _fold_graph(run, model, graph, parent, scope)
+    index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
-            _fold_scope(model, body, index, f"{scope}{describe(node)} {where} / ", rules, may_fold, outcome)
+            _fold_scope(run, model, body, index, f"{scope}{describe(node)} {where} / ")
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
-        index = GraphIndex(model, graph, parent=parent)
-        outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
+        index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir)
+        run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
 
 
-def _fold_function(
-    model: onnx.ModelProto,
-    function: onnx.FunctionProto,
-    rules: tuple[FoldRule, ...],
-    may_fold: Callable[[str], bool],
-    outcome: FoldOutcome,
-) -> None:
+def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionProto) -> None:
     """Fold inside a model-local function through a graph view of its body.
 
     A function has no initializers, so the tensors a fold creates become Constant
@@ -164,9 +170,9 @@ def _fold_function(
         opset_imports=function.opset_import,
         ir_version=model.ir_version,
     )
-    before = len(outcome.folds)
-    _fold_scope(view, view.graph, None, f"function '{function.name}' / ", rules, may_fold, outcome)
-    if len(outcome.folds) == before:
+    before = len(run.outcome.folds)
+    _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
+    if len(run.outcome.folds) == before:
         return
     constants = [
         helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant", value=tensor)
@@ -177,31 +183,37 @@ def _fold_function(
 
 
 def _fold_graph(
-    model: onnx.ModelProto,
-    graph_proto: onnx.GraphProto,
-    parent: GraphIndex | None,
-    scope: str,
-    rules: tuple[FoldRule, ...],
-    may_fold: Callable[[str], bool],
-    outcome: FoldOutcome,
+    run: _Run, model: onnx.ModelProto, graph_proto: onnx.GraphProto, parent: GraphIndex | None, scope: str
 ) -> None:
-    """Fold the BNs of one graph (not its bodies) to a fixed point."""
+    """Fold the BNs of one graph (not its bodies) to a fixed point.
+
+    A pass stops planning once its new tensors reach ``PASS_BUDGET_BYTES``: plans
+    hold their tensors until applied, so an unbounded pass over a multi-GB model
+    would hold a second copy of every weight. The next pass picks up the rest.
+    """
     while True:
-        graph = GraphIndex(model, graph_proto, parent=parent)
+        graph = GraphIndex(model, graph_proto, parent=parent, base_dir=run.base_dir)
         candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
+        planned_bytes = 0
         for node in graph.nodes:
-            if not may_fold(scope + node_id(node)):
+            if planned_bytes > PASS_BUDGET_BYTES:
+                # Forward folds wait for a complete pass: the backward fold of their
+                # layer, later in the graph, must claim the layer first.
+                candidates = [c for c in candidates if c.direction == "backward"] or candidates
+                break
+            if not run.may_fold(scope + node_id(node)):
                 continue
             bn = _read_affine(node, graph)
             if bn is None:
                 continue
-            result = bn if isinstance(bn, Refusal) else _plan_for(bn, graph, rules)
+            result = bn if isinstance(bn, Refusal) else _plan_for(bn, graph, run.rules)
             if isinstance(result, Refusal):
                 if is_batchnorm(node):
                     left.append(LeftRecord(scope + node_id(node), result.reason))
                 continue
             candidates.append(result)
+            planned_bytes += sum(update.values.nbytes for update in result.updates)
         plans: list[FoldPlan] = []
         busy: set[int] = set()
         # Backward folds claim their layer first: a forward fold into the same layer may
@@ -213,12 +225,12 @@ def _fold_graph(
             busy |= touched
             plans.append(plan)
         if not plans:
-            outcome.left += left
+            run.outcome.left += left
             return
         labels = [(scope + node_id(plan.bn.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
-        outcome.removed_initializers += apply_plans(model, graph, plans)
+        run.outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
-            outcome.folds.append(
+            run.outcome.folds.append(
                 FoldRecord(
                     bn_label,
                     "+".join(node.op_type for node in plan.bn.nodes),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
+
+from bnfold.io import tensor_values, weightless_copy
 
 # Ops whose value changes from run to run: never evaluated as constants.
 NONDETERMINISTIC_OPS = frozenset(
@@ -69,15 +71,23 @@ class GraphIndex:
 
     For a subgraph (an If/Loop/Scan body), ``parent`` indexes the enclosing graph:
     a body may read the parent's values by name, and whether those are constant
-    is the parent's answer.
+    is the parent's answer. Initializer values are read on demand and not kept, so
+    an index over a multi-GB model holds no weights.
     """
 
     def __init__(
-        self, model: onnx.ModelProto, graph: onnx.GraphProto | None = None, *, parent: GraphIndex | None = None
+        self,
+        model: onnx.ModelProto,
+        graph: onnx.GraphProto | None = None,
+        *,
+        parent: GraphIndex | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
+        self.base_dir = parent.base_dir if parent is not None else base_dir
+        """Folder of the model file: where weights kept in external data are read from."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -157,7 +167,8 @@ class GraphIndex:
         if name in self._constants:
             return self._constants[name]
         value = self._compute_constant(name)
-        self._constants[name] = value
+        if name not in self.initializers:  # weights are re-read rather than held
+            self._constants[name] = value
         return value
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
@@ -166,7 +177,7 @@ class GraphIndex:
         if self.parent is not None and self.is_outer(name):
             return self.parent.constant_value(name)
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_values(self.initializers[name], self.base_dir)
         node = self.producer_of(name)
         if node is None or node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
             return None
@@ -221,12 +232,13 @@ class GraphIndex:
 
         Declared shapes come from the graph's inputs, outputs and value_info; shape
         inference runs once per index, and only when a rule asks (most folds never
-        need a shape). A model that cannot be inferred simply has unknown shapes.
+        need a shape), on a weight-less copy so its cost does not grow with the
+        weights. A model that cannot be inferred simply has unknown shapes.
         """
         if self._shapes is None:
             self._shapes = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(self.model).graph
+                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model)).graph
             except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
                 inferred = self.graph
             for value in (*inferred.input, *inferred.output, *inferred.value_info):

@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from bnfold.errors import InputError, first_line
 
@@ -43,6 +44,14 @@ class LoadedModel:
     """Relative locations of external data files, empty for a self-contained model."""
     passes_full_check: bool
     """Whether the input passes ``check_model(full_check=True)``; the output must then too."""
+
+    def release_model(self) -> None:
+        """Drop the in-memory model once it has been written.
+
+        Its weights live in one protobuf arena that is freed only with the whole
+        message, so the message itself must go for the memory to be returned.
+        """
+        self.model = onnx.ModelProto()
 
 
 def _external_locations(model: onnx.ModelProto) -> tuple[str, ...]:
@@ -72,7 +81,11 @@ def _check_external_locations(path: Path, locations: tuple[str, ...]) -> int:
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read, validate and fully materialise a model (external data included).
+    """Read and validate a model; external data stays on disk until it is needed.
+
+    Weights in external data files are read one tensor at a time by whoever needs
+    their values (:func:`tensor_values`) and copied across when the model is saved
+    (:func:`staged_save`), so a model of several GB never sits in memory whole.
 
     Raises:
         InputError: with a one-line reason for any unusable file.
@@ -95,10 +108,6 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
     locations = _external_locations(model)
     data_bytes = _check_external_locations(path, locations)
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except OSError as error:
-        raise InputError(f"{path}: cannot read external data ({first_line(error)})") from None
     passes_full_check = check_model(model, path, full_check=True, raise_error=False)
     if not passes_full_check:
         check_model(model, path, full_check=False, raise_error=True)
@@ -111,7 +120,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     )
 
 
-# Initializers larger than this are replaced by shape-only stand-ins for the checker.
+# Initializers larger than this are replaced by shape-only stand-ins for the checker
+# and shape inference.
 _STAND_IN_THRESHOLD = 1024
 _PLACEHOLDER = "bnfold-placeholder.bin"
 # 4-bit types pack two values per byte; their data size is not dims × itemsize.
@@ -133,20 +143,11 @@ def _copy_fields(source, target, skip: str) -> None:  # noqa: ANN001 - any proto
             setattr(target, descriptor.name, value)
 
 
-def _checker_skeleton(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """The model with each large initializer replaced by a stand-in of the same name,
-    type and shape whose data lives in an (empty) external file.
-
-    The checker validates structure, types and shapes, but serializing a model to
-    hand it the weights costs as much as saving it; the weights' sizes are checked
-    here instead, which is the only thing the checker would verify about them.
-    """
-    skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
-    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+def _check_data_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every large initializer holds exactly dims × itemsize bytes: the one thing the
+    checker would verify about the weights that :func:`weightless_copy` leaves out."""
     for tensor in model.graph.initializer:
         if len(tensor.raw_data) <= _STAND_IN_THRESHOLD or tensor.data_type in _PACKED_TYPES:
-            skeleton.graph.initializer.append(tensor)
             continue
         expected = math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         if len(tensor.raw_data) != expected:
@@ -154,6 +155,25 @@ def _checker_skeleton(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
                 f"{path}: initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes "
                 f"but its shape {list(tensor.dims)} needs {expected}"
             )
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each large initializer replaced by a stand-in of the same name,
+    type and shape whose data lives in an (empty) external file.
+
+    The checker and shape inference only need structure, types and shapes, but
+    handing them the model serializes every weight, which costs as much as saving
+    it (and is impossible above protobuf's 2 GiB). Small initializers, which may be
+    shapes that inference reads, are kept as they are.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        external = external_data_helper.uses_external_data(tensor)
+        if not external and (len(tensor.raw_data) <= _STAND_IN_THRESHOLD or tensor.data_type in _PACKED_TYPES):
+            skeleton.graph.initializer.append(tensor)
+            continue
         stand_in = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         stand_in.data_location = onnx.TensorProto.EXTERNAL
         stand_in.external_data.add(key="location", value=_PLACEHOLDER)
@@ -163,11 +183,12 @@ def _checker_skeleton(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 def check_model(model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool) -> bool:
     """Run ``onnx.checker`` (optionally with strict shape inference) on a loaded model.
 
-    Checks a weight-less skeleton from a scratch folder (see :func:`_checker_skeleton`),
+    Checks a weight-less copy from a scratch folder (see :func:`weightless_copy`),
     which also works for models above protobuf's 2 GiB limit. ``path`` only names
     the model in messages. With ``raise_error`` a failure is an :class:`InputError`.
     """
-    skeleton = _checker_skeleton(model, path)
+    _check_data_sizes(model, path)
+    skeleton = weightless_copy(model)
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
         Path(scratch, _PLACEHOLDER).touch()
         skeleton_path = Path(scratch, "model.onnx")
@@ -250,16 +271,60 @@ class StagedOutput:
         os.replace(self.staged_path, self.target)
 
 
+def tensor_values(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """A tensor's values, read from its external data file (beside the model, in
+    ``base_dir``) when it has one; the tensor itself is left as it is."""
+    return numpy_helper.to_array(tensor, str(base_dir or ""))
+
+
+def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    with open(base_dir / info.location, "rb") as data:
+        data.seek(info.offset or 0)
+        return data.read(info.length) if info.length else data.read()
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path, location: str, source_dir: Path | None) -> None:
+    """Save ``model`` with its large tensors in ``location`` beside ``path``.
+
+    Tensors still in the input's data files are copied across one at a time, and
+    tensors held in memory are moved out, so memory never holds all weights at once
+    (onnx's own writer needs every tensor loaded first). Offsets are 4 KiB-aligned,
+    which lets onnxruntime map the file.
+    """
+    offset = 0
+    with open(path.parent / location, "wb") as data:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                payload = _external_bytes(tensor, source_dir or path.parent)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _STAND_IN_THRESHOLD:
+                payload = tensor.raw_data
+            else:
+                continue
+            offset = -(-offset // 4096) * 4096
+            data.seek(offset)
+            data.write(payload)
+            # (onnx's set_external_data insists on raw_data, which tensors still on disk lack)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", len(payload))):
+                tensor.external_data.add(key=key, value=str(value))
+            offset += len(payload)
+    onnx.save_model(model, str(path))
+
+
 @contextlib.contextmanager
 def staged_save(
-    model: onnx.ModelProto, target: Path, *, external_data: bool
+    model: onnx.ModelProto, target: Path, *, external_data: bool, source_dir: Path | None = None
 ) -> Iterator[StagedOutput]:
     """Write ``model`` into a hidden folder beside ``target``; always remove that folder.
 
     The caller verifies the staged file and calls :meth:`StagedOutput.commit`; if it
     does not (failure, exception, Ctrl-C), nothing is left behind. External data,
     when used, goes to ``<target name>.data`` so the input's data file is never
-    overwritten.
+    overwritten; tensors still on disk are read from ``source_dir`` (the input's
+    folder). Saving with external data moves the model's tensors out of memory.
     """
     folder = target.parent if str(target.parent) else Path(".")
     staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
@@ -269,13 +334,10 @@ def staged_save(
         use_external = external_data or payload_bytes(model) > PROTOBUF_LIMIT - 2**26
         data_location = output_data_location(target) if use_external else None
         try:
-            onnx.save_model(
-                model,
-                str(staged_path),
-                save_as_external_data=use_external,
-                all_tensors_to_one_file=True,
-                location=data_location,
-            )
+            if data_location:
+                _save_with_external_data(model, staged_path, data_location, source_dir)
+            else:
+                onnx.save_model(model, str(staged_path))
         except OSError as error:
             raise InputError(f"{target}: cannot write ({first_line(error)})") from None
         yield StagedOutput(staged_path=staged_path, target=target, data_location=data_location)

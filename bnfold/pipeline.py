@@ -157,7 +157,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     clock.lap("load")
 
     rules = with_exact_padding(options.rules) if options.exact_padding else options.rules
-    outcome = fold_batchnorms(model, rules)
+    outcome = fold_batchnorms(model, rules, base_dir=loaded.path.parent)
     problem = None
     if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
@@ -166,7 +166,11 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
 
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
-    with io.staged_save(model, staging_target, external_data=bool(loaded.external_data_files)) as staged:
+    with io.staged_save(
+        model, staging_target, external_data=bool(loaded.external_data_files), source_dir=loaded.path.parent
+    ) as staged:
+        del model
+        loaded.release_model()  # before onnxruntime loads two copies of the weights
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
         clock.lap("save")
         if options.verify and problem is None:

@@ -7,24 +7,30 @@ strict JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich import box
 from rich.console import Console, Group
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from bnfold.attribution import Attribution
+from bnfold.batch import BatchReport, ModelResult
 from bnfold.pipeline import CheckReport, FoldReport, ModelStats
 from bnfold.verify import OutputComparison, Verification
 
 FOLD_SCHEMA = "bnfold.fold/1"
 CHECK_SCHEMA = "bnfold.check/1"
-STATUS_STYLE = {"equivalent": "bold green", "not-equivalent": "bold red", "unverified": "bold yellow"}
+BATCH_SCHEMA = "bnfold.batch/1"
+STATUS_STYLE = {"equivalent": "bold green", "not-equivalent": "bold red", "unverified": "bold yellow",
+                "error": "bold red"}
 
 
 # -- JSON ---------------------------------------------------------------------------------------
@@ -72,6 +78,18 @@ def check_report_json(report: CheckReport) -> dict[str, Any]:
         status=report.status, exit_code=report.exit_code, verification=_verification_json(report.verification)
     )
     return document
+
+
+def batch_report_json(report: BatchReport) -> dict[str, Any]:
+    """Every model's full ``bnfold.fold/1`` report (null for a model that failed) and the totals."""
+    models = [
+        {"input": str(result.input), "status": result.status, "exit_code": result.exit_code,
+         "error": result.error, "seconds": result.seconds,
+         "report": fold_report_json(result.report) if result.report else None}
+        for result in report.results
+    ]
+    return {"schema": BATCH_SCHEMA, "exit_code": report.exit_code, "jobs": report.jobs, "models": models,
+            "totals": _plain(report.totals())}
 
 
 def dump_json(document: dict[str, Any]) -> str:
@@ -266,10 +284,8 @@ def render_check_report(report: CheckReport) -> Group:
 
 
 def _worst_error(verification: Verification | None) -> str:
-    if verification is None or not verification.outputs:
-        return ""
-    worst = max(output.max_abs_error for output in verification.outputs)
-    return f" (max |Δ| {_fmt(worst)})"
+    worst = verification.max_abs_error if verification else None
+    return "" if worst is None else f" (max |Δ| {_fmt(worst)})"
 
 
 def quiet_fold_line(report: FoldReport) -> str:
@@ -288,6 +304,84 @@ def quiet_fold_line(report: FoldReport) -> str:
 
 def quiet_check_line(report: CheckReport) -> str:
     return f"{report.original} vs {report.folded}: {report.status}{_worst_error(report.verification)}"
+
+
+def _error_message(result: ModelResult) -> str:
+    """The model's error without its path, which the row already shows."""
+    return (result.error or "").removeprefix(f"{result.input}: ")
+
+
+def _status_cell(result: ModelResult) -> Text:
+    label = f"error (exit {result.exit_code})" if result.report is None else result.status
+    return Text(label, style=STATUS_STYLE[result.status])
+
+
+def _change(before: str, after: str) -> str:
+    return f"{before} → {after}"
+
+
+def batch_table(report: BatchReport) -> Table:
+    """One row per model in input order, then the totals (time: wall clock of the whole run)."""
+    table = Table(box=box.SIMPLE_HEAD, title=f"Folded {len(report.results)} models (-j {report.jobs})",
+                  title_justify="left", pad_edge=False)
+    table.add_column("model", overflow="fold", min_width=16)
+    for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
+        table.add_column(column, justify="left" if column == "status" else "right",
+                         no_wrap=column not in ("nodes", "size"))
+    for result in report.results:
+        seconds = f"{result.seconds:.2f}s"
+        if result.report is None:
+            model = Text.assemble(str(result.input), "\n", (_error_message(result), "red"))
+            table.add_row(model, "-", "-", "-", _status_cell(result), "-", seconds)
+            continue
+        folded = result.report
+        table.add_row(
+            str(result.input), f"{len(folded.folds)}/{len(folded.folds) + len(folded.left)}",
+            _change(f"{folded.before.nodes:,}", f"{folded.after.nodes:,}"),
+            _change(_size(folded.before.file_bytes), _size(folded.after.file_bytes)),
+            _status_cell(result), _measured(result.max_abs_error), seconds,
+        )
+    totals = report.totals()
+    table.add_section()
+    table.add_row(
+        f"total ({totals.models} models)", f"{totals.batchnorms_folded}/{totals.batchnorms}",
+        _change(f"{totals.nodes_before:,}", f"{totals.nodes_after:,}"),
+        _change(_size(totals.file_bytes_before), _size(totals.file_bytes_after)),
+        _statuses(totals.statuses, "\n"), _measured(totals.max_abs_error), f"{totals.seconds:.2f}s",
+    )
+    return table
+
+
+def _statuses(counts: dict[str, int], separator: str = ", ") -> str:
+    return separator.join(f"{count} {status}" for status, count in sorted(counts.items()))
+
+
+def quiet_batch_lines(report: BatchReport) -> str:
+    """One ``--quiet`` line per model (errors with their exit code), then the totals."""
+    lines = [
+        quiet_fold_line(result.report) if result.report
+        else f"{result.input}: error (exit {result.exit_code}): {_error_message(result)}"
+        for result in report.results
+    ]
+    totals = report.totals()
+    lines.append(
+        f"{totals.models} models: {_statuses(totals.statuses)}; folded {totals.batchnorms_folded} of "
+        f"{totals.batchnorms} BatchNormalization in {totals.seconds:.2f}s"
+    )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult], None]]:
+    """A progress bar on stderr, shown only on a terminal and without ``--quiet``.
+
+    Yields the callback that advances it as each model finishes.
+    """
+    console = Console(stderr=True)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=console,
+                  disable=quiet or not console.is_terminal, transient=True) as progress:
+        task = progress.add_task("folding", total=total, last="")
+        yield lambda result: progress.update(task, advance=1, last=str(result.input))
 
 
 def print_human(renderable: Any, console: Console | None = None) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
 from bnfold.rules import FoldPlan, TensorUpdate
@@ -62,15 +62,16 @@ def _overwrite_data(tensor: onnx.TensorProto, values: np.ndarray) -> None:
     """Give an initializer new values of the same shape, keeping its name.
 
     Assigning ``raw_data`` directly avoids building a second TensorProto and
-    copying it over, which matters for large weights; other layouts (typed fields,
-    another dtype, big-endian hosts) go through numpy_helper.
+    copying it over, which matters for large weights; a tensor that was still in
+    the input's external data file now holds its values in memory. Other layouts
+    (typed fields, another dtype, big-endian hosts) go through numpy_helper.
     """
-    same_layout = (
-        tensor.HasField("raw_data")
-        and tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype)
-        and sys.byteorder == "little"
-    )
-    if same_layout:
+    same_type = tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype) and sys.byteorder == "little"
+    external = external_data_helper.uses_external_data(tensor)
+    if same_type and (external or tensor.HasField("raw_data")):
+        if external:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
         tensor.raw_data = np.ascontiguousarray(values).tobytes()
     else:
         tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))

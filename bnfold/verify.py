@@ -111,6 +111,11 @@ class Verification:
     def passed(self) -> bool:
         return all(output.passed for output in (*self.outputs, *self.expected))
 
+    @property
+    def max_abs_error(self) -> float | None:
+        """The largest max |Δ| over the outputs (folded vs original); None with no outputs."""
+        return max((output.max_abs_error for output in self.outputs), default=None)
+
 
 @dataclass(frozen=True)
 class Tolerances:
@@ -300,22 +305,24 @@ def verify_equivalence(
     verification = Verification(
         provider=provider, trials=[TrialInputs(t.label, t.seed, t.specs) for t in trials]
     )
+    # One session at a time: each holds a copy of the weights, so a multi-GB model
+    # would otherwise need two in memory at once. The original's outputs are kept.
     reference_session = open_session(original, "original", provider)
     output_names = [output.name for output in reference_session.get_outputs()]
+    references = [run_session(reference_session, trial.feeds, "original") for trial in trials]
+    del reference_session
     worst: dict[str, OutputComparison] = {}
     try:
         folded_session = open_session(folded, "folded", provider)
     except RuntimeFailure as failure:
         if folded_is_input:
             raise
-        reference = run_session(reference_session, trials[0].feeds, "original")
         verification.outputs = [
-            _broken_output(name, value, str(failure)) for name, value in zip(output_names, reference)
+            _broken_output(name, value, str(failure)) for name, value in zip(output_names, references[0])
         ]
         return verification
     folded_names = [output.name for output in folded_session.get_outputs()]
-    for trial in trials:
-        reference = run_session(reference_session, trial.feeds, "original")
+    for trial, reference in zip(trials, references):
         try:
             candidate = dict(zip(folded_names, run_session(folded_session, trial.feeds, "folded")))
         except RuntimeFailure as failure:

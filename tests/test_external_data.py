@@ -94,7 +94,7 @@ def test_folded_model_failing_the_checker_above_the_limit_is_not_written(
     onnx.save_model(_model(), str(source))
     monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2000)
 
-    def fold_that_breaks(model: onnx.ModelProto, *_rules: object) -> FoldOutcome:
+    def fold_that_breaks(model: onnx.ModelProto, *_rules: object, **_options: object) -> FoldOutcome:
         model.graph.node[0].input[1] = "missing_weight"
         return FoldOutcome()
 
@@ -137,3 +137,35 @@ def test_missing_external_data_file_is_refused(tmp_path: Path) -> None:
     path = _with_location(tmp_path, "gone.bin")
     with pytest.raises(InputError, match="external data file 'gone.bin' is missing"):
         io.load_model(path)
+
+
+def test_weights_on_disk_are_read_lazily_and_copied_across_unchanged(tmp_path: Path) -> None:
+    """Only folded tensors are read into memory; the others are copied file to file,
+    at 4 KiB-aligned offsets, with their values intact."""
+    b = GraphBuilder(seed=31)
+    x = b.input("x", [2, 8, 6, 6])
+    y = b.batchnorm(b.conv(x, 8, 16), 16)
+    flat = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    untouched = b.random("Wm", [16, 300])  # no BN next to it: never read for folding
+    b.output(b.node("MatMul", [flat, untouched]))
+    source = tmp_path / "net.onnx"
+    _save_external(b.model(), source, "net.onnx.data")
+
+    loaded = io.load_model(source)
+    assert all(external_data_helper.uses_external_data(t) for t in loaded.model.graph.initializer)
+
+    output = tmp_path / "out.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.written and report.verification.passed and report.after.batchnorms == 0
+    folded = onnx.load_model(str(output), load_external_data=False)
+    infos = {
+        t.name: external_data_helper.ExternalDataInfo(t)
+        for t in folded.graph.initializer if external_data_helper.uses_external_data(t)
+    }
+    assert {info.location for info in infos.values()} == {"out.onnx.data"}
+    assert all(info.offset % 4096 == 0 for info in infos.values())
+    original_values = onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(source)).graph.initializer if t.name == untouched))
+    copied_values = onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(output)).graph.initializer if t.name == untouched))
+    assert (original_values == copied_values).all()

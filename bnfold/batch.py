@@ -1,0 +1,247 @@
+"""Folding many models in one run: find them, fold each, collect one report.
+
+Each model is an ordinary :func:`bnfold.pipeline.fold_file` run. A model that
+cannot be folded (unreadable, not ONNX, failing the checker, onnxruntime unable
+to run it) becomes an error record with its one-line message and exit code, and
+the other models carry on. The run's exit code is the worst over all models,
+ordered ``3 > 2 > 1 > 0``: the numerically largest, the order ``bnfold-precommit``
+uses, so a batch run and the hook exit alike on the same files. Any failure
+outranks success, and a model that could not be folded or verified at all (2 bad
+input, 3 onnxruntime cannot run it) outranks one verified and found different
+(1): the run then vouches for fewer models than it was given.
+
+With ``jobs > 1`` models are folded in worker processes; everything a worker
+returns is picklable, and results are reported in input order whatever order
+they finish in. Ctrl-C stops the workers through SIGTERM, which each worker
+turns into an exception so the staging folder of the model it was writing is
+removed before it exits: no partial output is ever left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from bnfold import io
+from bnfold.errors import EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError
+from bnfold.pipeline import FoldOptions, FoldReport, fold_file
+
+FOLDED_SUFFIX = ".folded.onnx"
+STAGING_PREFIX = ".bnfold-"
+
+
+def _is_model_file(path: Path, folder: Path) -> bool:
+    """A ``*.onnx`` file that is not bnfold's own output or inside a staging folder."""
+    hidden = any(part.startswith(STAGING_PREFIX) for part in path.relative_to(folder).parts)
+    return path.is_file() and not path.name.endswith(FOLDED_SUFFIX) and not hidden
+
+
+def find_models(paths: Sequence[Path]) -> list[Path]:
+    """The models to fold, in argument order; folders searched recursively (sorted).
+
+    Files named on the command line are kept whatever their name (a missing or
+    broken one is reported like any bad model). Folders contribute their
+    ``*.onnx`` files except bnfold's outputs (``*.folded.onnx``) and hidden
+    staging folders (``.bnfold-*``); a folder without any stays in the list as
+    itself so it is reported rather than silently skipped. A file reached twice
+    is folded once.
+    """
+    models: list[Path] = []
+    seen: set[Path] = set()
+    for path in paths:
+        found = [p for p in sorted(path.rglob("*.onnx")) if _is_model_file(p, path)] if path.is_dir() else []
+        for model in found or [path]:
+            if model.resolve() not in seen:
+                seen.add(model.resolve())
+                models.append(model)
+    return models
+
+
+def output_in(folder: Path, model: Path) -> Path:
+    """Where ``--output-dir`` puts a model: ``FOLDER/<name>.folded.onnx``."""
+    return folder / io.default_output_path(model).name
+
+
+def check_output_collisions(models: Sequence[Path], output_dir: Path) -> None:
+    """Refuse, before any work, two models that would be written to the same file in ``output_dir``."""
+    claimed: dict[Path, Path] = {}
+    for model in models:
+        target = output_in(output_dir, model)
+        if target in claimed:
+            raise InputError(
+                f"{claimed[target]} and {model} would both be written to {target}; "
+                "rename one or fold them in separate runs"
+            )
+        claimed[target] = model
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model of a batch: its fold report, or the error that stopped it."""
+
+    input: Path
+    report: FoldReport | None
+    error: str | None
+    exit_code: int
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        return "error" if self.report is None else self.report.status
+
+    @property
+    def max_abs_error(self) -> float | None:
+        verification = self.report.verification if self.report else None
+        return verification.max_abs_error if verification else None
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """The totals row: sums over the models that were folded (errors have nothing to add)."""
+
+    models: int
+    statuses: dict[str, int]
+    batchnorms_folded: int
+    batchnorms: int
+    nodes_before: int
+    nodes_after: int
+    file_bytes_before: int
+    file_bytes_after: int
+    max_abs_error: float | None
+    seconds: float
+    """Wall-clock time of the run."""
+
+
+@dataclass
+class BatchReport:
+    """Every model's result, in the order the models were given."""
+
+    results: list[ModelResult]
+    jobs: int
+    seconds: float
+    """Wall-clock time of the whole run (less than the sum of the models' with several jobs)."""
+
+    @property
+    def exit_code(self) -> int:
+        """The worst outcome over all models: 3 > 2 > 1 > 0 (see the module docstring)."""
+        return max((result.exit_code for result in self.results), default=EXIT_OK)
+
+    def totals(self) -> BatchTotals:
+        reports = [result.report for result in self.results if result.report is not None]
+        return BatchTotals(
+            models=len(self.results),
+            statuses=dict(Counter(result.status for result in self.results)),
+            batchnorms_folded=sum(len(report.folds) for report in reports),
+            batchnorms=sum(len(report.folds) + len(report.left) for report in reports),
+            nodes_before=sum(report.before.nodes for report in reports),
+            nodes_after=sum(report.after.nodes for report in reports),
+            file_bytes_before=sum(report.before.file_bytes or 0 for report in reports),
+            file_bytes_after=sum(report.after.file_bytes or 0 for report in reports),
+            max_abs_error=max((r.max_abs_error for r in self.results if r.max_abs_error is not None), default=None),
+            seconds=self.seconds,
+        )
+
+
+def fold_one(model: Path, options: FoldOptions) -> ModelResult:
+    """Fold one model of a batch; bnfold's errors become the model's error record."""
+    start = time.perf_counter()
+    try:
+        report = fold_file(model, options)
+    except BnfoldError as error:
+        return ModelResult(model, None, str(error), error.exit_code, time.perf_counter() - start)
+    return ModelResult(model, report, None, report.exit_code, time.perf_counter() - start)
+
+
+class _Stopped(SystemExit):
+    """Raised in a worker by SIGTERM. A SystemExit, so an idle worker exits without a traceback."""
+
+
+def _stop_on_sigterm(_signal: int, _frame: FrameType | None) -> None:
+    raise _Stopped(EXIT_INTERRUPTED)
+
+
+def _start_worker() -> None:
+    """Ctrl-C reaches every process of the terminal's group: workers leave it to the
+    parent, which stops them with SIGTERM, raised here as an exception so cleanup runs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def _fold_in_worker(model: Path, options: FoldOptions) -> ModelResult:
+    try:
+        return fold_one(model, options)
+    except _Stopped:
+        # The staging folder is gone (``finally`` ran); exit now rather than take the next queued model.
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Cancel queued models and stop the running ones, waiting until their cleanup is done."""
+    processes = list((executor._processes or {}).values())  # noqa: SLF001 - no public handle before 3.14
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join()
+
+
+def fold_models(
+    models: Sequence[Path],
+    options: FoldOptions,
+    *,
+    output_dir: Path | None = None,
+    jobs: int = 1,
+    on_result: Callable[[ModelResult], None] | None = None,
+) -> BatchReport:
+    """Fold every model with the same options; ``on_result`` hears of each as it finishes.
+
+    ``options.output`` is ignored: each model gets its own output, beside it or in
+    ``output_dir``. ``jobs == 1`` folds in this process.
+
+    Raises:
+        InputError: before any work, when two models would be written to the same file.
+    """
+    if output_dir is not None:
+        check_output_collisions(models, output_dir)
+    per_model = [
+        dataclasses.replace(options, output=output_in(output_dir, model) if output_dir else None) for model in models
+    ]
+    notify = on_result or (lambda _result: None)
+    start = time.perf_counter()
+    if jobs == 1 or len(models) <= 1:
+        results = []
+        for model, model_options in zip(models, per_model):
+            results.append(fold_one(model, model_options))
+            notify(results[-1])
+    else:
+        results = _fold_in_workers(models, per_model, jobs, notify)
+    return BatchReport(results=results, jobs=jobs, seconds=time.perf_counter() - start)
+
+
+def _fold_in_workers(
+    models: Sequence[Path], per_model: Sequence[FoldOptions], jobs: int, notify: Callable[[ModelResult], None]
+) -> list[ModelResult]:
+    executor = ProcessPoolExecutor(max_workers=min(jobs, len(models)), initializer=_start_worker)
+    try:
+        futures: dict[Future[ModelResult], int] = {
+            executor.submit(_fold_in_worker, model, model_options): index
+            for index, (model, model_options) in enumerate(zip(models, per_model))
+        }
+        results: list[ModelResult | None] = [None] * len(models)
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            notify(future.result())
+    except BaseException:
+        _stop_workers(executor)
+        raise
+    executor.shutdown()
+    return [result for result in results if result is not None]
