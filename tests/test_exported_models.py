@@ -30,7 +30,8 @@ LEFT: dict[str, tuple[int, str]] = {
     # a ReLU stands between each and the Conv. The final BN→Flatten→Linear folds.
     **{f"densenet-{variant}": (2, "no foldable neighbour: input from ") for variant in VARIANTS},
     # BatchNorm1d on [N, C, L] before a Linear over L: it scales rows, the Linear mixes columns.
-    **{f"mlp-{variant}": (1, "the BN normalizes axis 1 of a rank-3 tensor, but MatMul ") for variant in VARIANTS},
+    **{f"mlp-{variant}": (1, "the BN normalizes axis 1 of a rank-3 tensor, but MatMul ")
+       for variant in (*VARIANTS, "dynamo-noopt-fp64")},
 }
 
 
