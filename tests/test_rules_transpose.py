@@ -21,7 +21,9 @@ def test_linear_then_transposed_batchnorm1d_folds_into_matmul_and_bias() -> None
     b.output(b.node("Transpose", [z], perm=[0, 2, 1]))
     check = fold_and_compare(b.model())
 
-    assert [(r.rule, r.target) for r in check.outcome.folds] == [("matmul-add-bn through Transpose", "Transpose 'transpose0'")]
+    assert [(r.rule, r.target) for r in check.outcome.folds] == [
+        ("matmul-add-bn through Transpose", "Transpose 'transpose0', Add 'add0'")
+    ]
     assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add", "Transpose", "Transpose"]
 
 

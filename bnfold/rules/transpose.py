@@ -69,7 +69,9 @@ class TransposedLayerIntoBatchNorm(FoldRule):
                     target=transpose,
                     direction="backward",
                     updates=inner.updates,
-                    notes=[*inner.notes, f"{describe(inner.target)} output reaches the BN through {describe(transpose)}"],
+                    notes=[*inner.notes, f"{describe(inner.target)} absorbs the BN; {describe(transpose)} "
+                                         "now writes the BN's output"],
+                    also_targets=[inner.target],
                     added_biases=inner.added_biases,
                 )
             if isinstance(inner, Refusal):
