@@ -69,3 +69,35 @@ def test_transpose_output_read_elsewhere_is_refused_with_the_reader() -> None:
     outcome = fold_batchnorms(b.model())
 
     assert [record.reason for record in outcome.left] == ["Transpose 'transpose0' output also feeds Relu 'relu0'"]
+
+
+def test_identity_and_inference_dropout_between_conv_and_batchnorm_fold_through() -> None:
+    b = GraphBuilder(seed=6)
+    y = b.node("Identity", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)])
+    z = b.node("Dropout", [b.conv(b.node("Relu", [b.batchnorm(y, 4)]), 4, 4)], ratio=0.5)
+    b.output(b.batchnorm(z, 4))
+    check = fold_and_compare(b.model(opset=11))
+
+    assert sorted(r.rule for r in check.outcome.folds) == ["conv-bn through Dropout", "conv-bn through Identity"]
+    assert op_count(check.folded, "BatchNormalization") == 0
+
+
+def test_dropout_whose_mask_is_read_is_refused_with_the_reason() -> None:
+    b = GraphBuilder(seed=7)
+    dropout = b.node("Dropout", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)], n_outputs=2)
+    b.output(b.batchnorm(dropout, 4))
+    b.output(b.node("Cast", [dropout + "1"], to=1))
+    outcome = fold_batchnorms(b.model())
+
+    assert [record.reason for record in outcome.left] == [
+        "Dropout 'dropout0' may drop values (training mode or its mask is used)"
+    ]
+
+
+def test_a_bias_add_after_a_transposed_matmul_is_not_moved_before_the_transpose() -> None:
+    b = GraphBuilder(seed=8)
+    t = b.node("Transpose", [_linear_3d(b, b.input("x", [2, 5, 6]), 6, 4, bias=False)], perm=[0, 2, 1])
+    b.output(b.node("Add", [t, b.const("c", np.ones((4, 1), np.float32))]))
+    model = b.model()
+
+    assert fold_batchnorms(model).folds == []
