@@ -111,6 +111,8 @@ class BatchTotals:
     statuses: dict[str, int]
     batchnorms_folded: int
     batchnorms: int
+    affines_folded: int
+    """Decomposed BN forms (per-channel Mul/Add chains) folded."""
     nodes_before: int
     nodes_after: int
     file_bytes_before: int
@@ -139,8 +141,9 @@ class BatchReport:
         return BatchTotals(
             models=len(self.results),
             statuses=dict(Counter(result.status for result in self.results)),
-            batchnorms_folded=sum(len(report.folds) for report in reports),
-            batchnorms=sum(len(report.folds) + len(report.left) for report in reports),
+            batchnorms_folded=sum(report.batchnorms_folded for report in reports),
+            batchnorms=sum(report.batchnorms_total for report in reports),
+            affines_folded=sum(report.affines_folded for report in reports),
             nodes_before=sum(report.before.nodes for report in reports),
             nodes_after=sum(report.after.nodes for report in reports),
             file_bytes_before=sum(report.before.file_bytes or 0 for report in reports),

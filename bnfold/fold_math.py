@@ -212,37 +212,43 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
 _BLOCK = 1 << 16
 
 
-def _blocks(first: np.ndarray, second: np.ndarray):  # noqa: ANN202 - a generator of array pairs
-    """Matching float64 blocks of two arrays broadcast together (a Gemm bias may broadcast)."""
-    first, second = np.asarray(first), np.asarray(second)
-    if first.shape != second.shape:
-        first, second = (np.ascontiguousarray(a) for a in np.broadcast_arrays(first, second))
-    first, second = first.reshape(-1), second.reshape(-1)
-    for start in range(0, first.size, _BLOCK):
-        yield first[start : start + _BLOCK].astype(np.float64), second[start : start + _BLOCK].astype(np.float64)
+def _blocks(*arrays: np.ndarray):  # noqa: ANN202 - a generator of tuples of arrays
+    """Matching blocks (views) of arrays broadcast together (a Gemm bias may broadcast).
+
+    Callers combine them with ufuncs that promote to float64 element by element, so
+    no widened copy of a whole block is made."""
+    arrays = tuple(np.asarray(a) for a in arrays)
+    if len({a.shape for a in arrays}) > 1:
+        arrays = tuple(np.ascontiguousarray(a) for a in np.broadcast_arrays(*arrays))
+    flat = [a.reshape(-1) for a in arrays]
+    for start in range(0, flat[0].size, _BLOCK):
+        yield tuple(a[start : start + _BLOCK] for a in flat)
 
 
-def max_relative_change(old: np.ndarray, new: np.ndarray) -> float:
-    """Largest ``|new - old| / |old|`` over the elements where ``old`` is non-zero (0 if none).
+def fold_effect(old: np.ndarray | None, exact: np.ndarray, cast: np.ndarray) -> tuple[float | None, float]:
+    """How far a fold moved a tensor and what casting it back cost, in one pass.
 
-    Reported per fold so a user sees how far the fold moved the weights (``|s - 1|``
-    for a plain scale), which is what amplifies rounding in low precision.
+    Returns the largest ``|exact - old| / |old|`` over elements where ``old`` is non-zero
+    (``|s - 1|`` for a plain scale: what amplifies rounding in low precision; None when
+    there was no old tensor, e.g. a created bias) and the largest ``|cast - exact|``.
+    One blocked pass keeps float64 temporaries in cache, so measuring a large weight
+    costs far less than a whole-tensor expression would.
     """
-    worst = 0.0
-    for before, after in _blocks(old, new):
-        nonzero = before != 0
-        if nonzero.any():
-            worst = max(worst, float(np.max(np.abs(after[nonzero] - before[nonzero]) / np.abs(before[nonzero]))))
-    return worst
-
-
-def max_abs_difference(cast: np.ndarray, exact: np.ndarray) -> float:
-    """Largest ``|cast - exact|`` in float64: the rounding the cast back to the model's dtype cost."""
-    worst = 0.0
-    for rounded, precise in _blocks(cast, exact):
-        if rounded.size:
-            worst = max(worst, float(np.max(np.abs(rounded - precise))))
-    return worst
+    worst_change, worst_rounding = 0.0, 0.0
+    reference = np.zeros((), exact.dtype) if old is None else old
+    for before, precise, rounded in _blocks(reference, exact, cast):
+        if not precise.size:
+            continue
+        difference = np.subtract(precise, rounded, dtype=np.float64)
+        worst_rounding = max(worst_rounding, float(np.max(np.abs(difference, out=difference))))
+        if old is not None:
+            magnitude = np.abs(before.astype(np.float64))
+            change = np.subtract(precise, before, dtype=np.float64)
+            np.abs(change, out=change)
+            np.divide(change, magnitude, out=change, where=magnitude > 0)
+            change[magnitude == 0] = 0.0
+            worst_change = max(worst_change, float(change.max()))
+    return (None if old is None else worst_change), worst_rounding
 
 
 def scale_convtranspose_weight(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:

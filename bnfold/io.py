@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,8 +328,14 @@ def staged_save(
     folder). Saving with external data moves the model's tensors out of memory.
     """
     folder = target.parent if str(target.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=folder))
+    # The name is chosen before the folder exists, so that an interrupt landing
+    # anywhere (even between mkdir and the return of mkdtemp) still finds it to remove.
+    staging = folder / f".bnfold-{uuid.uuid4().hex}"  # 128 random bits: never an existing folder
     try:
+        try:
+            staging.mkdir(mode=0o700)
+        except OSError as error:
+            raise InputError(f"{target}: cannot write in {folder} ({first_line(error)})") from None
         staged_path = staging / target.name
         # 64 MiB of headroom for everything that is not initializer data.
         use_external = external_data or payload_bytes(model) > PROTOBUF_LIMIT - 2**26
@@ -342,4 +349,18 @@ def staged_save(
             raise InputError(f"{target}: cannot write ({first_line(error)})") from None
         yield StagedOutput(staged_path=staged_path, target=target, data_location=data_location)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_folder(staging)
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove ``folder`` even if an interrupt (Ctrl-C, a stopping worker) lands
+    during the removal: finish removing it, then let the interrupt through."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            break
+        except BaseException as error:  # noqa: BLE001 - re-raised once the folder is gone
+            interrupted = error
+    if interrupted is not None:
+        raise interrupted

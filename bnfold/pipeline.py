@@ -118,6 +118,21 @@ class FoldReport:
     timings: dict[str, float]
 
     @property
+    def batchnorms_folded(self) -> int:
+        """BatchNormalization nodes folded (decomposed Mul/Add affines not counted)."""
+        return sum(fold.kind == "BatchNormalization" for fold in self.folds)
+
+    @property
+    def batchnorms_total(self) -> int:
+        """BatchNormalization nodes the model had, subgraphs and functions included."""
+        return self.batchnorms_folded + len(self.left)
+
+    @property
+    def affines_folded(self) -> int:
+        """Decomposed BN forms (per-channel Mul/Add chains) folded."""
+        return len(self.folds) - self.batchnorms_folded
+
+    @property
     def status(self) -> str:
         if self.problem or (self.verification and not self.verification.passed):
             return "not-equivalent"

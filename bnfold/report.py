@@ -248,10 +248,12 @@ def render_fold_report(report: FoldReport) -> Group:
     parts: list[Any] = [_headline(str(report.input), target, report.status), ""]
     parts.append(stats_table(report.before, report.after))
     folds = Table(box=box.SIMPLE_HEAD, title=f"Folded ({len(report.folds)})", title_justify="left")
-    for column in ("BatchNormalization", "into", "rule", "max rel Δw", "rounding", "notes"):
+    for column in ("folded", "into", "rule", "max rel Δw", "rounding", "notes"):
         folds.add_column(column, justify="right" if column in ("max rel Δw", "rounding") else "left")
     for fold in report.folds:
-        folds.add_row(fold.batchnorm, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
+        # A decomposed BN (e.g. Mul+Add) is named by its first node: say what it was.
+        folded = fold.batchnorm if fold.kind == "BatchNormalization" else f"{fold.batchnorm} ({fold.kind})"
+        folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
                       _measured(fold.max_rounding_error), "; ".join(fold.notes))
     parts.append(folds)
     if report.left:
@@ -288,8 +290,12 @@ def _worst_error(verification: Verification | None) -> str:
     return "" if worst is None else f" (max |Δ| {_fmt(worst)})"
 
 
+def _affines(report: FoldReport) -> str:
+    count = report.affines_folded
+    return f" (+{count} decomposed affine{'s' if count != 1 else ''})" if count else ""
+
+
 def quiet_fold_line(report: FoldReport) -> str:
-    total = len(report.folds) + len(report.left)
     where = "dry run" if report.dry_run else (str(report.output) if report.written else "not written")
     culprits = ""
     if report.attribution and report.attribution.guilty:
@@ -297,8 +303,8 @@ def quiet_fold_line(report: FoldReport) -> str:
             f"{'+'.join(g.batchnorms)} → {'+'.join(g.targets)}" for g in report.attribution.guilty
         )
     return (
-        f"{report.input} → {where}: folded {len(report.folds)} of {total} BatchNormalization, "
-        f"{report.status}{_worst_error(report.verification)}{culprits}"
+        f"{report.input} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
+        f"BatchNormalization{_affines(report)}, {report.status}{_worst_error(report.verification)}{culprits}"
     )
 
 
@@ -317,17 +323,31 @@ def _status_cell(result: ModelResult) -> Text:
 
 
 def _change(before: str, after: str) -> str:
-    return f"{before} → {after}"
+    return f"{before}→{after}"
+
+
+def _size_change(before: int | None, after: int | None) -> str:
+    """The new size and its change in percent: narrow enough for an 80-column table."""
+    if not before or after is None:
+        return _size(after)
+    return f"{_size(after)} ({(after - before) / before:+.0%})"
+
+
+def _batchnorm_counts(folded: int, total: int, affines: int) -> str:
+    return f"{folded}/{total}" + (f" +{affines}" if affines else "")
 
 
 def batch_table(report: BatchReport) -> Table:
-    """One row per model in input order, then the totals (time: wall clock of the whole run)."""
+    """One row per model in input order, then the totals (time: wall clock of the whole run).
+
+    "BNs" is BatchNormalization nodes folded/present, then "+N" decomposed affines folded.
+    """
     table = Table(box=box.SIMPLE_HEAD, title=f"Folded {len(report.results)} models (-j {report.jobs})",
                   title_justify="left", pad_edge=False)
-    table.add_column("model", overflow="fold", min_width=16)
+    longest_name = max((len(str(result.input)) for result in report.results), default=16)
+    table.add_column("model", overflow="fold", min_width=min(max(longest_name, 16), 24))
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
-        table.add_column(column, justify="left" if column == "status" else "right",
-                         no_wrap=column not in ("nodes", "size"))
+        table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for result in report.results:
         seconds = f"{result.seconds:.2f}s"
         if result.report is None:
@@ -336,17 +356,19 @@ def batch_table(report: BatchReport) -> Table:
             continue
         folded = result.report
         table.add_row(
-            str(result.input), f"{len(folded.folds)}/{len(folded.folds) + len(folded.left)}",
+            str(result.input),
+            _batchnorm_counts(folded.batchnorms_folded, folded.batchnorms_total, folded.affines_folded),
             _change(f"{folded.before.nodes:,}", f"{folded.after.nodes:,}"),
-            _change(_size(folded.before.file_bytes), _size(folded.after.file_bytes)),
+            _size_change(folded.before.file_bytes, folded.after.file_bytes),
             _status_cell(result), _measured(result.max_abs_error), seconds,
         )
     totals = report.totals()
     table.add_section()
     table.add_row(
-        f"total ({totals.models} models)", f"{totals.batchnorms_folded}/{totals.batchnorms}",
+        f"total ({totals.models} models)",
+        _batchnorm_counts(totals.batchnorms_folded, totals.batchnorms, totals.affines_folded),
         _change(f"{totals.nodes_before:,}", f"{totals.nodes_after:,}"),
-        _change(_size(totals.file_bytes_before), _size(totals.file_bytes_after)),
+        _size_change(totals.file_bytes_before, totals.file_bytes_after),
         _statuses(totals.statuses, "\n"), _measured(totals.max_abs_error), f"{totals.seconds:.2f}s",
     )
     return table

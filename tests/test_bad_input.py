@@ -134,3 +134,39 @@ def test_unwritable_json_report_path(model: Path) -> None:
     result = invoke(model, "--json", target, "--quiet")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"bnfold: error: {target}: cannot write JSON report")
+
+
+def test_output_folder_that_refuses_files(model: Path) -> None:
+    """/proc accepts no new files, even from root (for whom permission bits do not count)."""
+    target = Path("/proc/bnfold-out.onnx")
+    result = invoke(model, "-o", target)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"bnfold: error: {target}: cannot write in /proc (")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_graph_with_a_cycle_is_refused(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
+        "cycle", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])],
+    )
+    path = write_bytes(tmp_path, "cycle.onnx", helper.make_model(graph).SerializeToString())
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"bnfold: error: {path}: fails onnx.checker (")
+    assert "topologically sorted" in result.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"cycle.onnx"}
+
+
+def test_initializer_with_the_wrong_number_of_bytes_is_refused(tmp_path: Path) -> None:
+    model = onnx.load(str(SAMPLES / "cnn_residual.onnx"))
+    weight = next(t for t in model.graph.initializer if len(t.raw_data) > 2048)
+    weight.raw_data = weight.raw_data[:-4]
+    path = write_bytes(tmp_path, "short.onnx", model.SerializeToString())
+    result = invoke(path)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"bnfold: error: {path}: initializer '{weight.name}' holds {len(weight.raw_data)} bytes "
+        f"but its shape {list(weight.dims)} needs {len(weight.raw_data) + 4}\n"
+    )

@@ -225,11 +225,9 @@ def weight_and_bias_updates(
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
-    bias_change = None if bias is None else fold_math.max_relative_change(bias, folded_bias)
     return [
-        TensorUpdate(node, 1, new_weight, "weight", fold_math.max_relative_change(weight, folded_weight),
-                     fold_math.max_abs_difference(new_weight, folded_weight)),
-        TensorUpdate(node, 2, new_bias, "bias", bias_change, fold_math.max_abs_difference(new_bias, folded_bias)),
+        TensorUpdate(node, 1, new_weight, "weight", *fold_math.fold_effect(weight, folded_weight, new_weight)),
+        TensorUpdate(node, 2, new_bias, "bias", *fold_math.fold_effect(bias, folded_bias, new_bias)),
     ]
 
 
