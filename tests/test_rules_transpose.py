@@ -101,3 +101,17 @@ def test_a_bias_add_after_a_transposed_matmul_is_not_moved_before_the_transpose(
     model = b.model()
 
     assert fold_batchnorms(model).folds == []
+
+
+def test_gemm_then_identity_then_batchnorm_folds_unless_beta_must_change() -> None:
+    b = GraphBuilder(seed=9)
+    x = b.input("x", [3, 6])
+    b.output(b.batchnorm(b.node("Identity", [b.gemm(x, 6, 4)]), 4))
+    b.output(b.batchnorm(b.node("Identity", [b.gemm(x, 6, 4, bias=False, beta=0.5)]), 4))
+    model = b.model()
+    check = fold_and_compare(model)
+
+    assert [r.rule for r in check.outcome.folds] == ["gemm-bn through Identity"]
+    assert [r.reason for r in check.outcome.left] == [
+        "through Identity 'identity1': Gemm 'gemm1' would need beta changed"
+    ]

@@ -17,8 +17,8 @@ affine sits directly after the layer, so the ordinary backward rules fold it; th
 middle node then writes the BN's output. Preconditions: the middle node's output
 feeds only the BN, a Dropout is in inference mode with its mask unused, and the
 layer's rule accepts the moved axis (e.g. a MatMul's channels are its last axis,
-a Conv's axis 1). Gemm is not offered: its fold may change its ``beta``, an
-attribute the middle node (the plan's target) does not have.
+a Conv's axis 1). A Gemm whose fold would change its ``beta`` (C absent or ignored,
+``beta != 1``) is refused: plan attributes apply to the plan's target, the middle node.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from bnfold.graph import GraphIndex, describe
 from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, is_standard
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
+from bnfold.rules.gemm import GemmIntoBatchNorm
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 
-# Backward rules whose plans change only tensors (no attributes of their target).
+# The backward rules, tried on the affine moved before the middle node.
 LAYER_RULES: tuple[FoldRule, ...] = (
-    ConvIntoBatchNorm(), ConvTransposeIntoBatchNorm(), MatMulIntoBatchNorm(), MatMulAddIntoBatchNorm(),
+    ConvIntoBatchNorm(), GemmIntoBatchNorm(), ConvTransposeIntoBatchNorm(), MatMulIntoBatchNorm(),
+    MatMulAddIntoBatchNorm(),
 )
 
 
@@ -84,6 +86,8 @@ class TransposedLayerIntoBatchNorm(FoldRule):
         refusals = []
         for rule in LAYER_RULES:
             inner = rule.plan(moved, graph)
+            if isinstance(inner, FoldPlan) and inner.attributes:
+                inner = Refusal(f"{describe(inner.target)} would need {', '.join(inner.attributes)} changed")
             if isinstance(inner, FoldPlan):
                 if inner.added_biases and len(bn.nodes) == 1 and bn.node.op_type in ("Add", "Sub"):
                     return None  # it would only move a bias Add before the middle node
