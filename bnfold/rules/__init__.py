@@ -19,6 +19,7 @@ from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfter
 from bnfold.rules.gemm import GemmIntoBatchNorm
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
+from bnfold.rules.transpose import TransposedLayerIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
@@ -29,6 +30,7 @@ RULES: tuple[FoldRule, ...] = (
     ConvTransposeIntoBatchNorm(),
     MatMulIntoBatchNorm(),
     MatMulAddIntoBatchNorm(),
+    TransposedLayerIntoBatchNorm(),
     LinearAfterBatchNorm(),
     FlattenLinearAfterBatchNorm(),
     ConvAfterBatchNorm(),

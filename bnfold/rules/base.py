@@ -356,6 +356,10 @@ class ConsumerFold:
     notes: list[str] = field(default_factory=list)
 
 
+# Ops that read only the shape of their input, which folding an affine map never changes.
+SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
 def is_standard(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -373,6 +377,8 @@ class IntoConsumer(FoldRule):
     2. the BN output is not a graph output, which must keep the normalized values;
     3. *every* reader is one of ``consumer_ops`` and reads it as its data input (input 0):
        a reader that cannot absorb the BN would still need the normalized values.
+       ``Shape`` and ``Size`` readers are the exception (``x.view(x.size(0), -1)``): a BN
+       keeps its input's shape, so they read the BN's input instead.
 
     Each reader then gets its own tensors (:meth:`absorb`); a weight shared between
     readers is cloned by the rewrite, never overwritten.
@@ -381,7 +387,9 @@ class IntoConsumer(FoldRule):
     consumer_ops: frozenset[str]
 
     def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
-        consumers = graph.consumers_of(bn.output_name)
+        consumers, shape_readers = [], []
+        for node in graph.consumers_of(bn.output_name):
+            (shape_readers if is_standard(node) and node.op_type in SHAPE_READERS else consumers).append(node)
         if not any(is_standard(node) and node.op_type in self.consumer_ops for node in consumers):
             return None
         if bn.output_name in graph.graph_outputs:
@@ -404,7 +412,7 @@ class IntoConsumer(FoldRule):
             direction="forward",
             updates=[update for fold in folds for update in fold.updates],
             notes=[note for fold in folds for note in fold.notes],
-            also_targets=[*consumers[1:], *(node for fold in folds for node in fold.also_changed)],
+            also_targets=[*consumers[1:], *shape_readers, *(node for fold in folds for node in fold.also_changed)],
             added_biases=[added for fold in folds for added in fold.added_biases],
         )
 
