@@ -220,15 +220,17 @@ def weight_and_bias_updates(
     weight's dtype when it is created) and describe them as updates of inputs 1 and 2,
     with how far they moved and what the cast cost (shown per fold in the report)."""
     try:
-        new_weight = fold_math.cast_back(folded_weight, weight.dtype, "weight")
-        new_bias = fold_math.cast_back(
-            folded_bias, (weight if bias is None else bias).dtype, "bias"
+        new_weight, weight_change, weight_rounding = fold_math.cast_with_effect(
+            folded_weight, weight.dtype, weight, "weight"
+        )
+        new_bias, bias_change, bias_rounding = fold_math.cast_with_effect(
+            folded_bias, (weight if bias is None else bias).dtype, bias, "bias"
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
     return [
-        TensorUpdate(node, 1, new_weight, "weight", *fold_math.fold_effect(weight, folded_weight, new_weight)),
-        TensorUpdate(node, 2, new_bias, "bias", *fold_math.fold_effect(bias, folded_bias, new_bias)),
+        TensorUpdate(node, 1, new_weight, "weight", weight_change, weight_rounding),
+        TensorUpdate(node, 2, new_bias, "bias", bias_change, bias_rounding),
     ]
 
 
