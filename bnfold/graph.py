@@ -217,13 +217,6 @@ class GraphIndex:
                 return np.empty(0, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
         return None
 
-    def constant_origin(self, name: str) -> str:
-        """Where a constant comes from, for notes: 'initializer', 'Constant node', or the op."""
-        if name in self.initializers:
-            return "initializer"
-        node = self.producer_of(name)
-        return "graph input" if node is None else f"{node.op_type} node"
-
     # -- shapes ------------------------------------------------------------------------------
 
     def static_shape(self, name: str) -> tuple[int | None, ...] | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from onnx import helper, numpy_helper
 
 from bnfold import pipeline
@@ -28,7 +28,7 @@ def cnn(tmp_path: Path) -> Path:
     return Path(shutil.copy(SAMPLES / "cnn_residual.onnx", tmp_path / "cnn.onnx"))
 
 
-def run(*args: str) -> "click.testing.Result":  # noqa: F821
+def run(*args: str) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
