@@ -241,12 +241,13 @@ def cast_with_effect(
         difference = np.subtract(precise, rounded, dtype=np.float64)
         worst_rounding = max(worst_rounding, float(np.max(np.abs(difference, out=difference))))
         if flat_old is not None:
-            before = flat_old[start : start + _BLOCK].astype(np.float64)
-            change = np.abs(precise - before)
-            magnitude = np.abs(before, out=before)
-            np.divide(change, magnitude, out=change, where=magnitude > 0)
-            change[magnitude == 0] = 0.0
-            worst_change = max(worst_change, float(change.max()))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.divide(precise, flat_old[start : start + _BLOCK], dtype=np.float64)
+            change = np.abs(np.subtract(ratio, 1.0, out=ratio), out=ratio)
+            largest = float(change.max())
+            if not np.isfinite(largest):  # rare: zeros in the old tensor have no relative change
+                largest = float(np.max(change[np.isfinite(change)], initial=0.0))
+            worst_change = max(worst_change, largest)
     return cast, (None if old is None else worst_change), worst_rounding
 
 
