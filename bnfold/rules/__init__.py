@@ -17,13 +17,14 @@ from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import ConvAfterBatchNorm
 from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules.layout import LayerAcrossLayout, LayoutAcrossLayer
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
 
-RULES: tuple[FoldRule, ...] = (
+LAYER_RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
     GemmIntoBatchNorm(),
     ConvTransposeIntoBatchNorm(),
@@ -32,14 +33,29 @@ RULES: tuple[FoldRule, ...] = (
     LinearAfterBatchNorm(),
     FlattenLinearAfterBatchNorm(),
     ConvAfterBatchNorm(),
+)
+
+RULES: tuple[FoldRule, ...] = (
+    *LAYER_RULES,
+    # The same layer rules across a Transpose/Squeeze/Unsqueeze (tf2onnx's NHWC layout).
+    LayerAcrossLayout(LAYER_RULES),
+    LayoutAcrossLayer(LAYER_RULES),
     BatchNormIntoBatchNorm(),  # last: an affine merges into a BN only when no layer takes it
 )
 
 
 def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
-    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``)."""
-    return tuple(ConvAfterBatchNorm(exact_padding=True) if isinstance(rule, ConvAfterBatchNorm) else rule
-                 for rule in rules)
+    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``),
+    across a layout node too."""
+
+    def padded(rule: FoldRule) -> FoldRule:
+        if isinstance(rule, ConvAfterBatchNorm):
+            return ConvAfterBatchNorm(exact_padding=True)
+        if isinstance(rule, LayoutAcrossLayer):
+            return LayoutAcrossLayer(tuple(padded(inner) for inner in rule.rules))
+        return rule
+
+    return tuple(padded(rule) for rule in rules)
 
 
 __all__ = [

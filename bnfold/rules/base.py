@@ -113,6 +113,9 @@ class FoldPlan:
     """Further nodes a forward fold changes (other consumers of the BN, or the layer
     behind a Flatten); ``attributes`` apply to ``target`` only."""
     added_biases: list[AddedBias] = field(default_factory=list)
+    output_node: onnx.NodeProto | None = None
+    """Backward only: the node that takes over the BN's output name, when not ``target``
+    (a Transpose between the layer and the BN stays, reading the layer's output)."""
 
     @property
     def targets(self) -> list[onnx.NodeProto]:
@@ -126,6 +129,7 @@ class FoldPlan:
             *self.targets,
             *(update.node for update in self.updates),
             *(added.node for added in self.added_biases),
+            *([self.output_node] if self.output_node is not None else []),
         ]
 
 
