@@ -119,6 +119,23 @@ def test_affine_folds_across_unsqueeze_into_conv() -> None:
     assert [fold.rule for fold in check.outcome.folds] == ["bn-conv across Unsqueeze"]
 
 
+def test_affine_folds_across_unsqueeze_then_transpose_into_conv1d() -> None:
+    """tf2onnx's Conv1D on a channels-last input: Mul → Add by [C] → Unsqueeze → Transpose → Conv."""
+    b = GraphBuilder(seed=13)
+    x = b.node("Unsqueeze", [decomposed_bn(b, b.input("x", [2, 9, 3]), [3]), b.const("axes", np.array([1]))])
+    y = b.conv(b.node("Transpose", [x], perm=NHWC_TO_NCHW), 3, 4, kernel=(1, 3), pads=[0, 0, 0, 0])
+    b.output(y)
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [(fold.rule, fold.target, fold.notes) for fold in check.outcome.folds] == [
+        (
+            "bn-conv across Unsqueeze, Transpose",
+            "Conv 'conv0', Transpose 'transpose0', Unsqueeze 'unsqueeze0'",
+            ("across Unsqueeze 'unsqueeze0'", "across Transpose 'transpose0'"),
+        )
+    ]
+
+
 def test_input_affine_across_transpose_into_padded_conv_needs_exact_padding() -> None:
     def model():  # noqa: ANN202 - a fresh model per fold
         b = GraphBuilder(seed=8)

@@ -40,6 +40,8 @@ EXPECTED = {
     "conv1d_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("conv-bn across Squeeze",)),
     # BN on the NHWC input: Mul → Add → Transpose → unpadded Conv.
     "bn_input_conv": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv across Transpose",)),
+    # BN on the NLC input of a Conv1D: Mul → Add → Unsqueeze → Transpose → Conv.
+    "bn_input_conv1d": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv across Unsqueeze, Transpose",)),
     # FusedBatchNormV3 becomes BatchNormalization; tf2onnx fuses the one after the Conv itself.
     "fused_batchnorm_block": Expected((1, 0, 0, 2), (0, 0, 0, 2), ("bn-conv",)),
     # After Concatenate and after Add of two Convs: the Convs feed both merges, nothing folds.

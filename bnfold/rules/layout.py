@@ -119,9 +119,10 @@ def _plan_moved(
     for rule in rules:
         planned = rule.plan(moved, graph)
         if isinstance(planned, FoldPlan):
+            rule, _, crossed = planned.rule.partition(" across ")  # crossed: layout nodes after this one
             return dataclasses.replace(
-                planned, rule=f"{planned.rule} across {layout.op_type}", bn=bn,
-                notes=[*planned.notes, f"across {describe(layout)}"],
+                planned, rule=f"{rule} across {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
+                notes=[f"across {describe(layout)}", *planned.notes],
             )
         if isinstance(planned, Refusal):
             refusals.append(planned.reason)
@@ -163,7 +164,11 @@ class LayerAcrossLayout(FoldRule):
 
 
 class LayoutAcrossLayer(FoldRule):
-    """``layer(M(affine(x)))`` → ``layer'(M(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze."""
+    """``layer(M(affine(x)))`` → ``layer'(M(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze.
+
+    ``M`` may be a chain of them (tf2onnx's Conv1D reads its NLC input through
+    ``Unsqueeze → Transpose``): the affine is moved across one node at a time.
+    """
 
     name = "bn-layout"
 
@@ -187,7 +192,7 @@ class LayoutAcrossLayer(FoldRule):
             output_name=layout.output[0],
             channel_axis=_as_channel_axis(move.sources.index(axis), len(move.sources)),
         )
-        planned = _plan_moved(self.rules, moved, bn, layout, graph)
+        planned = _plan_moved((*self.rules, self), moved, bn, layout, graph)
         if not isinstance(planned, FoldPlan):
             return planned
         # M now reads the affine's input (the rewrite rewires every target reading its output).
