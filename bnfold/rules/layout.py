@@ -119,9 +119,9 @@ def _plan_moved(
     for rule in rules:
         planned = rule.plan(moved, graph)
         if isinstance(planned, FoldPlan):
-            rule, _, crossed = planned.rule.partition(" across ")  # crossed: layout nodes after this one
+            layer_rule, _, crossed = planned.rule.partition(" across ")  # crossed: layout nodes after this one
             return dataclasses.replace(
-                planned, rule=f"{rule} across {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
+                planned, rule=f"{layer_rule} across {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
                 notes=[f"across {describe(layout)}", *planned.notes],
             )
         if isinstance(planned, Refusal):
