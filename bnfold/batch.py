@@ -4,7 +4,7 @@ Each model is an ordinary :func:`bnfold.pipeline.fold_file` run. A model that
 cannot be folded (unreadable, not ONNX, failing the checker, onnxruntime unable
 to run it) becomes an error record with its one-line message and exit code, and
 the other models carry on. The run's exit code is the worst over all models,
-ordered ``3 > 2 > 1 > 0``: the numerically largest, the order ``bnfold-precommit``
+ordered ``4 > 3 > 2 > 1 > 0``: the numerically largest, the order ``bnfold-precommit``
 uses, so a batch run and the hook exit alike on the same files. Any failure
 outranks success, and a model that could not be folded or verified at all (2 bad
 input, 3 onnxruntime cannot run it) outranks one verified and found different
@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from bnfold import io
-from bnfold.errors import EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError
+from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError, internal_error_message
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
 
 FOLDED_SUFFIX = ".folded.onnx"
@@ -133,7 +133,7 @@ class BatchReport:
 
     @property
     def exit_code(self) -> int:
-        """The worst outcome over all models: 3 > 2 > 1 > 0 (see the module docstring)."""
+        """The worst outcome over all models: 4 > 3 > 2 > 1 > 0 (see the module docstring)."""
         return max((result.exit_code for result in self.results), default=EXIT_OK)
 
     def totals(self) -> BatchTotals:
@@ -160,6 +160,8 @@ def fold_one(model: Path, options: FoldOptions) -> ModelResult:
         report = fold_file(model, options)
     except BnfoldError as error:
         return ModelResult(model, None, str(error), error.exit_code, time.perf_counter() - start)
+    except Exception as error:  # noqa: BLE001 - one model's bug must not stop the others
+        return ModelResult(model, None, internal_error_message(error), EXIT_INTERNAL, time.perf_counter() - start)
     return ModelResult(model, report, None, report.exit_code, time.perf_counter() - start)
 
 

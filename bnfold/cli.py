@@ -17,7 +17,7 @@ from rich.console import Console
 
 from bnfold import report as render
 from bnfold.batch import find_models, fold_models, output_in
-from bnfold.errors import EXIT_INTERRUPTED, BnfoldError, InputError
+from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BnfoldError, InputError, internal_error_message
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from bnfold.verify import DEFAULT_TOLERANCES, Tolerances
 
@@ -28,8 +28,9 @@ Exit codes:
   2  bad input or usage: missing/unreadable/invalid model, bad option
   3  onnxruntime cannot load or run a given model (its message is shown)"""
 BATCH_EXIT_HELP = """
+  4  internal error (a bug in bnfold): one line, nothing written
   130 interrupted (Ctrl-C); no partial output is left
-  Several models: the worst code over all of them (3 > 2 > 1 > 0)."""
+  Several models: the worst code over all of them (4 > 3 > 2 > 1 > 0)."""
 
 
 class DefaultCommandGroup(click.Group):
@@ -146,6 +147,9 @@ def _run(action: Callable[[], int], interrupted: str = "nothing was written") ->
     except KeyboardInterrupt:
         click.echo(f"bnfold: interrupted; {interrupted}", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - a bug must still end in one line, not a traceback
+        click.echo(f"bnfold: {internal_error_message(error)}", err=True)
+        sys.exit(EXIT_INTERNAL)
     sys.exit(code)
 
 
@@ -182,7 +186,7 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
 
     A MODEL may be a folder: its *.onnx files are folded (recursively, skipping
     *.folded.onnx). Several models print one summary row each and exit with the
-    worst code (3 > 2 > 1 > 0); a bad model does not stop the others.
+    worst code (4 > 3 > 2 > 1 > 0); a bad model does not stop the others.
 
     When the folded model is not equivalent, the folds are re-applied in groups on
     fresh copies of MODEL to name the fold(s) that broke it.

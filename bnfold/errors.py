@@ -10,6 +10,8 @@ EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME_FAILURE = 3
+EXIT_INTERNAL = 4
+"""A bug in bnfold itself: reported in one line; the input is untouched, nothing is written."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C (the shell's 128 + SIGINT); no partial output is left."""
 
@@ -30,6 +32,11 @@ class RuntimeFailure(BnfoldError):
     """onnxruntime cannot load or run a model given to it (exit 3)."""
 
     exit_code = EXIT_RUNTIME_FAILURE
+
+
+def internal_error_message(error: Exception) -> str:
+    """One line for an unexpected exception: what it was, and that it is ours to fix."""
+    return f"internal error ({type(error).__name__}: {first_line(error)}); please report it with the model"
 
 
 def first_line(error: BaseException) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from bnfold.errors import first_line
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
@@ -85,7 +86,12 @@ def _read_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal
 def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> FoldPlan | Refusal:
     refusals: list[str] = []
     for rule in rules:
-        outcome = rule.plan(bn, graph)
+        try:
+            outcome = rule.plan(bn, graph)
+        except Exception as error:  # noqa: BLE001 - rules only plan: the graph is untouched
+            # A rule that trips over an unforeseen model leaves this BN in place, with the
+            # reason, instead of ending the whole run.
+            outcome = Refusal(f"rule {rule.name} failed ({type(error).__name__}: {first_line(error)})")
         if isinstance(outcome, FoldPlan):
             return outcome
         if isinstance(outcome, Refusal):

@@ -207,48 +207,47 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return cast
 
 
-# Elements per block when measuring folds: float64 temporaries of this size stay in
+# Elements per block in cast_with_effect: float64 temporaries of this size stay in
 # cache, where whole-tensor temporaries of a large weight would cost more than the fold.
 _BLOCK = 1 << 16
 
 
-def _blocks(*arrays: np.ndarray):  # noqa: ANN202 - a generator of tuples of arrays
-    """Matching blocks (views) of arrays broadcast together (a Gemm bias may broadcast).
+def cast_with_effect(
+    exact: np.ndarray, dtype: np.dtype, old: np.ndarray | None, what: str
+) -> tuple[np.ndarray, float | None, float]:
+    """:func:`cast_back`, plus how far the fold moved the tensor, in one blocked pass.
 
-    Callers combine them with ufuncs that promote to float64 element by element, so
-    no widened copy of a whole block is made."""
-    arrays = tuple(np.asarray(a) for a in arrays)
-    if len({a.shape for a in arrays}) > 1:
-        arrays = tuple(np.ascontiguousarray(a) for a in np.broadcast_arrays(*arrays))
-    flat = [a.reshape(-1) for a in arrays]
-    for start in range(0, flat[0].size, _BLOCK):
-        yield tuple(a[start : start + _BLOCK] for a in flat)
+    Returns the cast tensor; the largest ``|exact - old| / |old|`` over elements where
+    ``old`` is non-zero (``|s - 1|`` for a plain scale, what amplifies rounding in low
+    precision; None when there was no old tensor, e.g. a created bias); and the largest
+    ``|cast - exact|``, what the cast back cost. One pass over cache-sized blocks
+    instead of one whole-tensor pass per quantity: on a large weight the measuring
+    would otherwise cost more than the fold.
 
-
-def fold_effect(old: np.ndarray | None, exact: np.ndarray, cast: np.ndarray) -> tuple[float | None, float]:
-    """How far a fold moved a tensor and what casting it back cost, in one pass.
-
-    Returns the largest ``|exact - old| / |old|`` over elements where ``old`` is non-zero
-    (``|s - 1|`` for a plain scale: what amplifies rounding in low precision; None when
-    there was no old tensor, e.g. a created bias) and the largest ``|cast - exact|``.
-    One blocked pass keeps float64 temporaries in cache, so measuring a large weight
-    costs far less than a whole-tensor expression would.
+    Raises:
+        FoldOverflowError: as :func:`cast_back`.
     """
+    exact = np.ascontiguousarray(exact)
+    cast = np.empty(exact.shape, dtype)
+    flat_exact, flat_cast = exact.reshape(-1), cast.reshape(-1)
+    flat_old = None if old is None else np.ascontiguousarray(np.broadcast_to(old, exact.shape)).reshape(-1)
     worst_change, worst_rounding = 0.0, 0.0
-    reference = np.zeros((), exact.dtype) if old is None else old
-    for before, precise, rounded in _blocks(reference, exact, cast):
-        if not precise.size:
-            continue
+    for start in range(0, flat_exact.size, _BLOCK):
+        precise = flat_exact[start : start + _BLOCK]
+        with np.errstate(over="ignore", invalid="ignore"):
+            rounded = flat_cast[start : start + _BLOCK] = precise.astype(dtype)
+        if not np.isfinite(rounded).all() and np.isfinite(precise).all():
+            cast_back(exact, np.dtype(dtype), what)  # raises, naming the largest value
         difference = np.subtract(precise, rounded, dtype=np.float64)
         worst_rounding = max(worst_rounding, float(np.max(np.abs(difference, out=difference))))
-        if old is not None:
-            magnitude = np.abs(before.astype(np.float64))
-            change = np.subtract(precise, before, dtype=np.float64)
-            np.abs(change, out=change)
+        if flat_old is not None:
+            before = flat_old[start : start + _BLOCK].astype(np.float64)
+            change = np.abs(precise - before)
+            magnitude = np.abs(before, out=before)
             np.divide(change, magnitude, out=change, where=magnitude > 0)
             change[magnitude == 0] = 0.0
             worst_change = max(worst_change, float(change.max()))
-    return (None if old is None else worst_change), worst_rounding
+    return cast, (None if old is None else worst_change), worst_rounding
 
 
 def scale_convtranspose_weight(weight: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:

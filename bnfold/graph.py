@@ -184,10 +184,12 @@ class GraphIndex:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return None
         feeds = {}
-        for input_name in node.input:
+        for slot, input_name in enumerate(node.input):
             if not input_name:
                 continue
             value = self.constant_value(input_name)
+            if value is None and node.op_type == "CastLike" and slot == 1:
+                value = self._type_example(input_name)
             if value is None:
                 return None
             feeds[input_name] = value
@@ -201,12 +203,19 @@ class GraphIndex:
                 self._constants[output_name] = np.asarray(output_value)
         return self._constants.get(name)
 
-    def constant_origin(self, name: str) -> str:
-        """Where a constant comes from, for notes: 'initializer', 'Constant node', or the op."""
-        if name in self.initializers:
-            return "initializer"
-        node = self.producer_of(name)
-        return "graph input" if node is None else f"{node.op_type} node"
+    def _type_example(self, name: str) -> np.ndarray | None:
+        """An empty array of the declared element type of ``name``, or None if undeclared.
+
+        CastLike reads only the *type* of its second input: the dynamo exporter writes a
+        missing Conv bias as ``Expand(CastLike(0, x), ...)`` with ``x`` a runtime value,
+        and that bias is still a constant.
+        """
+        if self.parent is not None and self.is_outer(name):
+            return self.parent._type_example(name)
+        for value in (*self.graph.input, *self.graph.value_info, *self.graph.output):
+            if value.name == name and value.type.tensor_type.elem_type:
+                return np.empty(0, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        return None
 
     # -- shapes ------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 pre-commit calls a hook with every matching file name at once, while the bnfold
 commands take one model. This entry point loops: each model is one ordinary
 ``bnfold`` run (same options, messages and exit codes), and the hook exits with
-the worst code seen (3 > 2 > 1 > 0), so a single non-equivalent model fails the commit.
+the worst code seen (4 > 3 > 2 > 1 > 0), so a single non-equivalent model fails the commit.
 
     bnfold-precommit fold  [OPTIONS] A.onnx B.onnx ...          # writes A.folded.onnx, ...
     bnfold-precommit check [OPTIONS] A.folded.onnx ...          # compares with A.onnx, ...

@@ -404,7 +404,3 @@ def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task("folding", total=total, last="")
         yield lambda result: progress.update(task, advance=1, last=str(result.input))
-
-
-def print_human(renderable: Any, console: Console | None = None) -> None:
-    (console or Console()).print(renderable)

@@ -199,9 +199,8 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
             _set_attribute(plan.target, attribute, value)
         bn = plan.bn
         if plan.direction == "backward":
-            renamed = plan.output_node if plan.output_node is not None else plan.target
-            stale_value_info.add(renamed.output[0])
-            renamed.output[0] = bn.output_name
+            stale_value_info.add(plan.target.output[0])
+            plan.target.output[0] = bn.output_name
         else:
             stale_value_info.add(bn.output_name)
             for target in plan.targets:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from onnx import helper
 
 from bnfold.cli import main
@@ -16,7 +16,7 @@ from bnfold.cli import main
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
-def invoke(*args: object) -> "click.testing.Result":  # noqa: F821
+def invoke(*args: object) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

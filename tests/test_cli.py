@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from onnx import helper, numpy_helper
 
 from bnfold import pipeline
@@ -28,7 +28,7 @@ def cnn(tmp_path: Path) -> Path:
     return Path(shutil.copy(SAMPLES / "cnn_residual.onnx", tmp_path / "cnn.onnx"))
 
 
-def run(*args: str) -> "click.testing.Result":  # noqa: F821
+def run(*args: str) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -210,3 +210,31 @@ def test_installed_entry_point_runs_as_a_real_process(cnn: Path) -> None:
     assert "equivalent" in completed.stdout
     assert completed.stderr == ""
     assert cnn.with_name("cnn.folded.onnx").is_file()
+
+
+def test_unexpected_exception_is_one_line_with_exit_4(cnn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise ZeroDivisionError("division by zero\nand more detail")
+
+    monkeypatch.setattr(pipeline, "fold_batchnorms", broken)
+    result = run(cnn)
+    assert result.exit_code == 4
+    assert result.stderr == (
+        "bnfold: internal error (ZeroDivisionError: division by zero); please report it with the model\n"
+    )
+    assert sorted(p.name for p in cnn.parent.iterdir()) == ["cnn.onnx"]
+
+
+def test_a_rule_that_crashes_leaves_its_bn_with_the_reason(cnn: Path) -> None:
+    """Other rules still get their turn; with none left, the BN stays and says why."""
+    from bnfold.rules import FoldRule
+
+    class Crashing(FoldRule):
+        name = "crashing"
+
+        def plan(self, bn, graph):  # noqa: ANN001, ANN202
+            raise IndexError("list index out of range")
+
+    outcome = fold_batchnorms(onnx.load(str(cnn)), (Crashing(),))
+    assert not outcome.folds and len(outcome.left) == 6
+    assert {r.reason for r in outcome.left} == {"rule crashing failed (IndexError: list index out of range)"}

@@ -1,9 +1,9 @@
-"""Affines folded across Transpose / Squeeze / Unsqueeze (bnfold/rules/layout.py).
+"""Folds through Transpose / Squeeze / Unsqueeze (and Identity, Dropout), through onnxruntime.
 
-The graphs are the layouts tf2onnx writes for channels-last Keras models: a Conv run in
-NCHW between ``Transpose(perm=[0, 3, 1, 2])`` and ``Transpose(perm=[0, 2, 3, 1])``, and a
-Conv1D as ``Unsqueeze → Conv → Squeeze``, with the BN as ``Mul → Add`` by ``[C]``
-constants on the NHWC side (or a BatchNormalization where the layout allows it).
+Sequence models write ``Linear → Transpose → BatchNorm1d``; tf2onnx runs channels-last
+Keras layers in NCHW between ``Transpose(perm=[0, 3, 1, 2])`` and ``Transpose(perm=[0, 2, 3, 1])``
+and a Conv1D as ``Unsqueeze → Transpose → Conv → Squeeze``, with a Keras BN as ``Mul → Add``
+by per-channel constants on either side (see docs/tf2onnx-models.md).
 """
 
 from __future__ import annotations
@@ -13,9 +13,119 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnfold.fold import fold_batchnorms
 from bnfold.rules import RULES, with_exact_padding
 from sample_models.modelkit import GraphBuilder
 from tests.support import FoldCheck, fold_and_compare, op_count
+
+
+def _linear_3d(b: GraphBuilder, x: str, k: int, n: int, *, bias: bool = True) -> str:
+    y = b.node("MatMul", [x, b.random("W", [k, n])])
+    return b.node("Add", [y, b.random("b", [n])]) if bias else y
+
+
+def test_linear_then_transposed_batchnorm1d_folds_into_matmul_and_bias() -> None:
+    b = GraphBuilder(seed=1)
+    y = _linear_3d(b, b.input("x", [2, 5, 6]), 6, 8)
+    z = b.batchnorm(b.node("Transpose", [y], perm=[0, 2, 1]), 8)
+    b.output(b.node("Transpose", [z], perm=[0, 2, 1]))
+    check = fold_and_compare(b.model())
+
+    assert [(r.rule, r.target) for r in check.outcome.folds] == [
+        ("matmul-add-bn through Transpose", "Transpose 'transpose0', Add 'add0'")
+    ]
+    assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add", "Transpose", "Transpose"]
+
+
+def test_lone_matmul_gets_its_shift_added_before_the_transpose() -> None:
+    b = GraphBuilder(seed=2)
+    y = _linear_3d(b, b.input("x", [2, 5, 6]), 6, 4, bias=False)
+    b.output(b.batchnorm(b.node("Transpose", [y], perm=[0, 2, 1]), 4))
+    check = fold_and_compare(b.model())
+
+    assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add", "Transpose"]
+
+
+def test_tf2onnx_nhwc_decomposed_batchnorm_after_transposed_conv_folds_into_the_conv() -> None:
+    b = GraphBuilder(seed=3)
+    y = b.node("Transpose", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)], perm=[0, 2, 3, 1])
+    scaled = b.node("Mul", [y, b.const("m", np.linspace(0.5, 2.0, 4, dtype=np.float32))])
+    b.output(b.node("Add", [scaled, b.const("a", np.linspace(-1.0, 1.0, 4, dtype=np.float32))]))
+    check = fold_and_compare(b.model())
+
+    assert [r.rule for r in check.outcome.folds] == ["conv-bn through Transpose"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Transpose"]
+
+
+def test_transpose_keeping_the_batchnorm_off_the_channel_axis_is_refused_with_the_reason() -> None:
+    b = GraphBuilder(seed=4)
+    y = _linear_3d(b, b.input("x", [4, 5, 6]), 6, 4)  # [4, 5, 4]: the batch axis has 4 entries too
+    b.output(b.batchnorm(b.node("Transpose", [y], perm=[1, 0, 2]), 4))
+    model = b.model()
+    outcome = fold_batchnorms(model)
+
+    assert [record.reason for record in outcome.left] == [
+        "through Transpose 'transpose0': Transpose 'transpose0' scales axis 0 of a rank-3 output from "
+        "Add 'add0', whose channels are axis -1"
+    ]
+    assert op_count(model, "BatchNormalization") == 1
+
+
+def test_transpose_output_read_elsewhere_is_refused_with_the_reader() -> None:
+    b = GraphBuilder(seed=5)
+    t = b.node("Transpose", [_linear_3d(b, b.input("x", [2, 5, 6]), 6, 4)], perm=[0, 2, 1])
+    b.output(b.batchnorm(t, 4))
+    b.output(b.node("Relu", [t]))
+    outcome = fold_batchnorms(b.model())
+
+    assert [record.reason for record in outcome.left] == ["Transpose 'transpose0' output also feeds Relu 'relu0'"]
+
+
+def test_identity_and_inference_dropout_between_conv_and_batchnorm_fold_through() -> None:
+    b = GraphBuilder(seed=6)
+    y = b.node("Identity", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)])
+    z = b.node("Dropout", [b.conv(b.node("Relu", [b.batchnorm(y, 4)]), 4, 4)], ratio=0.5)
+    b.output(b.batchnorm(z, 4))
+    check = fold_and_compare(b.model(opset=11))
+
+    assert sorted(r.rule for r in check.outcome.folds) == ["conv-bn through Dropout", "conv-bn through Identity"]
+    assert op_count(check.folded, "BatchNormalization") == 0
+
+
+def test_dropout_whose_mask_is_read_is_refused_with_the_reason() -> None:
+    b = GraphBuilder(seed=7)
+    dropout = b.node("Dropout", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)], n_outputs=2)
+    b.output(b.batchnorm(dropout, 4))
+    b.output(b.node("Cast", [dropout + "1"], to=1))
+    outcome = fold_batchnorms(b.model())
+
+    assert [record.reason for record in outcome.left] == [
+        "Dropout 'dropout0' may drop values (training mode or its mask is used)"
+    ]
+
+
+def test_a_bias_add_after_a_transposed_matmul_is_not_moved_before_the_transpose() -> None:
+    b = GraphBuilder(seed=8)
+    t = b.node("Transpose", [_linear_3d(b, b.input("x", [2, 5, 6]), 6, 4, bias=False)], perm=[0, 2, 1])
+    b.output(b.node("Add", [t, b.const("c", np.ones((4, 1), np.float32))]))
+    model = b.model()
+
+    assert fold_batchnorms(model).folds == []
+
+
+def test_gemm_then_identity_then_batchnorm_folds_unless_beta_must_change() -> None:
+    b = GraphBuilder(seed=9)
+    x = b.input("x", [3, 6])
+    b.output(b.batchnorm(b.node("Identity", [b.gemm(x, 6, 4)]), 4))
+    b.output(b.batchnorm(b.node("Identity", [b.gemm(x, 6, 4, bias=False, beta=0.5)]), 4))
+    model = b.model()
+    check = fold_and_compare(model)
+
+    assert [r.rule for r in check.outcome.folds] == ["gemm-bn through Identity"]
+    assert [r.reason for r in check.outcome.left] == [
+        "through Identity 'identity1': Gemm 'gemm1' would need beta changed"
+    ]
+
 
 NCHW_TO_NHWC = [0, 2, 3, 1]
 NHWC_TO_NCHW = [0, 3, 1, 2]
@@ -41,7 +151,7 @@ def left_reasons(check: FoldCheck) -> list[str]:
     return [record.reason for record in check.outcome.left]
 
 
-# -- backward: layer → Transpose/Squeeze → affine ------------------------------------------------
+# -- tf2onnx layouts, backward: layer → Transpose/Squeeze → affine ----------------------------------
 
 
 @pytest.mark.parametrize("group", [1, 6])
@@ -53,9 +163,8 @@ def test_nhwc_affine_after_transpose_folds_into_conv(group: int) -> None:
     assert affine_count(check) == (0, 0, 0)
     assert op_count(check.folded, "Transpose") == 2 and op_count(check.folded, "Conv") == 1
     assert [(fold.rule, fold.target) for fold in check.outcome.folds] == [
-        ("conv-bn across Transpose", "Conv 'conv0'")
+        ("conv-bn through Transpose", "Transpose 'transpose1', Conv 'conv0'")
     ]
-    assert check.outcome.folds[0].notes == ("across Transpose 'transpose1'",)
 
 
 def test_nhwc_affine_after_transpose_folds_into_convtranspose() -> None:
@@ -64,7 +173,7 @@ def test_nhwc_affine_after_transpose_folds_into_convtranspose() -> None:
     b.output(decomposed_bn(b, b.node("Transpose", [y], perm=NCHW_TO_NHWC), [6]))
     check = fold_and_compare(b.model())
     assert affine_count(check) == (0, 0, 0)
-    assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn across Transpose"]
+    assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn through Transpose"]
 
 
 def test_batchnorm_after_a_transpose_that_keeps_channels_on_axis_1_folds() -> None:
@@ -73,53 +182,49 @@ def test_batchnorm_after_a_transpose_that_keeps_channels_on_axis_1_folds() -> No
     b.output(b.batchnorm(y, 4))
     check = fold_and_compare(b.model())
     assert affine_count(check) == (0, 0, 0)
-    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn across Transpose"]
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn through Transpose"]
 
 
-def test_conv1d_affine_after_squeeze_folds_into_conv() -> None:
-    """tf2onnx's Conv1D: Unsqueeze → Conv (1 × k) → Squeeze, then Mul → Add by [1, C, 1]."""
+@pytest.mark.parametrize("opset", [11, 13])
+def test_conv1d_affine_after_squeeze_folds_into_conv(opset: int) -> None:
+    """tf2onnx's Conv1D: Unsqueeze → Conv (1 × k) → Squeeze, then Mul → Add by [1, C, 1].
+    Squeeze's axes are an attribute before opset 13, an input from it on."""
     b = GraphBuilder(seed=4)
-    x = b.node("Unsqueeze", [b.input("x", [2, 3, 10]), b.const("axes", np.array([2]))])
-    y = b.node("Squeeze", [b.conv(x, 3, 5, kernel=(1, 3)), b.const("axes", np.array([2]))])
+
+    def axes_of(op: str, x: str) -> str:
+        return b.node(op, [x], axes=[2]) if opset < 13 else b.node(op, [x, b.const("axes", np.array([2]))])
+
+    y = axes_of("Squeeze", b.conv(axes_of("Unsqueeze", b.input("x", [2, 3, 10])), 3, 5, kernel=(1, 3)))
     b.output(decomposed_bn(b, y, [1, 5, 1]))
-    check = fold_and_compare(b.model())
+    check = fold_and_compare(b.model(opset=opset))
     assert affine_count(check) == (0, 0, 0)
-    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn across Squeeze"]
-
-
-def test_affine_after_transposed_matmul_keeps_its_shift_in_an_add_before_the_transpose() -> None:
-    b = GraphBuilder(seed=5)
-    y = b.node("MatMul", [b.input("x", [2, 6, 4]), b.random("W", [4, 3])])
-    b.output(decomposed_bn(b, b.node("Transpose", [y], perm=[0, 2, 1]), [3, 1]))
-    check = fold_and_compare(b.model())
-    assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add", "Transpose"]
-    assert [fold.rule for fold in check.outcome.folds] == ["matmul-bn across Transpose"]
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn through Squeeze"]
 
 
 # -- forward: affine → Transpose/Unsqueeze → layer ------------------------------------------------
 
 
-def test_nhwc_input_affine_folds_across_transpose_into_unpadded_conv() -> None:
+def test_nhwc_input_affine_folds_through_transpose_into_unpadded_conv() -> None:
     """A Keras BN on the input image: Mul → Add by [C] → Transpose → Conv (VALID)."""
     b = GraphBuilder(seed=6)
     b.output(nhwc_conv(b, decomposed_bn(b, b.input("x", [2, 8, 8, 3]), [3]), 3, 4, pads=[0, 0, 0, 0]))
     check = fold_and_compare(b.model())
     assert affine_count(check) == (0, 0, 0)
     assert [(fold.rule, fold.target) for fold in check.outcome.folds] == [
-        ("bn-conv across Transpose", "Conv 'conv0', Transpose 'transpose0'")
+        ("bn-conv through Transpose", "Conv 'conv0', Transpose 'transpose0'")
     ]
 
 
-def test_affine_folds_across_unsqueeze_into_conv() -> None:
+def test_affine_folds_through_unsqueeze_into_conv() -> None:
     b = GraphBuilder(seed=7)
     x = b.node("Unsqueeze", [decomposed_bn(b, b.input("x", [2, 3, 9]), [3, 1]), b.const("axes", np.array([2]))])
     b.output(b.conv(x, 3, 4, kernel=(1, 3), pads=[0, 0, 0, 0]))
     check = fold_and_compare(b.model())
     assert affine_count(check) == (0, 0, 0)
-    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv across Unsqueeze"]
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv through Unsqueeze"]
 
 
-def test_affine_folds_across_unsqueeze_then_transpose_into_conv1d() -> None:
+def test_affine_folds_through_unsqueeze_then_transpose_into_conv1d() -> None:
     """tf2onnx's Conv1D on a channels-last input: Mul → Add by [C] → Unsqueeze → Transpose → Conv."""
     b = GraphBuilder(seed=13)
     x = b.node("Unsqueeze", [decomposed_bn(b, b.input("x", [2, 9, 3]), [3]), b.const("axes", np.array([1]))])
@@ -129,14 +234,14 @@ def test_affine_folds_across_unsqueeze_then_transpose_into_conv1d() -> None:
     assert affine_count(check) == (0, 0, 0)
     assert [(fold.rule, fold.target, fold.notes) for fold in check.outcome.folds] == [
         (
-            "bn-conv across Unsqueeze, Transpose",
+            "bn-conv through Unsqueeze, Transpose",
             "Conv 'conv0', Transpose 'transpose0', Unsqueeze 'unsqueeze0'",
-            ("across Unsqueeze 'unsqueeze0'", "across Transpose 'transpose0'"),
+            ("through Unsqueeze 'unsqueeze0'", "through Transpose 'transpose0'"),
         )
     ]
 
 
-def test_input_affine_across_transpose_into_padded_conv_needs_exact_padding() -> None:
+def test_input_affine_through_transpose_into_padded_conv_needs_exact_padding() -> None:
     def model():  # noqa: ANN202 - a fresh model per fold
         b = GraphBuilder(seed=8)
         b.output(nhwc_conv(b, decomposed_bn(b, b.input("x", [1, 6, 6, 3]), [3]), 3, 4))
@@ -145,7 +250,7 @@ def test_input_affine_across_transpose_into_padded_conv_needs_exact_padding() ->
     assert fold_and_compare(model()).outcome.folds == []
     check = fold_and_compare(model(), rules=with_exact_padding(RULES))
     assert affine_count(check) == (0, 0, 1)  # the per-position padding bias
-    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv across Transpose"]
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv through Transpose"]
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -158,20 +263,8 @@ def test_refused_when_the_layer_output_has_another_reader() -> None:
     b.output(b.batchnorm(b.node("Transpose", [y], perm=[0, 1, 3, 2]), 4))
     check = fold_and_compare(b.model())
     assert left_reasons(check) == [
-        "BatchNormalization 'batchnormalization0' across Transpose 'transpose0': "
+        "through Transpose 'transpose0': "
         "Conv 'conv0' output also feeds Relu 'relu0'"
-    ]
-
-
-def test_refused_when_the_transpose_output_has_another_reader() -> None:
-    b = GraphBuilder(seed=10)
-    y = b.node("Transpose", [b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)], perm=[0, 1, 3, 2])
-    b.output(b.node("Relu", [y]))
-    b.output(b.batchnorm(y, 4))
-    check = fold_and_compare(b.model())
-    assert left_reasons(check) == [
-        "BatchNormalization 'batchnormalization0' across Transpose 'transpose0': "
-        "Transpose 'transpose0' output also feeds Relu 'relu0'"
     ]
 
 
@@ -181,8 +274,8 @@ def test_refused_when_the_transpose_moves_a_spatial_axis_onto_the_bn_axis() -> N
     b.output(b.batchnorm(y, 4))
     check = fold_and_compare(b.model())
     assert left_reasons(check) == [
-        "BatchNormalization 'batchnormalization0' across Transpose 'transpose0': "
-        "Transpose 'transpose0' scales axis -2 of a rank-4 output from Conv 'conv0', whose channels are axis 1"
+        "through Transpose 'transpose0': "
+        "Transpose 'transpose0' scales axis 2 of a rank-4 output from Conv 'conv0', whose channels are axis 1"
     ]
 
 
@@ -192,7 +285,7 @@ def test_forward_refused_when_the_transpose_feeds_a_padded_conv() -> None:
     b.output(b.conv(b.node("Transpose", [bn], perm=[0, 1, 3, 2]), 3, 4))
     check = fold_and_compare(b.model())
     assert left_reasons(check) == [
-        "BatchNormalization 'batchnormalization0' across Transpose 'transpose0': Conv 'conv0' pads its input: "
+        "through Transpose 'transpose0': Conv 'conv0' pads its input: "
         "the padded zeros bypass the BN's shift, so the fold is not exact (--exact-padding adds a per-position "
         "bias instead)"
     ]
@@ -218,4 +311,4 @@ def test_affine_on_the_last_axis_after_any_transpose(perm: list[int], sizes: lis
     check = fold_and_compare(b.model())
     folds = perm[-1] == 1
     assert affine_count(check) == ((0, 0, 0) if folds else (0, 1, 1))
-    assert [fold.rule for fold in check.outcome.folds] == (["conv-bn across Transpose"] if folds else [])
+    assert [fold.rule for fold in check.outcome.folds] == (["conv-bn through Transpose"] if folds else [])

@@ -37,11 +37,11 @@ EXPECTED = {
     # Dense: MatMul → Mul → Add (Dense's bias is in the Add); the Add keeps the folded shift.
     "dense_bn": Expected((0, 1, 1, 0), (0, 0, 1, 0), ("matmul-bn",)),
     # Conv1D: Unsqueeze → Transpose → Conv → Squeeze → Mul → Add.
-    "conv1d_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("conv-bn across Squeeze",)),
+    "conv1d_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("conv-bn through Squeeze",)),
     # BN on the NHWC input: Mul → Add → Transpose → unpadded Conv.
-    "bn_input_conv": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv across Transpose",)),
+    "bn_input_conv": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv through Transpose",)),
     # BN on the NLC input of a Conv1D: Mul → Add → Unsqueeze → Transpose → Conv.
-    "bn_input_conv1d": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv across Unsqueeze, Transpose",)),
+    "bn_input_conv1d": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("bn-conv through Unsqueeze, Transpose",)),
     # FusedBatchNormV3 becomes BatchNormalization; tf2onnx fuses the one after the Conv itself.
     "fused_batchnorm_block": Expected((1, 0, 0, 2), (0, 0, 0, 2), ("bn-conv",)),
     # After Concatenate and after Add of two Convs: the Convs feed both merges, nothing folds.

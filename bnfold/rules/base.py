@@ -113,9 +113,6 @@ class FoldPlan:
     """Further nodes a forward fold changes (other consumers of the BN, or the layer
     behind a Flatten); ``attributes`` apply to ``target`` only."""
     added_biases: list[AddedBias] = field(default_factory=list)
-    output_node: onnx.NodeProto | None = None
-    """Backward only: the node that takes over the BN's output name, when not ``target``
-    (a Transpose between the layer and the BN stays, reading the layer's output)."""
 
     @property
     def targets(self) -> list[onnx.NodeProto]:
@@ -129,7 +126,6 @@ class FoldPlan:
             *self.targets,
             *(update.node for update in self.updates),
             *(added.node for added in self.added_biases),
-            *([self.output_node] if self.output_node is not None else []),
         ]
 
 
@@ -224,15 +220,17 @@ def weight_and_bias_updates(
     weight's dtype when it is created) and describe them as updates of inputs 1 and 2,
     with how far they moved and what the cast cost (shown per fold in the report)."""
     try:
-        new_weight = fold_math.cast_back(folded_weight, weight.dtype, "weight")
-        new_bias = fold_math.cast_back(
-            folded_bias, (weight if bias is None else bias).dtype, "bias"
+        new_weight, weight_change, weight_rounding = fold_math.cast_with_effect(
+            folded_weight, weight.dtype, weight, "weight"
+        )
+        new_bias, bias_change, bias_rounding = fold_math.cast_with_effect(
+            folded_bias, (weight if bias is None else bias).dtype, bias, "bias"
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
     return [
-        TensorUpdate(node, 1, new_weight, "weight", *fold_math.fold_effect(weight, folded_weight, new_weight)),
-        TensorUpdate(node, 2, new_bias, "bias", *fold_math.fold_effect(bias, folded_bias, new_bias)),
+        TensorUpdate(node, 1, new_weight, "weight", weight_change, weight_rounding),
+        TensorUpdate(node, 2, new_bias, "bias", bias_change, bias_rounding),
     ]
 
 
@@ -360,6 +358,10 @@ class ConsumerFold:
     notes: list[str] = field(default_factory=list)
 
 
+# Ops that read only the shape of their input, which folding an affine map never changes.
+SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
 def is_standard(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -377,6 +379,8 @@ class IntoConsumer(FoldRule):
     2. the BN output is not a graph output, which must keep the normalized values;
     3. *every* reader is one of ``consumer_ops`` and reads it as its data input (input 0):
        a reader that cannot absorb the BN would still need the normalized values.
+       ``Shape`` and ``Size`` readers are the exception (``x.view(x.size(0), -1)``): a BN
+       keeps its input's shape, so they read the BN's input instead.
 
     Each reader then gets its own tensors (:meth:`absorb`); a weight shared between
     readers is cloned by the rewrite, never overwritten.
@@ -385,7 +389,9 @@ class IntoConsumer(FoldRule):
     consumer_ops: frozenset[str]
 
     def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
-        consumers = graph.consumers_of(bn.output_name)
+        consumers, shape_readers = [], []
+        for node in graph.consumers_of(bn.output_name):
+            (shape_readers if is_standard(node) and node.op_type in SHAPE_READERS else consumers).append(node)
         if not any(is_standard(node) and node.op_type in self.consumer_ops for node in consumers):
             return None
         if bn.output_name in graph.graph_outputs:
@@ -408,7 +414,7 @@ class IntoConsumer(FoldRule):
             direction="forward",
             updates=[update for fold in folds for update in fold.updates],
             notes=[note for fold in folds for note in fold.notes],
-            also_targets=[*consumers[1:], *(node for fold in folds for node in fold.also_changed)],
+            also_targets=[*consumers[1:], *shape_readers, *(node for fold in folds for node in fold.also_changed)],
             added_biases=[added for fold in folds for added in fold.added_biases],
         )
 

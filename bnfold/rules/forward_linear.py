@@ -146,6 +146,8 @@ def _flatten_refusal(
         if axis + (len(shape) if axis < 0 else 0) != 1:
             return Refusal(f"{describe(flatten)} flattens from axis {axis}, not from the channel axis 1")
         return None
+    if len(flatten.input) > 1 and graph.constant_value(flatten.input[1]) is None:
+        return _runtime_reshape_refusal(flatten, graph)
     target = constant_input(graph, flatten, 1, "shape")
     if target is None or isinstance(target, Refusal):
         return target or Refusal(f"{describe(flatten)} has no shape input")
@@ -158,6 +160,23 @@ def _flatten_refusal(
     if not plain or (0 in dims and int(attributes.get("allowzero", 0))):
         return Refusal(f"{describe(flatten)} reshapes to {dims}, not to [N, {columns}]")
     return None
+
+
+def _runtime_reshape_refusal(reshape: onnx.NodeProto, graph: GraphIndex) -> Refusal | None:
+    """None when a Reshape to a shape computed at run time (``x.view(x.size(0), -1)``) is a flatten.
+
+    A 2-D result ``[d0, d1]`` read by a Gemm / MatMul whose weight takes exactly the
+    ``C*H*W`` columns (checked by :func:`into_linear`) must have ``d1 = C*H*W``, else the
+    layer could not run; so ``d0 = N`` and the Reshape is the plain flatten, whatever
+    computed its shape. Only the length of the shape tensor is needed.
+    """
+    length = graph.static_shape(reshape.input[1])
+    if length == (2,):
+        return None
+    entries = "an unknown number of" if length is None or None in length else f"{math.prod(length)}"
+    return Refusal(
+        f"{describe(reshape)} reshapes to a shape computed at run time with {entries} entries, not [N, C*H*W]"
+    )
 
 
 class FlattenLinearAfterBatchNorm(IntoConsumer):

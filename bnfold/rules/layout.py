@@ -1,31 +1,24 @@
-"""Folding across a node that only moves axes: Transpose, Squeeze, Unsqueeze.
+"""Nodes that only move axes (Transpose, Squeeze, Unsqueeze), and the forward fold through them.
 
 tf2onnx runs channels-last Keras layers in NCHW between Transposes
 (``Transpose(perm=[0, 3, 1, 2]) → Conv → Transpose(perm=[0, 2, 3, 1])``) and a
-Conv1D as ``Unsqueeze → Conv (2-D) → Squeeze``. A Keras BatchNormalization that
-TensorFlow did not fuse becomes ``Mul → Add`` on whichever side of such a node its
-optimizer left it: behind the ``Squeeze`` of a Conv1D, or on the NHWC input in
-front of the ``Transpose`` of the first Conv.
+Conv1D as ``Unsqueeze → Transpose → Conv (2-D) → Squeeze``. A Keras BatchNormalization
+on a model's input, or before a Conv1D, becomes ``Mul → Add`` by ``[C]`` constants on
+the channels-last side, in front of those nodes.
 
 Moving values between axes commutes with a per-channel affine: ``M(s * x + t) =
-s * M(x) + t`` when the constants are laid along the axis ``M`` moves channel
-axis ``a`` to. So the affine is folded by the ordinary layer rules, as if it sat
-on the layer's side of ``M``:
+s * M(x) + t`` when the constants are laid along the axis ``M`` moves channel axis
+``a`` to. :func:`axis_move` says where each axis goes; the backward fold through such
+a node is :mod:`bnfold.rules.transpose`. Forward, ``layer(M(affine(x)))`` becomes
+``layer'(M(x))``: the affine on input axis ``a`` of ``M`` is the affine on output axis
+``sources.index(a)``, which the ordinary forward rules fold; ``M`` then reads the
+affine's input. Preconditions, besides those of the layer rule:
 
-* backward, ``layer → M → affine`` becomes ``layer' → M``: the affine on output
-  axis ``a`` of ``M`` is the affine on input axis ``axes[a]`` of ``M``, the layer's
-  output; ``M`` stays and takes over the affine's output name;
-* forward, ``affine → M → layer`` becomes ``M → layer'``: the affine on input axis
-  ``a`` of ``M`` is the affine on output axis ``axes.index(a)``; ``M`` reads the
-  affine's input instead.
+1. the affine's output is read by ``M`` alone and is not a graph output;
+2. the axes ``M`` moves are known (a ``perm`` or a known input rank, constant ``axes``);
+3. ``M`` keeps the affine's axis (Squeeze removes only size-1 axes, so it always does).
 
-where ``axes[i]`` is the input axis that output axis ``i`` of ``M`` comes from
-(:func:`axis_move`). Preconditions, besides those of the layer rule:
-
-1. the value between ``M`` and the affine is read by nothing else and is not a graph
-   output (the other readers need the un-normalized values);
-2. the axes ``M`` moves are known (constant ``axes``, a known input rank);
-3. the affine's axis comes from an axis of the other side (not one ``Unsqueeze`` adds).
+A chain of such nodes (Unsqueeze → Transpose) is crossed one node at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ import onnx
 from onnx import helper
 
 from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, IntoConsumer, IntoProducer, Refusal, is_standard
+from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, IntoConsumer, Refusal, is_standard
 
 LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze"})
 
@@ -70,7 +63,8 @@ def axis_move(node: onnx.NodeProto, graph: GraphIndex) -> AxisMove | Refusal:
         return AxisMove(perm, len(perm))
     input_rank = graph.rank_of(node.input[0])
     if input_rank is None:
-        return Refusal(f"the rank of the input of {describe(node)} is unknown")
+        verb = "reverses the axes" if node.op_type == "Transpose" else "removes or adds axes"
+        return Refusal(f"{describe(node)} {verb} of an input of unknown rank")
     if node.op_type == "Transpose":
         return AxisMove(list(reversed(range(input_rank))), input_rank)
     axes = _squeezed_axes(node, graph)
@@ -95,8 +89,8 @@ def _as_channel_axis(axis: int, rank: int) -> int:
     return axis if axis == 1 else axis - rank
 
 
-def _across(bn: BatchNorm, layout: onnx.NodeProto, reason: str) -> Refusal:
-    return Refusal(f"{describe(bn.node)} across {describe(layout)}: {reason}")
+def _through(layout: onnx.NodeProto, reason: str) -> Refusal:
+    return Refusal(f"through {describe(layout)}: {reason}")
 
 
 def _sole_layout_reader(graph: GraphIndex, value: str) -> onnx.NodeProto | None:
@@ -113,64 +107,27 @@ def _sole_layout_reader(graph: GraphIndex, value: str) -> onnx.NodeProto | None:
 def _plan_moved(
     rules: tuple[FoldRule, ...], moved: BatchNorm, bn: BatchNorm, layout: onnx.NodeProto, graph: GraphIndex
 ) -> FoldPlan | Refusal | None:
-    """The first layer rule's plan for the affine moved across ``layout``, made to remove
+    """The first layer rule's plan for the affine moved through ``layout``, made to remove
     the real affine's nodes; else the layer rules' refusals, or None if none matched."""
     refusals = []
     for rule in rules:
         planned = rule.plan(moved, graph)
         if isinstance(planned, FoldPlan):
-            layer_rule, _, crossed = planned.rule.partition(" across ")  # crossed: layout nodes after this one
+            layer_rule, _, crossed = planned.rule.partition(" through ")  # crossed: layout nodes after this one
             return dataclasses.replace(
-                planned, rule=f"{layer_rule} across {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
-                notes=[f"across {describe(layout)}", *planned.notes],
+                planned, rule=f"{layer_rule} through {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
+                notes=[f"through {describe(layout)}", *planned.notes],
             )
         if isinstance(planned, Refusal):
             refusals.append(planned.reason)
-    return _across(bn, layout, "; ".join(refusals)) if refusals else None
+    return _through(layout, "; ".join(refusals)) if refusals else None
 
 
-class LayerAcrossLayout(FoldRule):
-    """``affine(M(layer(x)))`` → ``M(layer'(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze."""
+class ThroughLayoutIntoConsumer(FoldRule):
+    """``layer(M(affine(x)))`` → ``layer'(M(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze,
+    or a chain of them (the rule tries itself on the node after ``M``)."""
 
-    name = "layout-bn"
-
-    def __init__(self, rules: tuple[FoldRule, ...]) -> None:
-        self.rules = tuple(rule for rule in rules if isinstance(rule, IntoProducer))
-
-    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
-        layout = graph.producer_of(bn.input_name)
-        if layout is None or not is_standard(layout) or layout.op_type not in LAYOUT_OPS:
-            return None
-        layer = graph.producer_of(layout.input[0])
-        rules = tuple(rule for rule in self.rules if layer is not None and layer.op_type in rule.producer_ops)
-        if not rules:
-            return None
-        other_uses = graph.other_uses(bn.input_name, besides=bn.nodes[0])
-        if other_uses:
-            return _across(bn, layout, f"{describe(layout)} output also feeds {', '.join(other_uses)}")
-        move = axis_move(layout, graph)
-        if isinstance(move, Refusal):
-            return _across(bn, layout, move.reason)
-        axis = move.sources[bn.channel_axis % len(move.sources)]
-        if axis is None:
-            return _across(bn, layout, f"axis {bn.channel_axis} is one {describe(layout)} adds")
-        # The layer rule sees the affine on the layer's output, read by M alone.
-        moved = dataclasses.replace(
-            bn, nodes=(layout,), input_name=layout.input[0], channel_axis=_as_channel_axis(axis, move.input_rank)
-        )
-        planned = _plan_moved(rules, moved, bn, layout, graph)
-        # M stays between the layer and the affine's readers: it takes over the affine's output.
-        return dataclasses.replace(planned, output_node=layout) if isinstance(planned, FoldPlan) else planned
-
-
-class LayoutAcrossLayer(FoldRule):
-    """``layer(M(affine(x)))`` → ``layer'(M(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze.
-
-    ``M`` may be a chain of them (tf2onnx's Conv1D reads its NLC input through
-    ``Unsqueeze → Transpose``): the affine is moved across one node at a time.
-    """
-
-    name = "bn-layout"
+    name = "bn-layout-layer"
 
     def __init__(self, rules: tuple[FoldRule, ...]) -> None:
         self.rules = tuple(rule for rule in rules if isinstance(rule, IntoConsumer))
@@ -181,10 +138,10 @@ class LayoutAcrossLayer(FoldRule):
             return None
         move = axis_move(layout, graph)
         if isinstance(move, Refusal):
-            return _across(bn, layout, move.reason)
+            return _through(layout, move.reason)
         axis = bn.channel_axis % move.input_rank
         if axis not in move.sources:
-            return _across(bn, layout, f"{describe(layout)} removes axis {bn.channel_axis}")
+            return _through(layout, f"{describe(layout)} removes axis {bn.channel_axis}")
         # The layer rules see the affine on M's output; its readers already read that value.
         moved = dataclasses.replace(
             bn,

@@ -1,0 +1,79 @@
+"""Models exported from PyTorch (``tests/fixtures/exported``), folded end to end.
+
+The fixtures are written by ``tests/fixtures/exported/export_models.py`` (which needs
+torch; these tests do not). Each is folded through :func:`bnfold.pipeline.fold_file`
+with verification on, so onnxruntime compares the written file with the original.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold.fold import is_batchnorm
+from bnfold.graph import subgraphs
+from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
+from sample_models.modelkit import GraphBuilder
+from tests.support import fold_and_compare
+
+FIXTURES = Path(__file__).parent / "fixtures" / "exported"
+
+VARIANTS = ("classic-11-keepbn", "classic-13-nofold", "classic-17", "classic-17-keepbn", "dynamo", "dynamo-noopt")
+
+# BatchNormalization nodes that must stay, per fixture, and what each one's reason says;
+# every fixture not listed folds them all.
+LEFT: dict[str, tuple[int, str]] = {
+    # BN→ReLU→Conv pre-activation: the first BN reads the graph input, the second a Concat;
+    # a ReLU stands between each and the Conv. The final BN→Flatten→Linear folds.
+    **{f"densenet-{variant}": (2, "no foldable neighbour: input from ") for variant in VARIANTS},
+    # BatchNorm1d on [N, C, L] before a Linear over L: it scales rows, the Linear mixes columns.
+    **{f"mlp-{variant}": (1, "the BN normalizes axis 1 of a rank-3 tensor, but MatMul ")
+       for variant in (*VARIANTS, "dynamo-noopt-fp64")},
+}
+
+
+def _batchnorm_count(graph: onnx.GraphProto) -> int:
+    """BatchNormalization nodes in ``graph`` and every body nested in it."""
+    return sum(is_batchnorm(node) + sum(_batchnorm_count(body) for _, body in subgraphs(node)) for node in graph.node)
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.onnx")), ids=lambda path: path.stem)
+def test_exported_model_folds_every_foldable_batchnorm(path: Path, tmp_path: Path) -> None:
+    output = tmp_path / "folded.onnx"
+    # A batch of 3 wherever the batch is symbolic: a fold that mixed samples would show.
+    report = fold_file(path, FoldOptions(output=output, verify_options=VerifyOptions(batch=3)))
+
+    assert report.status == "equivalent" and report.written and report.problem is None
+    folded = onnx.load(output)
+    onnx.checker.check_model(folded, full_check=True)
+    left, reason = LEFT.get(path.stem, (0, ""))
+    assert _batchnorm_count(folded.graph) == left == len(report.left)
+    assert all(record.reason.startswith(reason) for record in report.left)
+    assert len(report.folds) == _batchnorm_count(onnx.load(path).graph) - left
+
+
+def test_exported_fixtures_are_present_and_small() -> None:
+    paths = sorted(FIXTURES.glob("*.onnx"))
+    assert len(paths) >= 40
+    assert max(path.stat().st_size for path in paths) < 200_000
+
+
+def test_dynamo_zero_bias_through_castlike_of_a_runtime_value_is_a_constant() -> None:
+    """The dynamo exporter writes a missing Conv bias as ``Expand(CastLike(0, x), Shape(W)[:1])``.
+
+    CastLike reads only the type of ``x``, so the bias is constant and the BN folds.
+    """
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 3, 6, 6])
+    weight = b.random("W", [4, 3, 3, 3])
+    count = b.node("Shape", [weight], start=0, end=1)
+    zero = b.node("CastLike", [b.const("zero", np.array(0.0, np.float32)), x])
+    bias = b.node("Expand", [zero, count])
+    b.output(b.batchnorm(b.node("Conv", [x, weight, bias], pads=[1, 1, 1, 1]), 4))
+    check = fold_and_compare(b.model())
+
+    assert [record.rule for record in check.outcome.folds] == ["conv-bn"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv"]
