@@ -1,12 +1,22 @@
-"""Layer → Transpose → BN folds (how sequence models and tf2onnx write a BN), through onnxruntime."""
+"""Folds through Transpose / Squeeze / Unsqueeze (and Identity, Dropout), through onnxruntime.
+
+Sequence models write ``Linear → Transpose → BatchNorm1d``; tf2onnx runs channels-last
+Keras layers in NCHW between ``Transpose(perm=[0, 3, 1, 2])`` and ``Transpose(perm=[0, 2, 3, 1])``
+and a Conv1D as ``Unsqueeze → Transpose → Conv → Squeeze``, with a Keras BN as ``Mul → Add``
+by per-channel constants on either side (see docs/tf2onnx-models.md).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnfold.fold import fold_batchnorms
+from bnfold.rules import RULES, with_exact_padding
 from sample_models.modelkit import GraphBuilder
-from tests.support import fold_and_compare, op_count
+from tests.support import FoldCheck, fold_and_compare, op_count
 
 
 def _linear_3d(b: GraphBuilder, x: str, k: int, n: int, *, bias: bool = True) -> str:
@@ -115,3 +125,190 @@ def test_gemm_then_identity_then_batchnorm_folds_unless_beta_must_change() -> No
     assert [r.reason for r in check.outcome.left] == [
         "through Identity 'identity1': Gemm 'gemm1' would need beta changed"
     ]
+
+
+NCHW_TO_NHWC = [0, 2, 3, 1]
+NHWC_TO_NCHW = [0, 3, 1, 2]
+
+
+def decomposed_bn(b: GraphBuilder, x: str, shape: list[int]) -> str:
+    """``x * m + a`` by per-channel constants of ``shape``, as tf2onnx writes a Keras BN."""
+    scaled = b.node("Mul", [x, b.const("m", b.rng.uniform(0.5, 1.5, shape).astype(np.float32))])
+    return b.node("Add", [scaled, b.const("a", b.rng.normal(0.0, 0.5, shape).astype(np.float32))])
+
+
+def nhwc_conv(b: GraphBuilder, x: str, c_in: int, c_out: int, **conv: object) -> str:
+    """An NHWC layer as tf2onnx writes it: Transpose → Conv (NCHW) → Transpose."""
+    y = b.conv(b.node("Transpose", [x], perm=NHWC_TO_NCHW), c_in, c_out, **conv)
+    return b.node("Transpose", [y], perm=NCHW_TO_NHWC)
+
+
+def affine_count(check: FoldCheck) -> tuple[int, int, int]:
+    return tuple(op_count(check.folded, op) for op in ("BatchNormalization", "Mul", "Add"))
+
+
+def left_reasons(check: FoldCheck) -> list[str]:
+    return [record.reason for record in check.outcome.left]
+
+
+# -- tf2onnx layouts, backward: layer → Transpose/Squeeze → affine ----------------------------------
+
+
+@pytest.mark.parametrize("group", [1, 6])
+def test_nhwc_affine_after_transpose_folds_into_conv(group: int) -> None:
+    b = GraphBuilder(seed=1)
+    y = nhwc_conv(b, b.input("x", [2, 7, 7, 6]), 6, 6, group=group)
+    b.output(decomposed_bn(b, y, [6]))
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert op_count(check.folded, "Transpose") == 2 and op_count(check.folded, "Conv") == 1
+    assert [(fold.rule, fold.target) for fold in check.outcome.folds] == [
+        ("conv-bn through Transpose", "Transpose 'transpose1', Conv 'conv0'")
+    ]
+
+
+def test_nhwc_affine_after_transpose_folds_into_convtranspose() -> None:
+    b = GraphBuilder(seed=2)
+    y = b.conv_transpose(b.node("Transpose", [b.input("x", [1, 5, 5, 4])], perm=NHWC_TO_NCHW), 4, 6, strides=[2, 2])
+    b.output(decomposed_bn(b, b.node("Transpose", [y], perm=NCHW_TO_NHWC), [6]))
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn through Transpose"]
+
+
+def test_batchnorm_after_a_transpose_that_keeps_channels_on_axis_1_folds() -> None:
+    b = GraphBuilder(seed=3)
+    y = b.node("Transpose", [b.conv(b.input("x", [2, 3, 5, 7]), 3, 4)], perm=[0, 1, 3, 2])
+    b.output(b.batchnorm(y, 4))
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn through Transpose"]
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_conv1d_affine_after_squeeze_folds_into_conv(opset: int) -> None:
+    """tf2onnx's Conv1D: Unsqueeze → Conv (1 × k) → Squeeze, then Mul → Add by [1, C, 1].
+    Squeeze's axes are an attribute before opset 13, an input from it on."""
+    b = GraphBuilder(seed=4)
+
+    def axes_of(op: str, x: str) -> str:
+        return b.node(op, [x], axes=[2]) if opset < 13 else b.node(op, [x, b.const("axes", np.array([2]))])
+
+    y = axes_of("Squeeze", b.conv(axes_of("Unsqueeze", b.input("x", [2, 3, 10])), 3, 5, kernel=(1, 3)))
+    b.output(decomposed_bn(b, y, [1, 5, 1]))
+    check = fold_and_compare(b.model(opset=opset))
+    assert affine_count(check) == (0, 0, 0)
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn through Squeeze"]
+
+
+# -- forward: affine → Transpose/Unsqueeze → layer ------------------------------------------------
+
+
+def test_nhwc_input_affine_folds_through_transpose_into_unpadded_conv() -> None:
+    """A Keras BN on the input image: Mul → Add by [C] → Transpose → Conv (VALID)."""
+    b = GraphBuilder(seed=6)
+    b.output(nhwc_conv(b, decomposed_bn(b, b.input("x", [2, 8, 8, 3]), [3]), 3, 4, pads=[0, 0, 0, 0]))
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [(fold.rule, fold.target) for fold in check.outcome.folds] == [
+        ("bn-conv through Transpose", "Conv 'conv0', Transpose 'transpose0'")
+    ]
+
+
+def test_affine_folds_through_unsqueeze_into_conv() -> None:
+    b = GraphBuilder(seed=7)
+    x = b.node("Unsqueeze", [decomposed_bn(b, b.input("x", [2, 3, 9]), [3, 1]), b.const("axes", np.array([2]))])
+    b.output(b.conv(x, 3, 4, kernel=(1, 3), pads=[0, 0, 0, 0]))
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv through Unsqueeze"]
+
+
+def test_affine_folds_through_unsqueeze_then_transpose_into_conv1d() -> None:
+    """tf2onnx's Conv1D on a channels-last input: Mul → Add by [C] → Unsqueeze → Transpose → Conv."""
+    b = GraphBuilder(seed=13)
+    x = b.node("Unsqueeze", [decomposed_bn(b, b.input("x", [2, 9, 3]), [3]), b.const("axes", np.array([1]))])
+    y = b.conv(b.node("Transpose", [x], perm=NHWC_TO_NCHW), 3, 4, kernel=(1, 3), pads=[0, 0, 0, 0])
+    b.output(y)
+    check = fold_and_compare(b.model())
+    assert affine_count(check) == (0, 0, 0)
+    assert [(fold.rule, fold.target, fold.notes) for fold in check.outcome.folds] == [
+        (
+            "bn-conv through Unsqueeze, Transpose",
+            "Conv 'conv0', Transpose 'transpose0', Unsqueeze 'unsqueeze0'",
+            ("through Unsqueeze 'unsqueeze0'", "through Transpose 'transpose0'"),
+        )
+    ]
+
+
+def test_input_affine_through_transpose_into_padded_conv_needs_exact_padding() -> None:
+    def model():  # noqa: ANN202 - a fresh model per fold
+        b = GraphBuilder(seed=8)
+        b.output(nhwc_conv(b, decomposed_bn(b, b.input("x", [1, 6, 6, 3]), [3]), 3, 4))
+        return b.model()
+
+    assert fold_and_compare(model()).outcome.folds == []
+    check = fold_and_compare(model(), rules=with_exact_padding(RULES))
+    assert affine_count(check) == (0, 0, 1)  # the per-position padding bias
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv through Transpose"]
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def test_refused_when_the_layer_output_has_another_reader() -> None:
+    b = GraphBuilder(seed=9)
+    y = b.conv(b.input("x", [1, 3, 5, 5]), 3, 4)
+    b.output(b.node("Relu", [y]))
+    b.output(b.batchnorm(b.node("Transpose", [y], perm=[0, 1, 3, 2]), 4))
+    check = fold_and_compare(b.model())
+    assert left_reasons(check) == [
+        "through Transpose 'transpose0': "
+        "Conv 'conv0' output also feeds Relu 'relu0'"
+    ]
+
+
+def test_refused_when_the_transpose_moves_a_spatial_axis_onto_the_bn_axis() -> None:
+    b = GraphBuilder(seed=11)
+    y = b.node("Transpose", [b.conv(b.input("x", [1, 3, 4, 4]), 3, 4)], perm=[0, 2, 1, 3])
+    b.output(b.batchnorm(y, 4))
+    check = fold_and_compare(b.model())
+    assert left_reasons(check) == [
+        "through Transpose 'transpose0': "
+        "Transpose 'transpose0' scales axis 2 of a rank-4 output from Conv 'conv0', whose channels are axis 1"
+    ]
+
+
+def test_forward_refused_when_the_transpose_feeds_a_padded_conv() -> None:
+    b = GraphBuilder(seed=12)
+    bn = b.batchnorm(b.input("x", [1, 3, 6, 6]), 3)
+    b.output(b.conv(b.node("Transpose", [bn], perm=[0, 1, 3, 2]), 3, 4))
+    check = fold_and_compare(b.model())
+    assert left_reasons(check) == [
+        "through Transpose 'transpose0': Conv 'conv0' pads its input: "
+        "the padded zeros bypass the BN's shift, so the fold is not exact (--exact-padding adds a per-position "
+        "bias instead)"
+    ]
+
+
+# -- property: any permutation ---------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    perm=st.permutations(range(4)),
+    sizes=st.lists(st.integers(2, 5), min_size=3, max_size=3, unique=True),
+    seed=st.integers(0, 1000),
+)
+def test_affine_on_the_last_axis_after_any_transpose(perm: list[int], sizes: list[int], seed: int) -> None:
+    """Conv → Transpose(perm) → Mul → Add on the last axis: folded exactly when that axis is
+    the Conv's channel axis (``perm[-1] == 1``), left as arithmetic otherwise; always equivalent."""
+    channels, height, width = sizes
+    b = GraphBuilder(seed=seed)
+    y = b.node("Transpose", [b.conv(b.input("x", [2, 3, height, width]), 3, channels)], perm=list(perm))
+    last = [2, channels, height, width][perm[-1]]
+    b.output(decomposed_bn(b, y, [last]))
+    check = fold_and_compare(b.model())
+    folds = perm[-1] == 1
+    assert affine_count(check) == ((0, 0, 0) if folds else (0, 1, 1))
+    assert [fold.rule for fold in check.outcome.folds] == (["conv-bn through Transpose"] if folds else [])

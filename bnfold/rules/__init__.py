@@ -17,12 +17,15 @@ from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import ConvAfterBatchNorm
 from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules.layout import ThroughLayoutIntoConsumer
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 from bnfold.rules.transpose import TransposedLayerIntoBatchNorm
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
+
+FORWARD_RULES: tuple[FoldRule, ...] = (LinearAfterBatchNorm(), FlattenLinearAfterBatchNorm(), ConvAfterBatchNorm())
 
 RULES: tuple[FoldRule, ...] = (
     ConvIntoBatchNorm(),
@@ -31,17 +34,25 @@ RULES: tuple[FoldRule, ...] = (
     MatMulIntoBatchNorm(),
     MatMulAddIntoBatchNorm(),
     TransposedLayerIntoBatchNorm(),
-    LinearAfterBatchNorm(),
-    FlattenLinearAfterBatchNorm(),
-    ConvAfterBatchNorm(),
+    *FORWARD_RULES,
+    # The forward rules through a Transpose/Squeeze/Unsqueeze (tf2onnx's NHWC and Conv1D inputs).
+    ThroughLayoutIntoConsumer(FORWARD_RULES),
     BatchNormIntoBatchNorm(),  # last: an affine merges into a BN only when no layer takes it
 )
 
 
 def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
-    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``)."""
-    return tuple(ConvAfterBatchNorm(exact_padding=True) if isinstance(rule, ConvAfterBatchNorm) else rule
-                 for rule in rules)
+    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``),
+    through a Transpose/Squeeze/Unsqueeze too."""
+
+    def padded(rule: FoldRule) -> FoldRule:
+        if isinstance(rule, ConvAfterBatchNorm):
+            return ConvAfterBatchNorm(exact_padding=True)
+        if isinstance(rule, ThroughLayoutIntoConsumer):
+            return ThroughLayoutIntoConsumer(tuple(padded(inner) for inner in rule.rules))
+        return rule
+
+    return tuple(padded(rule) for rule in rules)
 
 
 __all__ = [

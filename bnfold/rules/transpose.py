@@ -1,10 +1,12 @@
-"""Layer → Transpose / Identity / Dropout → BatchNormalization: fold through the middle node.
+"""Layer → Transpose / Squeeze / Unsqueeze / Identity / Dropout → BatchNormalization: fold through
+the middle node.
 
 Sequence models apply BatchNorm1d to a Linear's output by transposing its
 features onto axis 1: ``bn(fc(x).transpose(1, 2))``, exported as
 ``MatMul → Add → Transpose(perm=[0, 2, 1]) → BatchNormalization``; tf2onnx writes
 an NHWC BN after a Conv as ``Conv → Transpose(perm=[0, 2, 3, 1]) → Mul → Add``;
-older exporters leave an ``Identity`` or an inference ``Dropout`` after a layer.
+tf2onnx writes a BN after a Conv1D as ``Conv → Squeeze → Mul → Add``; older exporters
+leave an ``Identity`` or an inference ``Dropout`` after a layer.
 
 A Transpose only moves axes: with ``z = Transpose_perm(y)``, axis ``a`` of ``z`` is
 axis ``perm[a]`` of ``y``, so an affine scaling axis ``a`` of ``z`` equals the
@@ -12,7 +14,8 @@ Transpose of the same affine scaling axis ``perm[a]`` of ``y``::
 
     BN_a(Transpose_perm(y)) = Transpose_perm(BN_perm[a](y))
 
-(Identity and inference Dropout move nothing: ``perm[a] = a``.) The right-hand
+(Squeeze and Unsqueeze move axes too: :func:`~bnfold.rules.layout.axis_move`;
+Identity and inference Dropout move nothing: ``perm[a] = a``.) The right-hand
 affine sits directly after the layer, so the ordinary backward rules fold it; the
 middle node then writes the BN's output. Preconditions: the middle node's output
 feeds only the BN, a Dropout is in inference mode with its mask unused, and the
@@ -26,13 +29,13 @@ from __future__ import annotations
 import dataclasses
 
 import onnx
-from onnx import helper
 
 from bnfold.graph import GraphIndex, describe
 from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, is_standard
 from bnfold.rules.conv import ConvIntoBatchNorm
 from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
 from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules.layout import LAYOUT_OPS, axis_move
 from bnfold.rules.matmul import MatMulIntoBatchNorm
 from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
 
@@ -45,7 +48,7 @@ LAYER_RULES: tuple[FoldRule, ...] = (
 
 def _moved_axis(node: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> int | Refusal | None:
     """The axis of ``node``'s input that the BN's channel axis comes from, or None if
-    ``node`` is not a Transpose, Identity or inference Dropout."""
+    ``node`` is not a Transpose, Squeeze, Unsqueeze, Identity or inference Dropout."""
     if not is_standard(node):
         return None
     if node.op_type == "Identity":
@@ -56,19 +59,18 @@ def _moved_axis(node: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> int |
         if mask_used or training is None or bool(training):
             return Refusal(f"{describe(node)} may drop values (training mode or its mask is used)")
         return bn.channel_axis
-    if node.op_type != "Transpose":
+    if node.op_type not in LAYOUT_OPS:
         return None
-    perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
-    if perm is None:
-        rank = graph.rank_of(node.input[0])
-        if rank is None:
-            return Refusal(f"{describe(node)} reverses the axes of an input of unknown rank")
-        perm = list(reversed(range(rank)))
-    return perm[bn.channel_axis]
+    move = axis_move(node, graph)
+    if isinstance(move, Refusal):
+        return move
+    axis = move.sources[bn.channel_axis]
+    return Refusal(f"{describe(node)} adds the BN's axis {bn.channel_axis}") if axis is None else axis
 
 
 class TransposedLayerIntoBatchNorm(FoldRule):
-    """``BN(Transpose(layer(x)))`` → ``Transpose(layer'(x))``; likewise through Identity or Dropout."""
+    """``BN(Transpose(layer(x)))`` → ``Transpose(layer'(x))``; likewise through Squeeze, Unsqueeze,
+    Identity or Dropout."""
 
     name = "layer-transpose-bn"
 
