@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.rules import RULES, FoldRule
@@ -71,3 +73,17 @@ def fold_and_compare(
             difference = candidate.astype(np.float64)[both_finite] - reference.astype(np.float64)[both_finite]
             worst = max(worst, float(np.max(np.abs(difference))))
     return FoldCheck(original, folded, outcome, worst)
+
+
+def write_model_onnxruntime_cannot_run(path: Path) -> Path:
+    """A valid ONNX model whose only op lives in a domain onnxruntime does not know."""
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], domain="org.example.bnfold")], "unrunnable",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example.bnfold", 1)], ir_version=8
+    )
+    onnx.save(model, str(path))
+    return path

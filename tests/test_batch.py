@@ -12,16 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 from click.testing import CliRunner, Result
-from onnx import helper
 
 from bnfold import pipeline
 from bnfold.batch import BatchReport, ModelResult, find_models, fold_models
 from bnfold.cli import main
 from bnfold.pipeline import FoldOptions
-from sample_models.modelkit import GraphBuilder
+from tests.support import write_model_onnxruntime_cannot_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -38,19 +36,6 @@ def copy_sample(name: str, target: Path) -> Path:
 def leftovers(folder: Path) -> list[Path]:
     """Staging folders left anywhere under ``folder``."""
     return list(folder.rglob(".bnfold-*"))
-
-
-def write_model_onnxruntime_cannot_run(path: Path) -> Path:
-    b = GraphBuilder(seed=0)
-    x = b.input("x", [1, 3])
-    b.nodes.append(helper.make_node("Mystery", [x], ["y"], domain="com.example"))
-    b.outputs.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3]))
-    model = helper.make_model(
-        helper.make_graph(b.nodes, "g", b.inputs, b.outputs),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8,
-    )
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture

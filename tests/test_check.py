@@ -10,13 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold.cli import main
 from bnfold.fold import fold_batchnorms
 from bnfold.verify import compare_output
 from sample_models.generate import cnn_residual
 from sample_models.modelkit import GraphBuilder
+from tests.support import write_model_onnxruntime_cannot_run
 
 
 def _run(*args: str):  # noqa: ANN202 - click Result
@@ -127,24 +128,8 @@ def test_bad_tol_syntax_is_a_usage_error(pair: tuple[Path, Path]) -> None:
     assert "'out:1e-3' is not NAME:ATOL,RTOL with non-negative numbers" in result.stderr
 
 
-def _unrunnable(folder: Path) -> Path:
-    """A valid ONNX model whose only op lives in a domain onnxruntime does not know."""
-    node = helper.make_node("Mystery", ["x"], ["y"], domain="org.example.bnfold")
-    graph = helper.make_graph(
-        [node], "unrunnable",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example.bnfold", 1)], ir_version=8
-    )
-    path = folder / "unrunnable.onnx"
-    onnx.save(model, path)
-    return path
-
-
 def test_model_onnxruntime_cannot_run_exits_3_with_its_message(tmp_path: Path) -> None:
-    path = _unrunnable(tmp_path)
+    path = write_model_onnxruntime_cannot_run(tmp_path / "unrunnable.onnx")
     result = _run("check", str(path), str(path))
     assert result.exit_code == 3
     assert result.stderr.startswith("bnfold: error: onnxruntime cannot load the original model: ")
@@ -157,7 +142,7 @@ def test_folded_model_onnxruntime_cannot_run_exits_3(pair: tuple[Path, Path], tm
     b.output(b.node("Relu", [b.input("x", [2])]))
     runnable = tmp_path / "relu.onnx"
     onnx.save(b.model(), runnable)
-    result = _run("check", str(runnable), str(_unrunnable(tmp_path)))
+    result = _run("check", str(runnable), str(write_model_onnxruntime_cannot_run(tmp_path / "unrunnable.onnx")))
     assert result.exit_code == 3
     assert result.stderr.startswith("bnfold: error: onnxruntime cannot load the folded model: ")
 

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold import pipeline
 from bnfold.cli import main
 from bnfold.fold import fold_batchnorms
-from sample_models.modelkit import GraphBuilder
+from tests.support import write_model_onnxruntime_cannot_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -153,16 +153,7 @@ def test_keep_failed_writes_the_failing_model(cnn: Path, monkeypatch: pytest.Mon
 
 
 def test_model_onnxruntime_cannot_run_exits_3(tmp_path: Path) -> None:
-    b = GraphBuilder(seed=0)
-    x = b.input("x", [1, 3])
-    b.nodes.append(helper.make_node("Mystery", [x], ["y"], domain="com.example"))
-    b.outputs.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3]))
-    model = helper.make_model(
-        helper.make_graph(b.nodes, "g", b.inputs, b.outputs),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=8,
-    )
-    path = tmp_path / "custom.onnx"
-    onnx.save(model, str(path))
+    path = write_model_onnxruntime_cannot_run(tmp_path / "custom.onnx")
     result = run(path)
     assert result.exit_code == 3
     assert result.stderr.startswith("bnfold: error: onnxruntime cannot load the original model: ")
