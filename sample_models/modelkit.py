@@ -85,6 +85,14 @@ class GraphBuilder:
 
     # -- layers -----------------------------------------------------------------------------
 
+    def _layer_inputs(
+        self, x: str, weight_shape: list[int], fan_in: int, channels: int, bias: bool, bias_base: str = "b"
+    ) -> list[str]:
+        """``[x, W]`` or ``[x, W, b]``: weights scaled by 1/sqrt(fan-in), so that deep
+        test stacks keep their activations near unit size."""
+        weight = self.random("W", weight_shape, scale=1.0 / np.sqrt(fan_in))
+        return [x, weight] + ([self.random(bias_base, [channels], scale=0.1)] if bias else [])
+
     def conv(
         self,
         x: str,
@@ -96,8 +104,7 @@ class GraphBuilder:
         bias: bool = True,
         **attributes: object,
     ) -> str:
-        weight = self.random("W", [c_out, c_in // group, *kernel], scale=1.0 / np.sqrt(c_in * np.prod(kernel)))
-        inputs = [x, weight] + ([self.random("b", [c_out], scale=0.1)] if bias else [])
+        inputs = self._layer_inputs(x, [c_out, c_in // group, *kernel], c_in * int(np.prod(kernel)), c_out, bias)
         if "pads" not in attributes and "auto_pad" not in attributes:
             attributes["pads"] = [k // 2 for k in kernel] * 2
         return self.node("Conv", inputs, group=group, **attributes)
@@ -114,14 +121,11 @@ class GraphBuilder:
         **attributes: object,
     ) -> str:
         """A ConvTranspose; its weight is ``[c_in, c_out / group, *kernel]``."""
-        weight = self.random("W", [c_in, c_out // group, *kernel], scale=1.0 / np.sqrt(c_in * np.prod(kernel)))
-        inputs = [x, weight] + ([self.random("b", [c_out], scale=0.1)] if bias else [])
+        inputs = self._layer_inputs(x, [c_in, c_out // group, *kernel], c_in * int(np.prod(kernel)), c_out, bias)
         return self.node("ConvTranspose", inputs, group=group, **attributes)
 
     def gemm(self, x: str, k: int, n: int, *, trans_b: int = 1, bias: bool = True, **attributes: object) -> str:
-        shape = [n, k] if trans_b else [k, n]
-        weight = self.random("W", shape, scale=1.0 / np.sqrt(k))
-        inputs = [x, weight] + ([self.random("c", [n], scale=0.1)] if bias else [])
+        inputs = self._layer_inputs(x, [n, k] if trans_b else [k, n], k, n, bias, bias_base="c")
         return self.node("Gemm", inputs, transB=trans_b, **attributes)
 
     def batchnorm_parameters(self, channels: int, **kwargs: bool) -> list[str]:
