@@ -86,7 +86,7 @@ class GraphIndex:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
-        self.base_dir = parent.base_dir if parent is not None else base_dir
+        self.base_dir: Path | None = parent.base_dir if parent is not None else base_dir
         """Folder of the model file: where weights kept in external data are read from."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}

@@ -102,10 +102,11 @@ def dump_json(document: dict[str, Any]) -> str:
 def _size(value: int | None) -> str:
     if value is None:
         return "-"
+    scaled = float(value)
     for unit in ("B", "kB", "MB", "GB"):
-        if abs(value) < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
+        if abs(scaled) < 1000 or unit == "GB":
+            return f"{scaled:.0f} {unit}" if unit == "B" else f"{scaled:.1f} {unit}"
+        scaled /= 1000
     return str(value)
 
 

@@ -15,8 +15,9 @@ Real inputs may ship expected outputs; the folded model is checked against them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -226,10 +227,12 @@ def compare_output(
 ) -> OutputComparison:
     """Element-wise comparison of one output, with polygraphy-style statistics."""
     atol, rtol = tolerance if tolerance is not None else default_tolerance(original.dtype)
-    common = dict(name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol)
+    common = partial(
+        OutputComparison, name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol
+    )
     if original.shape != folded.shape or original.dtype != folded.dtype:
-        return OutputComparison(
-            **common, max_abs_error=float("inf"), max_rel_error=float("inf"), worst_index=(),
+        return common(
+            max_abs_error=float("inf"), max_rel_error=float("inf"), worst_index=(),
             mismatches=original.size, elements=original.size, nonfinite_mismatch=False,
             problem=f"folded output is {folded.dtype.name}{list(folded.shape)}, "
             f"original is {original.dtype.name}{list(original.shape)}",
@@ -249,8 +252,7 @@ def compare_output(
         outside = one_sided | (difference > atol + rtol * np.where(np.isfinite(magnitude), magnitude, 0.0))
         relative = np.divide(difference, magnitude, out=np.zeros_like(difference), where=magnitude > 0)
     worst = np.unravel_index(int(np.argmax(difference)), difference.shape) if difference.size else ()
-    return OutputComparison(
-        **common,
+    return common(
         max_abs_error=float(difference.max()) if difference.size else 0.0,
         max_rel_error=float(relative.max()) if relative.size else 0.0,
         worst_index=tuple(int(i) for i in worst),
@@ -266,14 +268,16 @@ def _as_text(values: np.ndarray) -> np.ndarray:
     return decode(values) if values.size else values
 
 
-def _compare_exactly(common: dict, original: np.ndarray, folded: np.ndarray) -> OutputComparison:
+def _compare_exactly(
+    common: Callable[..., OutputComparison], original: np.ndarray, folded: np.ndarray
+) -> OutputComparison:
     """String outputs have no distance: any difference is infinitely wrong."""
     different = _as_text(original) != _as_text(folded)
     mismatches = int(np.sum(different))
     worst = np.unravel_index(int(np.argmax(different)), different.shape) if mismatches else ()
     error = float("inf") if mismatches else 0.0
-    return OutputComparison(
-        **common, max_abs_error=error, max_rel_error=error, worst_index=tuple(int(i) for i in worst),
+    return common(
+        max_abs_error=error, max_rel_error=error, worst_index=tuple(int(i) for i in worst),
         mismatches=mismatches, elements=int(original.size), nonfinite_mismatch=False,
     )
 

@@ -46,9 +46,12 @@ class BatchNormIntoBatchNorm(IntoProducer):
             return mismatch
         gamma = graph.constant_value(producer.input[1])
         beta = graph.constant_value(producer.input[2])
+        if gamma is None or beta is None:  # read_batchnorm found them constant; only a changed graph gets here
+            return Refusal(f"{describe(producer)} scale or bias is not a constant")
         new_gamma = cast_or_refuse(producer, fold_math.scale_along_axis(gamma, bn.s, axis=0), gamma.dtype, "scale")
+        if isinstance(new_gamma, Refusal):
+            return new_gamma
         new_beta = cast_or_refuse(producer, fold_math.fold_bias(beta, bn.s, bn.t), beta.dtype, "bias")
-        for result in (new_gamma, new_beta):
-            if isinstance(result, Refusal):
-                return result
+        if isinstance(new_beta, Refusal):
+            return new_beta
         return [TensorUpdate(producer, 1, new_gamma, "scale"), TensorUpdate(producer, 2, new_beta, "bias")], {}

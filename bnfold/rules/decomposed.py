@@ -80,11 +80,11 @@ def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
     values = [graph.constant_value(name) for name in node.input]
-    if (values[0] is None) == (values[1] is None):
+    constants = [(slot, value) for slot, value in enumerate(values) if value is not None]
+    if len(constants) != 1:
         return None  # two runtime values, or a constant subexpression
-    constant_slot = 0 if values[0] is not None else 1
+    constant_slot, constant = constants[0]
     data_input = node.input[1 - constant_slot]
-    constant = values[constant_slot]
     # A [C] constant scales the last axis whatever the rank: ask (maybe infer shapes) only when it matters.
     data_rank = graph.rank_of(data_input) if constant.ndim > 1 else None
     found = per_channel_vector(constant, data_rank)

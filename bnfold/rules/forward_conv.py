@@ -84,7 +84,9 @@ class ConvAfterBatchNorm(IntoConsumer):
         auto_pad = attributes.get("auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         shape = graph.static_shape(bn.input_name)
-        spatial = None if shape is None or any(d is None for d in shape[2:]) else tuple(shape[2:])
+        spatial = (
+            None if shape is None or any(d is None for d in shape[2:]) else tuple(d for d in shape[2:] if d is not None)
+        )
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             pads = _same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
         else:
@@ -101,12 +103,14 @@ class ConvAfterBatchNorm(IntoConsumer):
                 f"{describe(conv)} pads its input: the padded zeros bypass the BN's shift, so the fold "
                 "is not exact (--exact-padding adds a per-position bias instead)"
             )
-        if spatial is None:
+        if spatial is None or pads is None:
             return Refusal(
                 f"the BN input's spatial shape is unknown, so the padding correction for {describe(conv)} "
                 "cannot be computed"
             )
-        correction = fold_math.conv_of_padded_shift(weight, bn.t, group, spatial, tuple(pads), strides, dilations)
+        correction = fold_math.conv_of_padded_shift(
+            weight, bn.t, group, spatial, tuple(pads), tuple(strides), tuple(dilations)
+        )
         new_weight = cast_or_refuse(conv, folded_weight, weight.dtype, "weight")
         if isinstance(new_weight, Refusal):
             return new_weight

@@ -29,6 +29,7 @@ columns ``c*H*W ... (c+1)*H*W - 1``: the same fold with ``s`` and ``t`` repeated
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,7 +55,7 @@ from bnfold.rules.base import (
 LINEAR_OPS = frozenset({"Gemm", "MatMul"})
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
@@ -173,7 +174,8 @@ def _runtime_reshape_refusal(reshape: onnx.NodeProto, graph: GraphIndex) -> Refu
     length = graph.static_shape(reshape.input[1])
     if length == (2,):
         return None
-    entries = "an unknown number of" if length is None or None in length else f"{math.prod(length)}"
+    known = None if length is None or None in length else [d for d in length if d is not None]
+    entries = "an unknown number of" if known is None else f"{math.prod(known)}"
     return Refusal(
         f"{describe(reshape)} reshapes to a shape computed at run time with {entries} entries, not [N, C*H*W]"
     )
@@ -195,7 +197,8 @@ class FlattenLinearAfterBatchNorm(IntoConsumer):
                 f"the BN input shape is {known}: without static spatial sizes, the columns "
                 f"{describe(flatten)} gives each channel are unknown"
             )
-        columns, per_channel = math.prod(shape[1:]), math.prod(shape[2:])
+        dims = [d for d in shape[1:] if d is not None]  # all known: checked above
+        columns, per_channel = math.prod(dims), math.prod(dims[1:])
         refusal = _flatten_refusal(flatten, shape, columns, graph)
         if refusal:
             return refusal

@@ -60,7 +60,7 @@ def axis_move(node: onnx.NodeProto, graph: GraphIndex) -> AxisMove | Refusal:
     """Where each output axis of a Transpose, Squeeze or Unsqueeze comes from."""
     perm = _attribute(node, "perm") if node.op_type == "Transpose" else None
     if perm is not None:
-        return AxisMove(perm, len(perm))
+        return AxisMove(list(perm), len(perm))
     input_rank = graph.rank_of(node.input[0])
     if input_rank is None:
         verb = "reverses the axes" if node.op_type == "Transpose" else "removes or adds axes"

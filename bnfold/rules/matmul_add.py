@@ -55,7 +55,10 @@ class MatMulAddIntoBatchNorm(IntoProducer):
     def absorb(
         self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
     ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
-        matmul, bias_slot = matmul_and_bias_slot(producer, graph)  # type: ignore[misc] - matched in plan
+        found = matmul_and_bias_slot(producer, graph)
+        if found is None:  # plan() matched this Add; only a changed graph gets here
+            return Refusal(f"{describe(producer)} is not an Add of a MatMul and a constant")
+        matmul, bias_slot = found
         other_uses = graph.other_uses(matmul.output[0], besides=producer)
         if other_uses:
             return Refusal(f"{describe(matmul)} output also feeds {', '.join(other_uses)}")
@@ -66,14 +69,17 @@ class MatMulAddIntoBatchNorm(IntoProducer):
         if mismatch:
             return mismatch
         bias = graph.constant_value(producer.input[bias_slot])
+        if bias is None:
+            return Refusal(f"{describe(producer)} bias is not a constant")
         not_float = require_float(bias, producer, "bias")
         if not_float:
             return not_float
         if bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
             return Refusal(f"{describe(producer)} bias shape {list(bias.shape)} does not broadcast to {bn.channels}")
         scaled = cast_or_refuse(matmul, fold_math.scale_along_axis(weight, bn.s, axis=1), weight.dtype, "weight")
+        if isinstance(scaled, Refusal):
+            return scaled
         folded_bias = cast_or_refuse(producer, fold_math.fold_bias(bias, bn.s, bn.t), bias.dtype, "bias")
-        for result in (scaled, folded_bias):
-            if isinstance(result, Refusal):
-                return result
+        if isinstance(folded_bias, Refusal):
+            return folded_bias
         return [TensorUpdate(matmul, 1, scaled, "weight"), TensorUpdate(producer, bias_slot, folded_bias, "bias")], {}

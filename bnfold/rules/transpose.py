@@ -76,7 +76,9 @@ class TransposedLayerIntoBatchNorm(FoldRule):
 
     def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
         middle = graph.producer_of(bn.input_name)
-        axis = None if middle is None else _moved_axis(middle, bn, graph)
+        if middle is None:
+            return None
+        axis = _moved_axis(middle, bn, graph)
         if axis is None or isinstance(axis, Refusal):
             return axis
         other_uses = graph.other_uses(bn.input_name, besides=bn.nodes[0])
