@@ -23,7 +23,14 @@ from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
 from bnfold.inputs import Trial, generated_trials, load_trials
 from bnfold.rules import RULES, FoldRule, with_exact_padding
-from bnfold.verify import Tolerances, Verification, check_provider, input_specs, verify_equivalence
+from bnfold.verify import (
+    Tolerances,
+    Verification,
+    check_provider,
+    input_specs,
+    runtime_inputs,
+    verify_equivalence,
+)
 
 
 @dataclass
@@ -241,11 +248,26 @@ class CheckReport:
         return EXIT_OK if self.verification.passed else EXIT_NOT_EQUIVALENT
 
 
+def _input_names(loaded: io.LoadedModel) -> list[str]:
+    return [value.name for value in runtime_inputs(loaded.model)]
+
+
+def _require_same_inputs(original: io.LoadedModel, folded: io.LoadedModel) -> None:
+    """Both models are fed the same inputs: different input names mean they are not
+    two versions of one model, which is a usage error rather than a numeric mismatch."""
+    if sorted(_input_names(original)) != sorted(_input_names(folded)):
+        raise InputError(
+            f"{folded.path}: its inputs ({', '.join(_input_names(folded)) or 'none'}) are not those of "
+            f"{original.path} ({', '.join(_input_names(original)) or 'none'})"
+        )
+
+
 def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
     """Compare two model files; never writes anything."""
     clock = _Stopwatch()
     original_model = io.load_model(original)
     folded_model = io.load_model(folded)
+    _require_same_inputs(original_model, folded_model)
     trials = prepare_trials(original_model.model, options)
     clock.lap("load")
     verification = verify_equivalence(

@@ -182,3 +182,13 @@ def test_help_documents_exit_codes_and_tolerance_defaults() -> None:
     text = _run("check", "--help").stdout
     assert "3  onnxruntime cannot load or run a given model" in text
     assert "float32 0.0001/0.001" in text and "--tol NAME:ATOL,RTOL" in text
+
+
+def test_models_with_different_inputs_are_a_usage_error() -> None:
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    original, other = samples / "cnn_residual.onnx", samples / "mlp_gemm_bn.onnx"
+    result = _run("check", str(original), str(other))
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"bnfold: error: {other}: its inputs (features) are not those of {original} (image)\n"
+    )
