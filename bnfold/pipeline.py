@@ -8,10 +8,12 @@ skipped, or ``keep_failed``); otherwise nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import onnx
 
 from bnfold import io
 from bnfold.attribution import Attribution, attribute_failure
-from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
+from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError, RuntimeFailure
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
 from bnfold.inputs import Trial, generated_trials, load_trials
 from bnfold.rules import RULES, FoldRule, with_exact_padding
@@ -27,6 +29,7 @@ from bnfold.verify import (
     Tolerances,
     Verification,
     check_provider,
+    guessed_inputs,
     input_specs,
     runtime_inputs,
     verify_equivalence,
@@ -45,6 +48,26 @@ class VerifyOptions:
     """Real inputs (.npz or ONNX test-data folder) instead of generated ones."""
     tolerances: Tolerances = field(default_factory=Tolerances)
     provider: str = "CPUExecutionProvider"
+
+
+def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[str]:
+    """Inputs whose generated shapes contain a guess (a symbolic dim set to 1)."""
+    return [] if options.inputs is not None else guessed_inputs(model, options.shapes, options.batch)
+
+
+@contextlib.contextmanager
+def explaining_guessed_shapes(guessed: list[str]) -> Iterator[None]:
+    """Add to onnxruntime's complaint which inputs had symbolic dims set to 1: a model
+    that needs real sizes (pooling, a fixed reshape) most often fails for that."""
+    try:
+        yield
+    except RuntimeFailure as failure:
+        if not guessed:
+            raise
+        names = ", ".join(guessed)
+        raise RuntimeFailure(
+            f"{failure} (symbolic dims of {names} were set to 1; give real sizes with --input-shape NAME:D1,D2,...)"
+        ) from None
 
 
 def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
@@ -176,6 +199,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     trials = prepare_trials(model, options.verify_options) if options.verify else []
+    guessed = guessed_shapes(model, options.verify_options)
     clock.lap("load")
 
     rules = with_exact_padding(options.rules) if options.exact_padding else options.rules
@@ -197,9 +221,10 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         clock.lap("save")
         if options.verify and problem is None:
             vo = options.verify_options
-            verification = verify_equivalence(
-                loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
-            )
+            with explaining_guessed_shapes(guessed):
+                verification = verify_equivalence(
+                    loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
+                )
             clock.lap("verify")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
@@ -270,10 +295,11 @@ def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckRe
     _require_same_inputs(original_model, folded_model)
     trials = prepare_trials(original_model.model, options)
     clock.lap("load")
-    verification = verify_equivalence(
-        original_model.path, folded_model.path, trials,
-        tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
-    )
+    with explaining_guessed_shapes(guessed_shapes(original_model.model, options)):
+        verification = verify_equivalence(
+            original_model.path, folded_model.path, trials,
+            tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
+        )
     clock.lap("verify")
     return CheckReport(
         original=original_model.path,

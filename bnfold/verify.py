@@ -152,6 +152,19 @@ def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initializers]
 
 
+def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[str]:
+    """Inputs with a symbolic dim that bnfold set to 1 (no ``--input-shape`` for them;
+    ``--batch`` only covers the first dim): the first suspects when a model cannot run."""
+    guessed = []
+    for value in runtime_inputs(model):
+        if value.name in shapes or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if any(dim.dim_value <= 0 and not (axis == 0 and batch) for axis, dim in enumerate(dims)):
+            guessed.append(value.name)
+    return guessed
+
+
 def input_specs(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None = None
 ) -> list[InputSpec]:

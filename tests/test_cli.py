@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from bnfold import pipeline
 from bnfold.cli import main
 from bnfold.fold import fold_batchnorms
+from sample_models.modelkit import GraphBuilder
 from tests.support import write_model_onnxruntime_cannot_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -229,3 +230,20 @@ def test_a_rule_that_crashes_leaves_its_bn_with_the_reason(cnn: Path) -> None:
     outcome = fold_batchnorms(onnx.load(str(cnn)), (Crashing(),))
     assert not outcome.folds and len(outcome.left) == 6
     assert {r.reason for r in outcome.left} == {"rule crashing failed (IndexError: list index out of range)"}
+
+
+def test_a_model_that_needs_real_sizes_gets_a_hint(tmp_path: Path) -> None:
+    """A fixed reshape cannot take the 1x1 image that symbolic height/width default to."""
+    b = GraphBuilder(seed=0)
+    x = b.input("image", [1, 2, "height", "width"])
+    y = b.batchnorm(b.conv(x, 2, 2), 2)
+    b.output(b.node("Reshape", [y, b.const("shape", np.array([1, 2, 16], np.int64))]))
+    path = tmp_path / "fixed.onnx"
+    onnx.save(b.model(), str(path))
+    result = run(path)
+    assert result.exit_code == 3
+    assert result.stderr.startswith("bnfold: error: onnxruntime cannot run the original model: ")
+    assert result.stderr.endswith(
+        "(symbolic dims of image were set to 1; give real sizes with --input-shape NAME:D1,D2,...)\n"
+    )
+    assert run(path, "--input-shape", "image:1,2,4,4", "-q").exit_code == 0
