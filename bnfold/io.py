@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -274,9 +274,52 @@ class StagedOutput:
         os.replace(self.staged_path, self.target)
 
 
-def tensor_values(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+# Location of an initializer whose values a fold left in a HeldTensors, not in any file.
+_HELD = "bnfold-held:"
+
+
+@dataclass
+class HeldTensors:
+    """New values of initializers, kept as arrays until the model is saved with external data.
+
+    Putting a folded weight into the protobuf costs two copies (``tobytes``, then into
+    the message), and writing it out a third (``raw_data`` returns a copy); a held
+    weight is written straight from its array. The tensor itself keeps its name, type
+    and shape, which is all the checker and shape inference see of large weights
+    (:func:`weightless_copy`), and points here through its external-data location.
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def hold(self, tensor: onnx.TensorProto, values: np.ndarray) -> bool:
+        """Make ``values`` (little-endian, of the tensor's type and shape) the tensor's data;
+        False for a small tensor, which stays in the protobuf as the writer would leave it."""
+        if values.nbytes < _STAND_IN_THRESHOLD:
+            return False
+        location = f"{_HELD}{len(self.arrays)}"
+        self.arrays[location] = np.ascontiguousarray(values)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=location)
+        return True
+
+    def lookup(self, tensor: onnx.TensorProto) -> str | None:
+        """The tensor's key among the held arrays, if it is held."""
+        if not external_data_helper.uses_external_data(tensor):
+            return None
+        location = external_data_helper.ExternalDataInfo(tensor).location
+        return location if location in self.arrays else None
+
+
+def tensor_values(tensor: onnx.TensorProto, base_dir: Path | None, held: HeldTensors | None = None) -> np.ndarray:
     """A tensor's values, read from its external data file (beside the model, in
-    ``base_dir``) when it has one; the tensor itself is left as it is."""
+    ``base_dir``) when it has one, or from ``held``; the tensor itself is left as it is."""
+    key = held.lookup(tensor) if held is not None else None
+    if key is not None:
+        values = held.arrays[key].view()
+        values.flags.writeable = False  # it is the tensor's data, as the protobuf's would be
+        return values
     return numpy_helper.to_array(tensor, str(base_dir or ""))
 
 
@@ -287,23 +330,30 @@ def _external_bytes(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
         return data.read(info.length) if info.length else data.read()
 
 
-def _save_with_external_data(model: onnx.ModelProto, path: Path, location: str, source_dir: Path | None) -> None:
+def _save_with_external_data(
+    model: onnx.ModelProto, path: Path, location: str, source_dir: Path | None, held: HeldTensors | None
+) -> None:
     """Save ``model`` with its large tensors in ``location`` beside ``path``.
 
     Tensors still in the input's data files are copied across one at a time, and
-    tensors held in memory are moved out, so memory never holds all weights at once
-    (onnx's own writer needs every tensor loaded first). Offsets are 4 KiB-aligned,
-    which lets onnxruntime map the file.
+    tensors held in memory (in the protobuf or in ``held``) are moved out, so memory
+    never holds all weights at once (onnx's own writer needs every tensor loaded
+    first). Offsets are 4 KiB-aligned, which lets onnxruntime map the file.
     """
     offset = 0
     with open(path.parent / location, "wb") as data:
         for tensor in external_data_helper._get_all_tensors(model):
-            if external_data_helper.uses_external_data(tensor):
+            key = held.lookup(tensor) if held is not None else None
+            payload: bytes | np.ndarray
+            if key is not None:
+                payload = held.arrays.pop(key)
+            elif external_data_helper.uses_external_data(tensor):
                 payload = _external_bytes(tensor, source_dir or path.parent)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _STAND_IN_THRESHOLD:
                 payload = tensor.raw_data
             else:
                 continue
+            size = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
             offset = -(-offset // 4096) * 4096
             data.seek(offset)
             data.write(payload)
@@ -311,15 +361,20 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, location: str, 
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset), ("length", len(payload))):
-                tensor.external_data.add(key=key, value=str(value))
-            offset += len(payload)
+            for name, value in (("location", location), ("offset", offset), ("length", size)):
+                tensor.external_data.add(key=name, value=str(value))
+            offset += size
     onnx.save_model(model, str(path))
 
 
 @contextlib.contextmanager
 def staged_save(
-    model: onnx.ModelProto, target: Path, *, external_data: bool, source_dir: Path | None = None
+    model: onnx.ModelProto,
+    target: Path,
+    *,
+    external_data: bool,
+    source_dir: Path | None = None,
+    held: HeldTensors | None = None,
 ) -> Iterator[StagedOutput]:
     """Write ``model`` into a hidden folder beside ``target``; always remove that folder.
 
@@ -327,7 +382,8 @@ def staged_save(
     does not (failure, exception, Ctrl-C), nothing is left behind. External data,
     when used, goes to ``<target name>.data`` so the input's data file is never
     overwritten; tensors still on disk are read from ``source_dir`` (the input's
-    folder). Saving with external data moves the model's tensors out of memory.
+    folder), and tensors in ``held`` from there (given only with ``external_data``).
+    Saving with external data moves the model's tensors out of memory.
     """
     folder = target.parent if str(target.parent) else Path(".")
     # The name is chosen before the folder exists, so that an interrupt landing
@@ -344,7 +400,7 @@ def staged_save(
         data_location = output_data_location(target) if use_external else None
         try:
             if data_location:
-                _save_with_external_data(model, staged_path, data_location, source_dir)
+                _save_with_external_data(model, staged_path, data_location, source_dir, held)
             else:
                 onnx.save_model(model, str(staged_path))
         except OSError as error:
