@@ -319,16 +319,19 @@ def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tupl
     for old, scale, rounded in _row_blocks(weight, factor, cast):
         exact = exact_buffer[: old.size].reshape(old.shape)
         error = error_buffer[: old.size].reshape(old.shape)
-        np.multiply(old, scale, out=exact)
+        # Widening first keeps the multiply within float64, where it is twice as fast
+        # as a mixed-type one, with the same result (widening is exact).
+        np.copyto(exact, old)
+        np.multiply(exact, scale, out=exact)
         with np.errstate(over="ignore", invalid="ignore"):
             np.copyto(rounded, exact, casting="unsafe")
             np.copyto(error, rounded)
             np.subtract(exact, error, out=error)
-        largest = float(np.max(np.abs(error, out=error)))
+        largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
         if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
             if np.any(np.isinf(rounded) & np.isfinite(exact)):
                 cast_back(np.multiply(weight, factor, dtype=np.float64), weight.dtype, what)  # raises
-            largest = float(np.max(error[np.isfinite(error)], initial=0.0))
+            largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
         worst_rounding = max(worst_rounding, largest)
     return cast, _largest_change(weight, factor), worst_rounding
 
