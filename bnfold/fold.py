@@ -21,8 +21,8 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import first_line
-from bnfold.io import HeldTensors
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.io import HeldTensors
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
 

@@ -290,13 +290,18 @@ class HeldTensors:
     """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _issued: int = 0
+    """Locations handed out so far: each new one is unique."""
 
     def hold(self, tensor: onnx.TensorProto, values: np.ndarray) -> bool:
         """Make ``values`` (little-endian, of the tensor's type and shape) the tensor's data;
         False for a small tensor, which stays in the protobuf as the writer would leave it."""
         if values.nbytes < _STAND_IN_THRESHOLD:
             return False
-        location = f"{_HELD}{len(self.arrays)}"
+        location = self.lookup(tensor)  # a weight folded twice replaces its array
+        if location is None:
+            location = f"{_HELD}{self._issued}"
+            self._issued += 1
         self.arrays[location] = np.ascontiguousarray(values)
         tensor.ClearField("raw_data")
         del tensor.external_data[:]
@@ -364,6 +369,8 @@ def _save_with_external_data(
             for name, value in (("location", location), ("offset", offset), ("length", size)):
                 tensor.external_data.add(key=name, value=str(value))
             offset += size
+    if held is not None:
+        held.arrays.clear()  # what is left belonged to tensors the folds removed
     onnx.save_model(model, str(path))
 
 

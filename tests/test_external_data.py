@@ -204,3 +204,13 @@ def test_folds_with_external_data_write_what_a_self_contained_fold_writes(tmp_pa
     assert [t.name for t in written.graph.initializer] == [t.name for t in expected.graph.initializer]
     for got, want in zip(written.graph.initializer, expected.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
+
+
+def test_a_weight_folded_twice_is_held_once_and_small_tensors_stay_in_the_protobuf() -> None:
+    held = io.HeldTensors()
+    weight = numpy_helper.from_array(np.zeros((32, 32), np.float32), "w")
+    assert held.hold(weight, np.ones((32, 32), np.float32))
+    assert held.hold(weight, np.full((32, 32), 2, np.float32))
+    assert len(held.arrays) == 1
+    np.testing.assert_array_equal(io.tensor_values(weight, None, held), np.full((32, 32), 2, np.float32))
+    assert not held.hold(numpy_helper.from_array(np.zeros(4, np.float32), "b"), np.ones(4, np.float32))
