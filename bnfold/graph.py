@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx.reference import ReferenceEvaluator
 
 from bnfold.io import HeldTensors, tensor_values, weightless_copy
 
@@ -196,6 +195,9 @@ class GraphIndex:
             if value is None:
                 return None
             feeds[input_name] = value
+        # Imported on first use: most models never need it, and loading it costs 15 ms.
+        from onnx.reference import ReferenceEvaluator
+
         try:
             evaluator = ReferenceEvaluator(node, opsets={"": self.default_opset()})
             outputs = evaluator.run(None, feeds)
