@@ -207,11 +207,14 @@ def cast_back(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         cast = values.astype(dtype)
     if not np.isfinite(cast).all() and np.isfinite(values).all():
-        worst = float(np.max(np.abs(values)))
-        raise FoldOverflowError(
-            f"folded {what} would overflow {np.dtype(dtype).name} (largest magnitude {worst:.4g})"
-        )
+        raise _overflow(what, dtype, float(np.max(np.abs(values))))
     return cast
+
+
+def _overflow(what: str, dtype: np.dtype, largest: float) -> FoldOverflowError:
+    return FoldOverflowError(
+        f"folded {what} would overflow {np.dtype(dtype).name} (largest magnitude {largest:.4g})"
+    )
 
 
 # Elements per block in cast_with_effect and scale_with_effect: float64 temporaries of
@@ -310,7 +313,8 @@ def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tupl
     touches, and this is the whole of its arithmetic.
 
     Raises:
-        FoldOverflowError: as :func:`cast_back`.
+        FoldOverflowError: as :func:`cast_back`, for any element that was finite in
+        float64 and is not once cast (other elements may have been NaN or inf before).
     """
     weight = np.ascontiguousarray(weight)
     factor = np.asarray(factor, dtype=np.float64)
@@ -331,8 +335,9 @@ def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tupl
             np.subtract(exact, error, out=error)
         largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
         if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
-            if np.any(np.isinf(rounded) & np.isfinite(exact)):
-                cast_back(np.multiply(weight, factor, dtype=np.float64), weight.dtype, what)  # raises
+            if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
+                largest_exact = np.nanmax(np.abs(np.multiply(weight, factor, dtype=np.float64)))
+                raise _overflow(what, weight.dtype, float(largest_exact))
             largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
         worst_rounding = max(worst_rounding, largest)
     return cast, _largest_change(weight, factor), worst_rounding

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -71,10 +72,12 @@ def test_fused_scale_ignores_factors_of_all_zero_channels() -> None:
     assert change == 0.5
 
 
-def test_fused_scale_refuses_overflow_with_the_largest_value() -> None:
-    weight = np.array([[1.0, 2.0], [1.0, 0.5]], np.float16)
-    factor = fold_math.axis_factor(np.array([4e4, 1.0]), 2, 0)
-    with pytest.raises(fold_math.FoldOverflowError, match=r"overflow float16 \(largest magnitude 8e\+04\)"):
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.float8_e4m3fn], ids=["float16", "float8_e4m3fn"])
+def test_fused_scale_refuses_overflow_with_the_largest_value(dtype: type) -> None:
+    """float8_e4m3fn has no inf: there an overflow becomes NaN, and is refused all the same."""
+    weight = np.array([[1.0, 2.0], [1.0, 0.5], [np.nan, 1.0]], dtype)
+    factor = fold_math.axis_factor(np.array([4e4, 1.0, 1.0]), 2, 0)
+    with pytest.raises(fold_math.FoldOverflowError, match=r"overflow \w+ \(largest magnitude 8e\+04\)"):
         fold_math.scale_with_effect(weight, factor, "weight")
 
 
