@@ -267,7 +267,9 @@ def _row_blocks(
     weight: np.ndarray, factor: np.ndarray, out: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Matching pieces of ``weight``, ``factor`` (same rank, broadcastable) and ``out``
-    of at most ``_BLOCK`` elements each, cut along the leading axes."""
+    of at most ``_BLOCK`` elements each, cut along the leading axes (none when empty)."""
+    if weight.size == 0:
+        return
     if weight.size <= _BLOCK or weight.ndim == 0:
         yield weight, factor, out
         return

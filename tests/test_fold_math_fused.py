@@ -87,3 +87,8 @@ def test_fused_scale_keeps_already_infinite_values() -> None:
     cast, change, rounding = fold_math.scale_with_effect(weight, np.array([2.0]), "weight")
     np.testing.assert_array_equal(cast, np.array([np.inf, np.nan, 2.0], np.float32))
     assert (change, rounding) == (1.0, 0.0)
+
+
+def test_fused_scale_of_an_empty_weight_measures_nothing() -> None:
+    cast, change, rounding = fold_math.scale_with_effect(np.zeros((0, 3), np.float32), np.ones((1, 3)), "weight")
+    assert cast.shape == (0, 3) and (change, rounding) == (0.0, 0.0)
