@@ -14,7 +14,7 @@ folded through a graph view of their body.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -22,6 +22,7 @@ from onnx import helper
 
 from bnfold.errors import first_line
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.io import HeldTensors
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
 
@@ -115,6 +116,7 @@ class _Run:
     rules: tuple[FoldRule, ...]
     may_fold: Callable[[str], bool]
     base_dir: Path | None
+    held: HeldTensors | None
     outcome: FoldOutcome
 
 
@@ -123,6 +125,7 @@ def fold_batchnorms(
     rules: tuple[FoldRule, ...] = RULES,
     may_fold: Callable[[str], bool] | None = None,
     base_dir: Path | None = None,
+    held: HeldTensors | None = None,
 ) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
@@ -133,9 +136,11 @@ def fold_batchnorms(
     ``If 'cond' then_branch / bn3``. ``may_fold`` (given a BN's report label)
     restricts the run to some BNs, the others being neither folded nor reported:
     error attribution re-applies folds in groups this way. ``base_dir`` is the
-    model file's folder, where weights kept in external data are read from.
+    model file's folder, where weights kept in external data are read from. With
+    ``held``, rewritten initializers keep their values there instead of in the
+    protobuf, for :func:`bnfold.io.staged_save` to write out.
     """
-    run = _Run(rules, may_fold or (lambda _label: True), base_dir, FoldOutcome())
+    run = _Run(rules, may_fold or (lambda _label: True), base_dir, held, FoldOutcome())
     _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
         _fold_function(run, model, function)
@@ -148,14 +153,14 @@ def _fold_scope(
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
     _fold_graph(run, model, graph, parent, scope)
-    index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir)
+    index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir, held=run.held)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
             _fold_scope(run, model, body, index, f"{scope}{describe(node)} {where} / ")
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
-        index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir)
+        index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir, held=run.held)
         run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
 
 
@@ -177,7 +182,8 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
         ir_version=model.ir_version,
     )
     before = len(run.outcome.folds)
-    _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
+    # The view's initializers become Constant nodes below: they must hold their values.
+    _fold_scope(replace(run, held=None), view, view.graph, None, f"function '{function.name}' / ")
     if len(run.outcome.folds) == before:
         return
     constants = [
@@ -198,7 +204,7 @@ def _fold_graph(
     would hold a second copy of every weight. The next pass picks up the rest.
     """
     while True:
-        graph = GraphIndex(model, graph_proto, parent=parent, base_dir=run.base_dir)
+        graph = GraphIndex(model, graph_proto, parent=parent, base_dir=run.base_dir, held=run.held)
         candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         planned_bytes = 0

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx.reference import ReferenceEvaluator
 
-from bnfold.io import tensor_values, weightless_copy
+from bnfold.io import HeldTensors, tensor_values, weightless_copy
 
 # Ops whose value changes from run to run: never evaluated as constants.
 NONDETERMINISTIC_OPS = frozenset(
@@ -82,12 +81,15 @@ class GraphIndex:
         *,
         parent: GraphIndex | None = None,
         base_dir: Path | None = None,
+        held: HeldTensors | None = None,
     ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
         self.base_dir: Path | None = parent.base_dir if parent is not None else base_dir
         """Folder of the model file: where weights kept in external data are read from."""
+        self.held = parent.held if parent is not None else held
+        """Where folds keep the initializers they rewrite, if not in the protobuf (see :class:`HeldTensors`)."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -177,7 +179,7 @@ class GraphIndex:
         if self.parent is not None and self.is_outer(name):
             return self.parent.constant_value(name)
         if name in self.initializers:
-            return tensor_values(self.initializers[name], self.base_dir)
+            return tensor_values(self.initializers[name], self.base_dir, self.held)
         node = self.producer_of(name)
         if node is None or node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
             return None
@@ -193,6 +195,9 @@ class GraphIndex:
             if value is None:
                 return None
             feeds[input_name] = value
+        # Imported on first use: most models never need it, and loading it costs 15 ms.
+        from onnx.reference import ReferenceEvaluator
+
         try:
             evaluator = ReferenceEvaluator(node, opsets={"": self.default_opset()})
             outputs = evaluator.run(None, feeds)

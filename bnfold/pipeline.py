@@ -203,7 +203,10 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     clock.lap("load")
 
     rules = with_exact_padding(options.rules) if options.exact_padding else options.rules
-    outcome = fold_batchnorms(model, rules, base_dir=loaded.path.parent)
+    external_data = bool(loaded.external_data_files)
+    # Saved with external data, folded weights go from their arrays straight to the file.
+    held = io.HeldTensors() if external_data else None
+    outcome = fold_batchnorms(model, rules, base_dir=loaded.path.parent, held=held)
     problem = None
     if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
@@ -213,7 +216,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
     with io.staged_save(
-        model, staging_target, external_data=bool(loaded.external_data_files), source_dir=loaded.path.parent
+        model, staging_target, external_data=external_data, source_dir=loaded.path.parent, held=held
     ) as staged:
         del model
         loaded.release_model()  # before onnxruntime loads two copies of the weights

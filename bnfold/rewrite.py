@@ -18,6 +18,7 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
+from bnfold.io import HeldTensors
 from bnfold.rules import FoldPlan, TensorUpdate
 from bnfold.rules.base import AddedBias
 
@@ -58,16 +59,20 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: float | int) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def _overwrite_data(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+def _overwrite_data(tensor: onnx.TensorProto, values: np.ndarray, held: HeldTensors | None) -> None:
     """Give an initializer new values of the same shape, keeping its name.
 
-    Assigning ``raw_data`` directly avoids building a second TensorProto and
-    copying it over, which matters for large weights; a tensor that was still in
-    the input's external data file now holds its values in memory. Other layouts
+    With ``held`` (the model will be saved with external data), a large tensor's
+    values stay in their array until written (:class:`~bnfold.io.HeldTensors`).
+    Otherwise assigning ``raw_data`` directly avoids building a second TensorProto
+    and copying it over, which matters for large weights; a tensor that was still
+    in the input's external data file now holds its values in memory. Other layouts
     (typed fields, another dtype, big-endian hosts) go through numpy_helper.
     """
     same_type = tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype) and sys.byteorder == "little"
     external = external_data_helper.uses_external_data(tensor)
+    if same_type and held is not None and held.hold(tensor, values):
+        return
     if same_type and (external or tensor.HasField("raw_data")):
         if external:
             del tensor.external_data[:]
@@ -92,7 +97,7 @@ def _apply_update(
         and list(existing.dims) == list(update.values.shape)
     )
     if sole_reader:
-        _overwrite_data(existing, update.values)
+        _overwrite_data(existing, update.values, index.held)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor = numpy_helper.from_array(update.values, names.fresh(base))

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from bnfold.errors import InputError, RuntimeFailure, first_line
 
 if TYPE_CHECKING:
+    import onnxruntime as ort
+
     from bnfold.inputs import Trial
 
 # (atol, rtol) per output dtype. Folding changes the rounding order of one
@@ -139,9 +140,16 @@ class Tolerances:
         )
 
 
+def _onnxruntime():  # noqa: ANN202 - the onnxruntime module
+    """onnxruntime, imported on first use: a run without verification never loads it."""
+    import onnxruntime
+
+    return onnxruntime
+
+
 def check_provider(provider: str) -> None:
     """Refuse an execution provider this onnxruntime build does not have (before any work)."""
-    available = ort.get_available_providers()
+    available = _onnxruntime().get_available_providers()
     if provider not in available:
         raise InputError(f"--provider {provider} is not available; this onnxruntime offers {', '.join(available)}")
 
@@ -219,6 +227,7 @@ def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
 
 def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
     """An onnxruntime session with every graph optimization disabled."""
+    ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user through the exception, once

@@ -10,9 +10,10 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from bnfold import io
 from bnfold.errors import InputError
@@ -22,6 +23,7 @@ from sample_models.modelkit import GraphBuilder
 from tests.support import op_count
 
 BN = "BatchNormalization"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
 def _model() -> onnx.ModelProto:
@@ -169,3 +171,46 @@ def test_weights_on_disk_are_read_lazily_and_copied_across_unchanged(tmp_path: P
     copied_values = onnx.numpy_helper.to_array(
         next(t for t in onnx.load(str(output)).graph.initializer if t.name == untouched))
     assert (original_values == copied_values).all()
+
+
+def _chained_model() -> onnx.ModelProto:
+    """BN → BN after a Conv: the second fold reads the weight the first one rewrote."""
+    b = GraphBuilder(seed=31)
+    x = b.input("x", [1, 8, 6, 6])
+    b.output(b.batchnorm(b.batchnorm(b.conv(x, 8, 16, bias=False), 16), 16))
+    return b.model()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [pytest.param(_chained_model, id="chained"),
+     *(pytest.param(path, id=path.stem) for path in sorted(SAMPLES.glob("*.onnx")))],
+)
+def test_folds_with_external_data_write_what_a_self_contained_fold_writes(tmp_path: Path, model) -> None:
+    """Folded weights kept out of the protobuf until the external-data save land in the
+    file exactly as the self-contained fold puts them into the model."""
+    loaded = model() if callable(model) else onnx.load_model(str(model))
+    for folder in "ab":
+        (tmp_path / folder).mkdir()
+    onnx.save_model(loaded, str(tmp_path / "a" / "net.onnx"))
+    _save_external(loaded, tmp_path / "b" / "net.onnx", "weights.bin")
+    inline = fold_file(tmp_path / "a" / "net.onnx", FoldOptions(output=tmp_path / "a" / "out.onnx"))
+    external = fold_file(tmp_path / "b" / "net.onnx", FoldOptions(output=tmp_path / "b" / "out.onnx"))
+    assert external.status == inline.status and external.folds == inline.folds
+    if not inline.written:
+        return
+    expected = onnx.load_model(str(tmp_path / "a" / "out.onnx"))
+    written = onnx.load_model(str(tmp_path / "b" / "out.onnx"))
+    assert [t.name for t in written.graph.initializer] == [t.name for t in expected.graph.initializer]
+    for got, want in zip(written.graph.initializer, expected.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
+
+
+def test_a_weight_folded_twice_is_held_once_and_small_tensors_stay_in_the_protobuf() -> None:
+    held = io.HeldTensors()
+    weight = numpy_helper.from_array(np.zeros((32, 32), np.float32), "w")
+    assert held.hold(weight, np.ones((32, 32), np.float32))
+    assert held.hold(weight, np.full((32, 32), 2, np.float32))
+    assert len(held.arrays) == 1
+    np.testing.assert_array_equal(io.tensor_values(weight, None, held), np.full((32, 32), 2, np.float32))
+    assert not held.hold(numpy_helper.from_array(np.zeros(4, np.float32), "b"), np.ones(4, np.float32))

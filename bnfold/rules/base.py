@@ -14,6 +14,7 @@ or discarded, and rules cannot interfere with one another.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -219,12 +220,39 @@ def weight_and_bias_updates(
     """Cast float64 results back to the replaced tensors' dtypes (the bias takes the
     weight's dtype when it is created) and describe them as updates of inputs 1 and 2,
     with how far they moved and what the cast cost (shown per fold in the report)."""
+    return _cast_updates(
+        node, lambda: fold_math.cast_with_effect(folded_weight, weight.dtype, weight, "weight"), weight.dtype,
+        bias, folded_bias,
+    )
+
+
+def scaled_weight_and_bias_updates(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    factor: np.ndarray,
+    bias: np.ndarray | None,
+    folded_bias: np.ndarray,
+) -> list[TensorUpdate] | Refusal:
+    """:func:`weight_and_bias_updates` for ``W' = W * factor``, which is scaled and cast
+    in one blocked pass (:func:`fold_math.scale_with_effect`) instead of first being
+    computed whole in float64."""
+    return _cast_updates(
+        node, lambda: fold_math.scale_with_effect(weight, factor, "weight"), weight.dtype, bias, folded_bias
+    )
+
+
+def _cast_updates(
+    node: onnx.NodeProto,
+    cast_weight: Callable[[], tuple[np.ndarray, float | None, float]],
+    weight_dtype: np.dtype,
+    bias: np.ndarray | None,
+    folded_bias: np.ndarray,
+) -> list[TensorUpdate] | Refusal:
+    """The updates of inputs 1 and 2 from ``cast_weight()`` and the cast-back bias."""
     try:
-        new_weight, weight_change, weight_rounding = fold_math.cast_with_effect(
-            folded_weight, weight.dtype, weight, "weight"
-        )
+        new_weight, weight_change, weight_rounding = cast_weight()
         new_bias, bias_change, bias_rounding = fold_math.cast_with_effect(
-            folded_bias, (weight if bias is None else bias).dtype, bias, "bias"
+            folded_bias, weight_dtype if bias is None else bias.dtype, bias, "bias"
         )
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
@@ -285,7 +313,7 @@ class ScaledLayerIntoProducer(IntoProducer):
 
     The flow is the same for Conv, ConvTranspose and Gemm; a subclass states only
     what differs: how its weight gives the BN's channels (:meth:`weight_refusal`),
-    how to scale it (:meth:`scale_weight`), and, where the layer has its own bias
+    the factor that scales it (:meth:`weight_factor`), and, where the layer has its own bias
     semantics, :meth:`bias_refusal` and :meth:`bias_terms`.
     """
 
@@ -308,8 +336,8 @@ class ScaledLayerIntoProducer(IntoProducer):
         if refusal:
             return refusal
         bias, shift, new_attributes = self.bias_terms(bias, bn, attributes)
-        updates = weight_and_bias_updates(
-            producer, weight, self.scale_weight(weight, bn.s, attributes), bias, fold_math.fold_bias(bias, bn.s, shift)
+        updates = scaled_weight_and_bias_updates(
+            producer, weight, self.weight_factor(weight, bn.s, attributes), bias, fold_math.fold_bias(bias, bn.s, shift)
         )
         return updates if isinstance(updates, Refusal) else (updates, new_attributes)
 
@@ -320,8 +348,9 @@ class ScaledLayerIntoProducer(IntoProducer):
         """Why this weight cannot give the BN's channels (None when it can)."""
 
     @abstractmethod
-    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
-        """``W'`` in float64: each output channel's slice times its ``s``."""
+    def weight_factor(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        """The float64 factor, broadcastable to the weight, that gives ``W' = W * factor``:
+        each output channel's slice times its ``s``."""
 
     def output_rank(self, weight: np.ndarray) -> int:
         """Rank of the layer's output, for the channel-axis check (a Conv's is its weight's)."""

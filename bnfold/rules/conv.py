@@ -33,5 +33,5 @@ class ConvIntoBatchNorm(ScaledLayerIntoProducer):
             )
         return None
 
-    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
-        return fold_math.scale_along_axis(weight, s, axis=0)
+    def weight_factor(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        return fold_math.axis_factor(s, weight.ndim, axis=0)

@@ -3,7 +3,7 @@
 ConvTranspose weight is ``[C_in, C_out/group, k1, ..., kn]``: output channel
 ``o = g * (C_out/group) + j`` is built from ``W[i, j]`` for the input channels
 ``i`` of group ``g``, so ``s[o]`` scales axis 1 within each group
-(:func:`~bnfold.fold_math.scale_convtranspose_weight`), and ``b'[o] = b[o] * s[o] + t[o]``.
+(:func:`~bnfold.fold_math.convtranspose_factor`), and ``b'[o] = b[o] * s[o] + t[o]``.
 Strides, pads, dilations, output_padding and output_shape only place the
 products spatially; they never mix channels, so they stay as they are.
 """
@@ -37,5 +37,5 @@ class ConvTransposeIntoBatchNorm(ScaledLayerIntoProducer):
             )
         return None
 
-    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
-        return fold_math.scale_convtranspose_weight(weight, s, int(attributes.get("group", 1)))
+    def weight_factor(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        return fold_math.convtranspose_factor(s, weight.shape, int(attributes.get("group", 1)))

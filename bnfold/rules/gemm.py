@@ -46,8 +46,8 @@ class GemmIntoBatchNorm(ScaledLayerIntoProducer):
     def output_rank(self, weight: np.ndarray) -> int:
         return 2
 
-    def scale_weight(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
-        return fold_math.scale_along_axis(weight, s, _channel_axis(attributes))
+    def weight_factor(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
+        return fold_math.axis_factor(s, weight.ndim, _channel_axis(attributes))
 
     def bias_refusal(self, producer: onnx.NodeProto, bias: np.ndarray | None, bn: BatchNorm) -> Refusal | None:
         """C broadcasts to ``[M, N]``: any shape whose last axis is 1 or N will do."""
