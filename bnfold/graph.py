@@ -88,7 +88,7 @@ class GraphIndex:
         self.parent = parent
         self.base_dir: Path | None = parent.base_dir if parent is not None else base_dir
         """Folder of the model file: where weights kept in external data are read from."""
-        self.held = parent.held if parent is not None else held
+        self.held: HeldTensors | None = parent.held if parent is not None else held
         """Where folds keep the initializers they rewrite, if not in the protobuf (see :class:`HeldTensors`)."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}

@@ -321,7 +321,7 @@ def tensor_values(tensor: onnx.TensorProto, base_dir: Path | None, held: HeldTen
     """A tensor's values, read from its external data file (beside the model, in
     ``base_dir``) when it has one, or from ``held``; the tensor itself is left as it is."""
     key = held.lookup(tensor) if held is not None else None
-    if key is not None:
+    if held is not None and key is not None:
         values = held.arrays[key].view()
         values.flags.writeable = False  # it is the tensor's data, as the protobuf's would be
         return values
@@ -350,7 +350,7 @@ def _save_with_external_data(
         for tensor in external_data_helper._get_all_tensors(model):
             key = held.lookup(tensor) if held is not None else None
             payload: bytes | np.ndarray
-            if key is not None:
+            if held is not None and key is not None:
                 payload = held.arrays.pop(key)
             elif external_data_helper.uses_external_data(tensor):
                 payload = _external_bytes(tensor, source_dir or path.parent)
@@ -364,7 +364,7 @@ def _save_with_external_data(
             padding = -offset % 4096
             data.write(bytes(padding))
             offset += padding
-            data.write(payload)
+            data.write(payload.data if isinstance(payload, np.ndarray) else payload)
             # (onnx's set_external_data insists on raw_data, which tensors still on disk lack)
             tensor.ClearField("raw_data")
             del tensor.external_data[:]

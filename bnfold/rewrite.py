@@ -96,7 +96,7 @@ def _apply_update(
         and not index.is_runtime_input(old_name)
         and list(existing.dims) == list(update.values.shape)
     )
-    if sole_reader:
+    if existing is not None and sole_reader:
         _overwrite_data(existing, update.values, index.held)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
@@ -199,6 +199,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 released.append(old_name)
             if note:
                 plan.notes.append(note)
+            if note and old_name:
                 copies.append((plan, update, old_name, note))
         for attribute, value in plan.attributes.items():
             _set_attribute(plan.target, attribute, value)

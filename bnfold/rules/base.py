@@ -418,7 +418,8 @@ class IntoConsumer(FoldRule):
     consumer_ops: frozenset[str]
 
     def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
-        consumers, shape_readers = [], []
+        consumers: list[onnx.NodeProto] = []
+        shape_readers: list[onnx.NodeProto] = []
         for node in graph.consumers_of(bn.output_name):
             (shape_readers if is_standard(node) and node.op_type in SHAPE_READERS else consumers).append(node)
         if not any(is_standard(node) and node.op_type in self.consumer_ops for node in consumers):
