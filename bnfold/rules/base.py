@@ -232,12 +232,15 @@ def scaled_weight_and_bias_updates(
     factor: np.ndarray,
     bias: np.ndarray | None,
     folded_bias: np.ndarray,
+    weight_role: str = "weight",
 ) -> list[TensorUpdate] | Refusal:
     """:func:`weight_and_bias_updates` for ``W' = W * factor``, which is scaled and cast
     in one blocked pass (:func:`fold_math.scale_with_effect`) instead of first being
-    computed whole in float64."""
+    computed whole in float64. ``weight_role`` names input 1 in notes and refusals
+    (a BatchNormalization's is its 'scale')."""
     return _cast_updates(
-        node, lambda: fold_math.scale_with_effect(weight, factor, "weight"), weight.dtype, bias, folded_bias
+        node, lambda: fold_math.scale_with_effect(weight, factor, weight_role), weight.dtype, bias, folded_bias,
+        weight_role,
     )
 
 
@@ -247,6 +250,7 @@ def _cast_updates(
     weight_dtype: np.dtype,
     bias: np.ndarray | None,
     folded_bias: np.ndarray,
+    weight_role: str = "weight",
 ) -> list[TensorUpdate] | Refusal:
     """The updates of inputs 1 and 2 from ``cast_weight()`` and the cast-back bias."""
     try:
@@ -257,7 +261,7 @@ def _cast_updates(
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
     return [
-        TensorUpdate(node, 1, new_weight, "weight", weight_change, weight_rounding),
+        TensorUpdate(node, 1, new_weight, weight_role, weight_change, weight_rounding),
         TensorUpdate(node, 2, new_bias, "bias", bias_change, bias_rounding),
     ]
 

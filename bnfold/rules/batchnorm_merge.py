@@ -20,8 +20,8 @@ from bnfold.rules.base import (
     IntoProducer,
     Refusal,
     TensorUpdate,
-    cast_or_refuse,
     channel_axis_refusal,
+    scaled_weight_and_bias_updates,
 )
 from bnfold.rules.batchnorm import read_batchnorm
 
@@ -48,10 +48,7 @@ class BatchNormIntoBatchNorm(IntoProducer):
         beta = graph.constant_value(producer.input[2])
         if gamma is None or beta is None:  # read_batchnorm found them constant; only a changed graph gets here
             return Refusal(f"{describe(producer)} scale or bias is not a constant")
-        new_gamma = cast_or_refuse(producer, fold_math.scale_along_axis(gamma, bn.s, axis=0), gamma.dtype, "scale")
-        if isinstance(new_gamma, Refusal):
-            return new_gamma
-        new_beta = cast_or_refuse(producer, fold_math.fold_bias(beta, bn.s, bn.t), beta.dtype, "bias")
-        if isinstance(new_beta, Refusal):
-            return new_beta
-        return [TensorUpdate(producer, 1, new_gamma, "scale"), TensorUpdate(producer, 2, new_beta, "bias")], {}
+        updates = scaled_weight_and_bias_updates(
+            producer, gamma, bn.s, beta, fold_math.fold_bias(beta, bn.s, bn.t), weight_role="scale"
+        )
+        return updates if isinstance(updates, Refusal) else (updates, {})
