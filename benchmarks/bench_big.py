@@ -70,23 +70,12 @@ CONTENDERS = {
 
 
 def build_model(path: Path, gigabytes: float) -> None:
-    """A Conv(3x3)→BN→Relu stack with about ``gigabytes`` of float32 weights, saved
-    with external data (one block at a time would not matter: onnx.save needs the
-    whole model in memory anyway)."""
-    sys.path.insert(0, str(REPO))
+    """bench_fold's Conv(3x3)→BN→Relu stack with about ``gigabytes`` of float32 weights,
+    saved with external data (onnx.save needs the whole model in memory anyway)."""
     import onnx
+    from bench_fold import build_conv_bn_stack
 
-    from sample_models.modelkit import GraphBuilder
-
-    channels = 512
-    block_bytes = channels * channels * 9 * 4
-    blocks = max(1, round(gigabytes * 1e9 / block_bytes))
-    b = GraphBuilder(seed=0)
-    x = b.input("x", [1, channels, 4, 4])
-    for _ in range(blocks):
-        x = b.node("Relu", [b.batchnorm(b.conv(x, channels, channels, bias=False), channels)])
-    b.output(x)
-    model = b.model("bench_big")
+    model = build_conv_bn_stack(gigabytes * 1000, channels=512, spatial=4)
     onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
 
 

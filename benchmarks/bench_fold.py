@@ -34,12 +34,13 @@ from sample_models.modelkit import GraphBuilder  # noqa: E402
 GENERATED = Path(__file__).resolve().parent / "_generated"
 
 
-def build_conv_bn_stack(megabytes: int, channels: int = 384) -> onnx.ModelProto:
-    """Conv(3x3, channels→channels) → BN → Relu blocks until the weights reach ``megabytes``."""
+def build_conv_bn_stack(megabytes: float, channels: int = 384, spatial: int = 8) -> onnx.ModelProto:
+    """Conv(3x3, channels→channels) → BN → Relu blocks until the weights reach ``megabytes``
+    (also what benchmarks/bench_big.py saves with external data)."""
     block_bytes = channels * channels * 9 * 4
     blocks = max(1, round(megabytes * 1_000_000 / block_bytes))
     b = GraphBuilder(seed=0)
-    x = b.input("x", ["batch", channels, 8, 8])
+    x = b.input("x", ["batch", channels, spatial, spatial])
     for _ in range(blocks):
         x = b.node("Relu", [b.batchnorm(b.conv(x, channels, channels, bias=False), channels)])
     b.output(x)
