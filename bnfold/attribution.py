@@ -22,11 +22,14 @@ from pathlib import Path
 
 import onnx
 
-from bnfold import io
 from bnfold.fold import FoldRecord, fold_batchnorms
 from bnfold.inputs import Trial
-from bnfold.rules import FoldRule
-from bnfold.verify import OutputComparison, Tolerances, Verification, verify_equivalence
+from bnfold.io.load import LoadedModel
+from bnfold.io.save import stage
+from bnfold.io.store import TensorStore
+from bnfold.options import Tolerances
+from bnfold.rules import RuleSet
+from bnfold.verify import OutputComparison, Verification, verify_equivalence
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,8 @@ class Attribution:
 class _Search:
     """Group testing over the folds of one failed run."""
 
-    def __init__(self, original: io.LoadedModel, folds: Sequence[FoldRecord], trials: Sequence[Trial],
-                 tolerances: Tolerances, provider: str, rules: tuple[FoldRule, ...]) -> None:
+    def __init__(self, original: LoadedModel, folds: Sequence[FoldRecord], trials: Sequence[Trial],
+                 tolerances: Tolerances, provider: str, rules: RuleSet) -> None:
         self.original = original
         self.records = {fold.batchnorm: fold for fold in folds}
         self.trials = trials
@@ -69,12 +72,12 @@ class _Search:
         model = onnx.ModelProto()
         model.CopyFrom(self.original.model)
         allowed = set(labels)
-        fold_batchnorms(model, self.rules, may_fold=allowed.__contains__, base_dir=self.original.path.parent)
+        store = TensorStore(self.original.path.parent)
+        fold_batchnorms(model, self.rules, may_fold=allowed.__contains__, store=store)
         self.verifications += 1
         with tempfile.TemporaryDirectory(prefix="bnfold-attribution-") as folder:
             target = Path(folder) / self.original.path.name
-            with io.staged_save(model, target, external_data=bool(self.original.external_data_files),
-                                source_dir=self.original.path.parent) as staged:
+            with stage(model, target, store, external_data=bool(self.original.external_data_files)) as staged:
                 return verify_equivalence(self.original.path, staged.staged_path, self.trials,
                                           tolerances=self.tolerances, provider=self.provider)
 
@@ -112,14 +115,14 @@ def _badness(comparison: OutputComparison) -> tuple[bool, float]:
 
 
 def attribute_failure(
-    original: io.LoadedModel,
+    original: LoadedModel,
     folds: Sequence[FoldRecord],
     failed: Verification,
     trials: Sequence[Trial],
     *,
     tolerances: Tolerances,
     provider: str,
-    rules: tuple[FoldRule, ...],
+    rules: RuleSet,
 ) -> Attribution:
     """Find the fold(s) behind ``failed`` (the verification of all ``folds`` applied together).
 

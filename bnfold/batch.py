@@ -30,12 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from bnfold import io
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError, internal_error_message
+from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
-
-FOLDED_SUFFIX = ".folded.onnx"
-STAGING_PREFIX = ".bnfold-"
 
 
 def _is_model_file(path: Path, folder: Path) -> bool:
@@ -67,7 +64,7 @@ def find_models(paths: Sequence[Path]) -> list[Path]:
 
 def output_in(folder: Path, model: Path) -> Path:
     """Where ``--output-dir`` puts a model: ``FOLDER/<name>.folded.onnx``."""
-    return folder / io.default_output_path(model).name
+    return folder / default_output_path(model).name
 
 
 def check_output_collisions(models: Sequence[Path], output_dir: Path) -> None:

@@ -18,8 +18,8 @@ from rich.console import Console
 from bnfold import report as render
 from bnfold.batch import find_models, fold_models, output_in
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BnfoldError, InputError, internal_error_message
-from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
-from bnfold.verify import DEFAULT_TOLERANCES, Tolerances
+from bnfold.options import DEFAULT_TOLERANCES, Tolerances, VerifyOptions
+from bnfold.pipeline import FoldOptions, check_files, fold_file
 
 EXIT_CODES_HELP = """\b
 Exit codes:

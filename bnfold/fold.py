@@ -14,19 +14,17 @@ folded through a graph view of their body.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import onnx
 from onnx import helper
 
 from bnfold.errors import first_line
-from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
-from bnfold.io import HeldTensors
+from bnfold.graph import AttributeReference, GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, remove_unused_constants
-from bnfold.rules import AFFINE_READERS, RULES, BatchNorm, FoldPlan, FoldRule, Refusal
-
-BATCHNORM = "BatchNormalization"
+from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
+from bnfold.rules.batchnorm import is_batchnorm
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class FoldRecord:
     direction: str
     notes: tuple[str, ...]
     max_relative_weight_change: float | None = None
-    """Largest ``|W' - W| / |W|`` over the target's weight (None: not measured by the rule)."""
+    """Largest ``|W' - W| / |W|`` over the weights the fold scaled (None: it scaled none)."""
     max_rounding_error: float | None = None
     """Largest ``|cast - float64|`` when the new tensors were cast back to the model's dtype."""
 
@@ -61,43 +59,60 @@ class FoldOutcome:
     removed_initializers: list[str] = field(default_factory=list)
 
 
-def is_batchnorm(node: onnx.NodeProto) -> bool:
-    return node.op_type == BATCHNORM and node.domain in ("", "ai.onnx")
-
-
-def _unmatched_reason(bn: BatchNorm, graph: GraphIndex) -> str:
+def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
     """Why no rule applied at all: name the neighbours that cannot absorb the BN."""
-    producer = graph.producer_of(bn.input_name)
-    source = describe(producer) if producer is not None else f"graph input '{bn.input_name}'"
-    consumers = [describe(node) for node in graph.consumers_of(bn.output_name)]
-    if bn.output_name in graph.graph_outputs:
+    producer = graph.producer_of(affine.input_name)
+    source = describe(producer) if producer is not None else f"graph input '{affine.input_name}'"
+    consumers = [describe(node) for node in graph.consumers_of(affine.output_name)]
+    if affine.output_name in graph.graph_outputs:
         consumers.append("a graph output")
     readers = ", ".join(consumers) or "nothing"
     return f"no foldable neighbour: input from {source}, output to {readers}"
 
 
-def _read_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Refusal | None:
+def _failure(what: str, error: Exception) -> Refusal:
+    """A reader or rule that trips over an unforeseen model leaves this affine in place, with
+    the reason, instead of ending the whole run (they only read: the graph is untouched)."""
+    if isinstance(error, AttributeReference):
+        return Refusal(str(error))
+    return Refusal(f"{what} failed ({type(error).__name__}: {first_line(error)})")
+
+
+def _read_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | Refusal | None:
     for reader in AFFINE_READERS:
-        found = reader(node, graph)
+        try:
+            found = reader(node, graph)
+        except Exception as error:  # noqa: BLE001 - see _failure
+            return _failure(f"reading {describe(node)}", error)
         if found is not None:
             return found
     return None
 
 
-def _plan_for(bn: BatchNorm, graph: GraphIndex, rules: tuple[FoldRule, ...]) -> FoldPlan | Refusal:
+def _merely_moves_a_bias(plan: FoldPlan) -> bool:
+    """A lone bias Add folded backward into a layer that has no bias input would come back as
+    a new Add after the layer: nothing gained, and the driver would repeat it forever."""
+    affine = plan.affine
+    return (
+        plan.direction == "backward" and bool(plan.added_biases) and len(affine.nodes) == 1
+        and affine.node.op_type in ("Add", "Sub")
+    )
+
+
+def _plan_for(affine: Affine, graph: GraphIndex, rules: RuleSet) -> FoldPlan | Refusal:
     refusals: list[str] = []
-    for rule in rules:
+    for rule in rules.order:
         try:
-            outcome = rule.plan(bn, graph)
-        except Exception as error:  # noqa: BLE001 - rules only plan: the graph is untouched
-            # A rule that trips over an unforeseen model leaves this BN in place, with the
-            # reason, instead of ending the whole run.
-            outcome = Refusal(f"rule {rule.name} failed ({type(error).__name__}: {first_line(error)})")
+            outcome = rule.plan(affine, graph, rules)
+        except Exception as error:  # noqa: BLE001 - see _failure
+            outcome = _failure(f"rule {rule.name}", error)
+        if isinstance(outcome, FoldPlan) and _merely_moves_a_bias(outcome):
+            continue
         if isinstance(outcome, FoldPlan):
             return outcome
         if isinstance(outcome, Refusal):
             refusals.append(outcome.reason)
-    return Refusal("; ".join(refusals) if refusals else _unmatched_reason(bn, graph))
+    return Refusal("; ".join(refusals) if refusals else _unmatched_reason(affine, graph))
 
 
 def _largest(values: list[float | None]) -> float | None:
@@ -113,19 +128,17 @@ PASS_BUDGET_BYTES = 256 * 2**20
 class _Run:
     """What every scope of one fold run shares."""
 
-    rules: tuple[FoldRule, ...]
+    rules: RuleSet
     may_fold: Callable[[str], bool]
-    base_dir: Path | None
-    held: HeldTensors | None
+    store: TensorStore
     outcome: FoldOutcome
 
 
 def fold_batchnorms(
     model: onnx.ModelProto,
-    rules: tuple[FoldRule, ...] = RULES,
+    rules: RuleSet = RULES,
     may_fold: Callable[[str], bool] | None = None,
-    base_dir: Path | None = None,
-    held: HeldTensors | None = None,
+    store: TensorStore | None = None,
 ) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
@@ -135,15 +148,17 @@ def fold_batchnorms(
     inside subgraphs and functions are labelled with where they are, e.g.
     ``If 'cond' then_branch / bn3``. ``may_fold`` (given a BN's report label)
     restricts the run to some BNs, the others being neither folded nor reported:
-    error attribution re-applies folds in groups this way. ``base_dir`` is the
-    model file's folder, where weights kept in external data are read from. With
-    ``held``, rewritten initializers keep their values there instead of in the
-    protobuf, for :func:`bnfold.io.staged_save` to write out.
+    error attribution re-applies folds in groups this way. ``store`` is where the
+    model's tensor values are read and rewritten (a loaded model's own): rewritten
+    weights stay there as arrays until the model is written. Without one, the folded
+    model holds its new values itself.
     """
-    run = _Run(rules, may_fold or (lambda _label: True), base_dir, held, FoldOutcome())
+    run = _Run(rules, may_fold or (lambda _label: True), store or TensorStore(), FoldOutcome())
     _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
         _fold_function(run, model, function)
+    if store is None:
+        run.store.embed(model)
     return run.outcome
 
 
@@ -153,14 +168,14 @@ def _fold_scope(
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
     _fold_graph(run, model, graph, parent, scope)
-    index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir, held=run.held)
+    index = GraphIndex(model, graph, parent=parent, store=run.store)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
             _fold_scope(run, model, body, index, f"{scope}{describe(node)} {where} / ")
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
-        index = GraphIndex(model, graph, parent=parent, base_dir=run.base_dir, held=run.held)
+        index = GraphIndex(model, graph, parent=parent, store=run.store)
         run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
 
 
@@ -182,12 +197,12 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
         ir_version=model.ir_version,
     )
     before = len(run.outcome.folds)
-    # The view's initializers become Constant nodes below: they must hold their values.
-    _fold_scope(replace(run, held=None), view, view.graph, None, f"function '{function.name}' / ")
+    _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
     if len(run.outcome.folds) == before:
         return
     constants = [
-        helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant", value=tensor)
+        helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant",
+                         value=run.store.materialize(tensor))
         for tensor in view.graph.initializer
     ]
     del function.node[:]
@@ -204,7 +219,7 @@ def _fold_graph(
     would hold a second copy of every weight. The next pass picks up the rest.
     """
     while True:
-        graph = GraphIndex(model, graph_proto, parent=parent, base_dir=run.base_dir, held=run.held)
+        graph = GraphIndex(model, graph_proto, parent=parent, store=run.store)
         candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         planned_bytes = 0
@@ -216,10 +231,10 @@ def _fold_graph(
                 break
             if not run.may_fold(scope + node_id(node)):
                 continue
-            bn = _read_affine(node, graph)
-            if bn is None:
+            affine = _read_affine(node, graph)
+            if affine is None:
                 continue
-            result = bn if isinstance(bn, Refusal) else _plan_for(bn, graph, run.rules)
+            result = affine if isinstance(affine, Refusal) else _plan_for(affine, graph, run.rules)
             if isinstance(result, Refusal):
                 if is_batchnorm(node):
                     left.append(LeftRecord(scope + node_id(node), result.reason))
@@ -239,18 +254,19 @@ def _fold_graph(
         if not plans:
             run.outcome.left += left
             return
-        labels = [(scope + node_id(plan.bn.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
+        labels = [(scope + node_id(plan.affine.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
         run.outcome.removed_initializers += apply_plans(model, graph, plans)
         for plan, (bn_label, target_label) in zip(plans, labels):
             run.outcome.folds.append(
                 FoldRecord(
                     bn_label,
-                    "+".join(node.op_type for node in plan.bn.nodes),
+                    plan.affine.kind,
                     target_label,
                     plan.rule,
                     plan.direction,
                     tuple(plan.notes),
-                    _largest([u.relative_change for u in plan.updates if u.role == "weight"]),
-                    _largest([u.rounding_error for u in plan.updates]),
+                    _largest([update.relative_change for update in plan.updates]),
+                    _largest([update.rounding_error for update in plan.updates]
+                             + [added.rounding_error for added in plan.added_biases]),
                 )
             )

@@ -70,42 +70,31 @@ def axis_factor(s: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return np.asarray(s, dtype=np.float64).reshape(shape)
 
 
-def scale_along_axis(weight: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
-    """Multiply ``weight`` by ``s[c]`` at every index ``c`` of ``axis`` (float64 result).
+def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Return ``b' = b * s + t`` with ``s`` and ``t`` laid along ``axis`` of ``b``; a missing
+    bias counts as zero.
 
-    This is ``W' = W * s`` for every layer whose output channel owns one slice of
-    the weight: Conv (axis 0 of ``[M, C/g, k...]``), Gemm with ``transB=1`` (axis 0
-    of ``[N, K]``) or ``transB=0`` (axis 1 of ``[K, N]``).
-    """
-    # One pass: the widening to float64 happens inside the multiply.
-    return np.multiply(weight, axis_factor(s, np.ndim(weight), axis), dtype=np.float64)
-
-
-def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Return ``b' = b * s + t``; a missing bias counts as zero.
-
-    ``bias`` may be any shape that broadcasts against the channel axis (the last
-    axis), e.g. a Gemm ``C`` of shape ``[]``, ``[N]``, ``[1, N]`` or ``[M, N]``; the
-    result has the broadcast shape.
+    The channel axis is the last one for a layer's bias (a Gemm ``C`` of shape ``[]``, ``[N]``,
+    ``[1, N]`` or ``[M, N]`` broadcasts against it) and axis 0 for per-element BN parameters
+    ``[C, D1, ...]`` (opset 7/8 ``spatial=0``); the result has the broadcast shape.
     """
     if bias is None:
         return np.asarray(t, dtype=np.float64).copy()
-    return np.asarray(bias, dtype=np.float64) * s + t
+    bias = np.asarray(bias, dtype=np.float64)
+    if bias.ndim == 0:
+        return bias * s + t
+    return bias * axis_factor(s, bias.ndim, axis) + axis_factor(t, bias.ndim, axis)
 
 
-def fold_into_next_linear(
-    weight: np.ndarray, s: np.ndarray, t: np.ndarray, input_axis: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forward fold into a 2-D weight: return ``(W', offset)`` with
-    ``x @ W' + offset == (s * x + t) @ W`` (float64).
+def linear_offset(weight: np.ndarray, t: np.ndarray, input_axis: int) -> np.ndarray:
+    """What a shift ``t`` of a 2-D layer's input adds to its output: ``t @ W`` (float64).
 
-    ``input_axis`` is the axis of ``weight`` that the input's columns multiply:
-    0 for ``[K, N]`` (MatMul, Gemm ``transB=0``), 1 for ``[N, K]`` (Gemm ``transB=1``).
-    ``offset = t @ W`` has one entry per output column N.
+    With ``W' = W * s`` along ``input_axis`` (:func:`axis_factor`), ``x @ W' + t @ W ==
+    (s * x + t) @ W``: the forward fold into a Gemm or MatMul. ``input_axis`` is the axis of
+    ``weight`` that the input's columns multiply: 0 for ``[K, N]`` (MatMul, Gemm ``transB=0``),
+    1 for ``[N, K]`` (Gemm ``transB=1``). The result has one entry per output column N.
     """
-    weight = np.asarray(weight, dtype=np.float64)
-    offset = np.tensordot(np.asarray(t, dtype=np.float64), weight, axes=([0], [input_axis]))
-    return scale_along_axis(weight, s, input_axis), offset
+    return np.tensordot(np.asarray(t, dtype=np.float64), np.asarray(weight, dtype=np.float64), axes=([0], [input_axis]))
 
 
 def gemm_bias_with_offset(
@@ -133,21 +122,24 @@ def conv_input_channel_factors(values: np.ndarray, out_channels: int, group: int
     return values[group_of_output[:, None] * per_group + np.arange(per_group)[None, :]]
 
 
-def fold_into_next_conv(
-    weight: np.ndarray, s: np.ndarray, t: np.ndarray, group: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forward fold into an unpadded Conv: return ``(W', offset)`` with
-    ``Conv(x, W') + offset[o] == Conv(s * x + t, W)`` per output channel o (float64).
+def conv_input_factor(s: np.ndarray, weight_shape: tuple[int, ...], group: int) -> np.ndarray:
+    """The factor (float64, ``[M, C/group, 1...]``) that scales each input channel of a Conv
+    weight ``[M, C/group, k...]`` by its ``s``: ``W'[o, j, k...] = W[o, j, k...] * s[c]`` for
+    the input channel c at ``[o, j]`` (:func:`conv_input_channel_factors`)."""
+    out_channels, per_group, *kernel = weight_shape
+    return conv_input_channel_factors(s, out_channels, group).reshape(out_channels, per_group, *(1,) * len(kernel))
 
-    ``W'[o, j, k...] = W[o, j, k...] * s[c]`` and ``offset[o] = sum_{j,k} W[o, j, k] * t[c]``
-    where c is the input channel at ``[o, j]`` (:func:`conv_input_channel_factors`).
+
+def conv_offset(weight: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
+    """What a shift ``t`` of an unpadded Conv's input adds to output channel o:
+    ``sum_{j,k} W[o, j, k] * t[c]`` (float64, ``[M]``).
+
+    With ``W' = W * conv_input_factor(s)``, ``Conv(x, W') + offset == Conv(s * x + t, W)``
+    wherever no padding enters the window: the forward fold into a Conv.
     """
     weight = np.asarray(weight, dtype=np.float64)
-    out_channels = weight.shape[0]
-    kernel_axes = (1,) * (weight.ndim - 2)
-    scale = conv_input_channel_factors(s, out_channels, group).reshape(*weight.shape[:2], *kernel_axes)
-    shift = conv_input_channel_factors(t, out_channels, group).reshape(*weight.shape[:2], *kernel_axes)
-    return weight * scale, np.sum(weight * shift, axis=tuple(range(1, weight.ndim)))
+    shift = conv_input_factor(t, weight.shape, group)
+    return np.sum(weight * shift, axis=tuple(range(1, weight.ndim)))
 
 
 def conv_output_size(size: int, kernel: int, pad_begin: int, pad_end: int, stride: int, dilation: int) -> int:
@@ -169,7 +161,7 @@ def conv_of_padded_shift(
     The Conv sees ``pad(s * x + t) = pad(s * x) + pad(t)``, where ``pad(t)`` holds
     ``t[c]`` inside the image and zeros in the padding. This returns ``Conv(pad(t), W)``
     without bias; near the border the kernel partly covers padding, so it differs from
-    the constant offset of :func:`fold_into_next_conv`. ``pads`` is ONNX-ordered
+    the constant offset of :func:`conv_offset`. ``pads`` is ONNX-ordered
     (all begins, then all ends).
     """
     weight = np.asarray(weight, dtype=np.float64)

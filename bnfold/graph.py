@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
-from bnfold.io import HeldTensors, tensor_values, weightless_copy
+from bnfold.io.load import weightless_copy
+from bnfold.io.store import TensorStore
 
 # Ops whose value changes from run to run: never evaluated as constants.
 NONDETERMINISTIC_OPS = frozenset(
@@ -53,6 +55,46 @@ def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
             yield from (output.name for output in graph.output)
 
 
+def is_standard(node: onnx.NodeProto) -> bool:
+    """Whether the node is in the default ``ai.onnx`` domain, whose op types the rules know."""
+    return node.domain in ("", "ai.onnx")
+
+
+class AttributeReference(ValueError):
+    """An attribute inside a function body that only names an attribute of the function
+    (``ref_attr_name``): its value differs from call to call, so no rule can read it."""
+
+
+def _value(node: onnx.NodeProto, found: onnx.AttributeProto) -> Any:
+    if found.ref_attr_name:
+        raise AttributeReference(
+            f"{describe(node)} takes its {found.name} from the function attribute '{found.ref_attr_name}', "
+            "which each call sets"
+        )
+    return helper.get_attribute_value(found)
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as Python values (bytes for strings).
+
+    Raises:
+        AttributeReference: for an attribute that refers to a function attribute.
+    """
+    return {found.name: _value(node, found) for found in node.attribute}
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """One attribute's value, or ``default`` when the node does not set it.
+
+    Raises:
+        AttributeReference: when it refers to a function attribute.
+    """
+    for found in node.attribute:
+        if found.name == name:
+            return _value(node, found)
+    return default
+
+
 def describe(node: onnx.NodeProto) -> str:
     """A short human label: ``Conv 'conv1'``, or ``Conv → 'y3'`` for an unnamed node."""
     return f"{node.op_type} '{node.name}'" if node.name else f"{node.op_type} {node_id(node)}"
@@ -70,8 +112,8 @@ class GraphIndex:
 
     For a subgraph (an If/Loop/Scan body), ``parent`` indexes the enclosing graph:
     a body may read the parent's values by name, and whether those are constant
-    is the parent's answer. Initializer values are read on demand and not kept, so
-    an index over a multi-GB model holds no weights.
+    is the parent's answer. Initializer values are read on demand from the model's
+    ``store`` and not kept, so an index over a multi-GB model holds no weights.
     """
 
     def __init__(
@@ -80,16 +122,13 @@ class GraphIndex:
         graph: onnx.GraphProto | None = None,
         *,
         parent: GraphIndex | None = None,
-        base_dir: Path | None = None,
-        held: HeldTensors | None = None,
+        store: TensorStore | None = None,
     ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
-        self.base_dir: Path | None = parent.base_dir if parent is not None else base_dir
-        """Folder of the model file: where weights kept in external data are read from."""
-        self.held: HeldTensors | None = parent.held if parent is not None else held
-        """Where folds keep the initializers they rewrite, if not in the protobuf (see :class:`HeldTensors`)."""
+        self.store: TensorStore = parent.store if parent is not None else (store or TensorStore())
+        """Where the model's tensor values are read from and rewritten to."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -179,9 +218,9 @@ class GraphIndex:
         if self.parent is not None and self.is_outer(name):
             return self.parent.constant_value(name)
         if name in self.initializers:
-            return tensor_values(self.initializers[name], self.base_dir, self.held)
+            return self.store.read(self.initializers[name])
         node = self.producer_of(name)
-        if node is None or node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS:
+        if node is None or not is_standard(node) or node.op_type in NONDETERMINISTIC_OPS:
             return None
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return None

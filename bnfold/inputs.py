@@ -14,12 +14,15 @@ come from
 
 Real inputs are validated against the model before anything runs, so a missing,
 misnamed or misshaped input is one clear error line (exit 2), not an onnxruntime
-traceback.
+traceback. Generated inputs take each input's declared shape, with symbolic dims from
+``--input-shape`` or ``--batch``, else 1 (a guess the error messages point out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +31,90 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
-from bnfold.errors import InputError, first_line
-from bnfold.verify import InputSpec, generate_inputs, runtime_inputs
+from bnfold.errors import InputError, RuntimeFailure, first_line
+from bnfold.options import VerifyOptions
 
 _NUMBERED_PB = re.compile(r"^(input|output)_(\d+)\.pb$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that must be fed: initializers listed as inputs have defaults."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[str]:
+    """Inputs with a symbolic dim that bnfold set to 1 (no ``--input-shape`` for them;
+    ``--batch`` only covers the first dim): the first suspects when a model cannot run."""
+    guessed = []
+    for value in runtime_inputs(model):
+        if value.name in shapes or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if any(dim.dim_value <= 0 and not (axis == 0 and batch) for axis, dim in enumerate(dims)):
+            guessed.append(value.name)
+    return guessed
+
+
+def input_specs(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None = None
+) -> list[InputSpec]:
+    """Concrete shapes for every runtime input: fixed dims kept, symbolic ones from
+    ``shapes`` (the user's ``--input-shape``), else ``batch`` for a symbolic first
+    dim (``--batch``), else 1."""
+    unknown = set(shapes) - {value.name for value in runtime_inputs(model)}
+    if unknown:
+        raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch must be at least 1, got {batch}")
+    specs = []
+    for value in runtime_inputs(model):
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InputError(f"input '{value.name}' is not a tensor; bnfold cannot generate it (pass --inputs)")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if value.name in shapes:
+            shape = shapes[value.name]
+            if tensor_type.HasField("shape") and len(shape) != len(tensor_type.shape.dim):
+                raise InputError(
+                    f"--input-shape {value.name}: rank {len(shape)} but the model declares "
+                    f"rank {len(tensor_type.shape.dim)}"
+                )
+        elif not tensor_type.HasField("shape"):
+            raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
+        else:
+            shape = tuple(
+                dim.dim_value if dim.dim_value > 0 else (batch if axis == 0 and batch else 1)
+                for axis, dim in enumerate(tensor_type.shape.dim)
+            )
+        specs.append(InputSpec(value.name, tuple(shape), dtype.name))
+    return specs
+
+
+def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: floats ~ N(0, 1), integers in [0, 4), booleans fair coins."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = np.asarray(rng.random(spec.shape) < 0.5)  # a 0-d array, not np.bool, for shape ()
+        else:
+            raise InputError(f"input '{spec.name}' has dtype {spec.dtype}; bnfold cannot generate it")
+    return feeds
+
+
 
 
 @dataclass
@@ -48,6 +131,39 @@ class Trial:
     @property
     def specs(self) -> list[InputSpec]:
         return [InputSpec(name, tuple(value.shape), value.dtype.name) for name, value in self.feeds.items()]
+
+
+def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+    """The inputs every verification of ``model`` runs, checked before any folding work."""
+    if options.inputs is None:
+        return generated_trials(input_specs(model, options.shapes, options.batch), options.seed, options.trials)
+    generation_options = [
+        flag for flag, used in (("--input-shape", options.shapes), ("--batch", options.batch is not None),
+                                ("--trials", options.trials != 1)) if used
+    ]
+    if generation_options:
+        raise InputError(f"{generation_options[0]} shapes generated inputs; it cannot be combined with --inputs")
+    return load_trials(options.inputs, model)
+
+
+def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[str]:
+    """Inputs whose generated shapes contain a guess (a symbolic dim set to 1)."""
+    return [] if options.inputs is not None else guessed_inputs(model, options.shapes, options.batch)
+
+
+@contextlib.contextmanager
+def explaining_guessed_shapes(guessed: list[str]) -> Iterator[None]:
+    """Add to onnxruntime's complaint which inputs had symbolic dims set to 1: a model
+    that needs real sizes (pooling, a fixed reshape) most often fails for that."""
+    try:
+        yield
+    except RuntimeFailure as failure:
+        if not guessed:
+            raise
+        names = ", ".join(guessed)
+        raise RuntimeFailure(
+            f"{failure} (symbolic dims of {names} were set to 1; give real sizes with --input-shape NAME:D1,D2,...)"
+        ) from None
 
 
 def generated_trials(specs: list[InputSpec], seed: int, count: int) -> list[Trial]:

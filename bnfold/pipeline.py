@@ -8,80 +8,24 @@ skipped, or ``keep_failed``); otherwise nothing is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
-from bnfold import io
 from bnfold.attribution import Attribution, attribute_failure
-from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError, RuntimeFailure
+from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.inputs import Trial, generated_trials, load_trials
-from bnfold.rules import RULES, FoldRule, with_exact_padding
-from bnfold.verify import (
-    Tolerances,
-    Verification,
-    check_provider,
-    guessed_inputs,
-    input_specs,
-    runtime_inputs,
-    verify_equivalence,
-)
-
-
-@dataclass
-class VerifyOptions:
-    """How two models are compared (shared by ``bnfold fold`` and ``bnfold check``)."""
-
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    batch: int | None = None
-    seed: int = 0
-    trials: int = 1
-    inputs: Path | None = None
-    """Real inputs (.npz or ONNX test-data folder) instead of generated ones."""
-    tolerances: Tolerances = field(default_factory=Tolerances)
-    provider: str = "CPUExecutionProvider"
-
-
-def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[str]:
-    """Inputs whose generated shapes contain a guess (a symbolic dim set to 1)."""
-    return [] if options.inputs is not None else guessed_inputs(model, options.shapes, options.batch)
-
-
-@contextlib.contextmanager
-def explaining_guessed_shapes(guessed: list[str]) -> Iterator[None]:
-    """Add to onnxruntime's complaint which inputs had symbolic dims set to 1: a model
-    that needs real sizes (pooling, a fixed reshape) most often fails for that."""
-    try:
-        yield
-    except RuntimeFailure as failure:
-        if not guessed:
-            raise
-        names = ", ".join(guessed)
-        raise RuntimeFailure(
-            f"{failure} (symbolic dims of {names} were set to 1; give real sizes with --input-shape NAME:D1,D2,...)"
-        ) from None
-
-
-def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
-    """The inputs every verification of ``model`` runs, checked before any folding work."""
-    check_provider(options.provider)
-    if options.inputs is None:
-        return generated_trials(input_specs(model, options.shapes, options.batch), options.seed, options.trials)
-    generation_options = [
-        flag for flag, used in (("--input-shape", options.shapes), ("--batch", options.batch is not None),
-                                ("--trials", options.trials != 1)) if used
-    ]
-    if generation_options:
-        raise InputError(f"{generation_options[0]} shapes generated inputs; it cannot be combined with --inputs")
-    return load_trials(options.inputs, model)
+from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
+from bnfold.io.load import LoadedModel, check_model, load_model
+from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
+from bnfold.options import VerifyOptions
+from bnfold.rules import RULES, RuleSet, build_rules
+from bnfold.verify import Verification, check_provider, verify_equivalence
 
 
 @dataclass
@@ -94,8 +38,15 @@ class FoldOptions:
     exact_padding: bool = False
     """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
-    rules: tuple[FoldRule, ...] = RULES
-    """The fold rules to apply (tests pass their own to exercise error attribution)."""
+    rules: RuleSet = RULES
+    """The registry's rules unless given (tests pass their own to exercise error attribution)."""
+
+    def rule_set(self) -> RuleSet:
+        """The rules with the run's options applied."""
+        if self.exact_padding == self.rules.options.exact_padding:
+            return self.rules
+        return build_rules(exact_padding=self.exact_padding, backward=self.rules.backward,
+                           forward=self.rules.forward, movers=self.rules.movers)
 
 
 @dataclass(frozen=True)
@@ -188,42 +139,43 @@ class _Stopwatch:
         return self.timings
 
 
+def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+    """The trials a verification runs, with the provider checked first (before any work)."""
+    check_provider(options.provider)
+    return prepare_trials(model, options)
+
+
 def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
     clock = _Stopwatch()
-    loaded = io.load_model(input_path)
-    output = options.output or io.default_output_path(loaded.path)
+    loaded = load_model(input_path)
+    output = options.output or default_output_path(loaded.path)
     if not options.dry_run:
-        io.validate_output_path(output, loaded.path, in_place=options.in_place)
-        io.validate_output_data(output, loaded, in_place=options.in_place)
+        validate_output_path(output, loaded.path, in_place=options.in_place)
+        validate_output_data(output, loaded.path, loaded.external_data_files, in_place=options.in_place)
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
-    trials = prepare_trials(model, options.verify_options) if options.verify else []
-    guessed = guessed_shapes(model, options.verify_options)
+    vo = options.verify_options
+    trials = _trials(model, vo) if options.verify else []
+    guessed = guessed_shapes(model, vo)
     clock.lap("load")
 
-    rules = with_exact_padding(options.rules) if options.exact_padding else options.rules
-    external_data = bool(loaded.external_data_files)
-    # Saved with external data, folded weights go from their arrays straight to the file.
-    held = io.HeldTensors() if external_data else None
-    outcome = fold_batchnorms(model, rules, base_dir=loaded.path.parent, held=held)
+    rules = options.rule_set()
+    outcome = fold_batchnorms(model, rules, store=loaded.store)
     problem = None
-    if not io.check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
+    if not check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
     after = model_stats(model, None)
     clock.lap("fold")
 
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
-    with io.staged_save(
-        model, staging_target, external_data=external_data, source_dir=loaded.path.parent, held=held
-    ) as staged:
+    with stage(model, staging_target, loaded.store, external_data=bool(loaded.external_data_files)) as staged:
         del model
         loaded.release_model()  # before onnxruntime loads two copies of the weights
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
         clock.lap("save")
         if options.verify and problem is None:
-            vo = options.verify_options
             with explaining_guessed_shapes(guessed):
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
@@ -235,8 +187,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
             staged.commit()
     attribution = None
     if verification is not None and not verification.passed and outcome.folds:
-        vo = options.verify_options
-        attribution = attribute_failure(io.load_model(loaded.path), outcome.folds, verification, trials,
+        attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
                                         tolerances=vo.tolerances, provider=vo.provider, rules=rules)
         clock.lap("attribution")
     return FoldReport(
@@ -276,11 +227,11 @@ class CheckReport:
         return EXIT_OK if self.verification.passed else EXIT_NOT_EQUIVALENT
 
 
-def _input_names(loaded: io.LoadedModel) -> list[str]:
+def _input_names(loaded: LoadedModel) -> list[str]:
     return [value.name for value in runtime_inputs(loaded.model)]
 
 
-def _require_same_inputs(original: io.LoadedModel, folded: io.LoadedModel) -> None:
+def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
     """Both models are fed the same inputs: different input names mean they are not
     two versions of one model, which is a usage error rather than a numeric mismatch."""
     if sorted(_input_names(original)) != sorted(_input_names(folded)):
@@ -293,10 +244,10 @@ def _require_same_inputs(original: io.LoadedModel, folded: io.LoadedModel) -> No
 def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
     """Compare two model files; never writes anything."""
     clock = _Stopwatch()
-    original_model = io.load_model(original)
-    folded_model = io.load_model(folded)
+    original_model = load_model(original)
+    folded_model = load_model(folded)
     _require_same_inputs(original_model, folded_model)
-    trials = prepare_trials(original_model.model, options)
+    trials = _trials(original_model.model, options)
     clock.lap("load")
     with explaining_guessed_shapes(guessed_shapes(original_model.model, options)):
         verification = verify_equivalence(

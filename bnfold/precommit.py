@@ -21,8 +21,7 @@ import click
 
 from bnfold.cli import main as bnfold_main
 from bnfold.errors import EXIT_BAD_INPUT
-
-FOLDED_SUFFIX = ".folded.onnx"
+from bnfold.io.save import FOLDED_SUFFIX
 
 
 def split_models(arguments: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -9,38 +9,43 @@ that the folds left unused are removed; nothing else is.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
 import numpy as np
-
 import onnx
-from onnx import external_data_helper, helper, numpy_helper
+from onnx import helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
-from bnfold.io import HeldTensors
-from bnfold.rules import FoldPlan, TensorUpdate
-from bnfold.rules.base import AddedBias
+from bnfold.io.store import TensorStore
+from bnfold.rules.plan import AddedBias, AttributeUpdate, FoldPlan, TensorUpdate
 
 
 class _NameAllocator:
-    """Fresh value names that collide with nothing in the graph or its subgraphs.
+    """Fresh names that collide with nothing in the model.
 
-    Names must be unique across a graph and every nested body (a body may read
-    outer values by name), so the whole tree is searched.
+    Value names must be unique across a graph and every nested body (a body may read outer
+    values by name), and a name that only appears in value_info or a graph output still
+    declares a value; node names are kept apart from them too, so the whole model is searched:
+    every graph and body, and the model-local functions.
     """
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, model: onnx.ModelProto) -> None:
         self._taken: set[str] = set()
-        pending = [graph]
+        pending = [model.graph]
+        for function in model.functions:
+            self._taken.update((*function.input, *function.output))
+            self._add_nodes(function.node, pending)
         while pending:
             current = pending.pop()
             self._taken.update(tensor.name for tensor in current.initializer)
-            self._taken.update(value.name for value in current.input)
-            for node in current.node:
-                self._taken.update(node.input)
-                self._taken.update(node.output)
-                pending.extend(body for _, body in subgraphs(node))
+            self._taken.update(tensor.values.name for tensor in current.sparse_initializer)
+            self._taken.update(value.name for value in (*current.input, *current.output, *current.value_info))
+            self._add_nodes(current.node, pending)
+
+    def _add_nodes(self, nodes: Iterable[onnx.NodeProto], pending: list[onnx.GraphProto]) -> None:
+        for node in nodes:
+            self._taken.update((*node.input, *node.output, node.name))
+            pending.extend(body for _, body in subgraphs(node))
 
     def fresh(self, base: str) -> str:
         candidate, counter = f"{base}_bnfold", 1
@@ -51,35 +56,24 @@ class _NameAllocator:
         return candidate
 
 
-def _set_attribute(node: onnx.NodeProto, name: str, value: float | int) -> None:
+def _set_attribute(update: AttributeUpdate) -> None:
+    node = update.node
     for position, attribute in enumerate(node.attribute):
-        if attribute.name == name:
+        if attribute.name == update.name:
             del node.attribute[position]
             break
-    node.attribute.append(helper.make_attribute(name, value))
+    node.attribute.append(helper.make_attribute(update.name, update.value))
 
 
-def _overwrite_data(tensor: onnx.TensorProto, values: np.ndarray, held: HeldTensors | None) -> None:
-    """Give an initializer new values of the same shape, keeping its name.
-
-    With ``held`` (the model will be saved with external data), a large tensor's
-    values stay in their array until written (:class:`~bnfold.io.HeldTensors`).
-    Otherwise assigning ``raw_data`` directly avoids building a second TensorProto
-    and copying it over, which matters for large weights; a tensor that was still
-    in the input's external data file now holds its values in memory. Other layouts
-    (typed fields, another dtype, big-endian hosts) go through numpy_helper.
-    """
-    same_type = tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype) and sys.byteorder == "little"
-    external = external_data_helper.uses_external_data(tensor)
-    if same_type and held is not None and held.hold(tensor, values):
-        return
-    if same_type and (external or tensor.HasField("raw_data")):
-        if external:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = np.ascontiguousarray(values).tobytes()
-    else:
-        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+def _add_initializer(index: GraphIndex, name: str, values: np.ndarray) -> onnx.TensorProto:
+    """A new initializer of ``index.graph``; in an IR < 4 model, whose checker requires every
+    top-level initializer to be a graph input, declared as one too (a body's inputs are its
+    signature, so there it is not)."""
+    tensor = index.store.create(name, values)
+    index.graph.initializer.append(tensor)
+    if index.model.ir_version < 4 and index.parent is None:
+        index.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(values.shape)))
+    return index.graph.initializer[-1]
 
 
 def _apply_update(
@@ -97,14 +91,10 @@ def _apply_update(
         and list(existing.dims) == list(update.values.shape)
     )
     if existing is not None and sole_reader:
-        _overwrite_data(existing, update.values, index.held)
+        index.store.replace(existing, update.values)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
-    tensor = numpy_helper.from_array(update.values, names.fresh(base))
-    graph.initializer.append(tensor)
-    if index.model.ir_version < 4:
-        # Before IR 4 the checker requires every initializer to be declared as a graph input.
-        graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    tensor = _add_initializer(index, names.fresh(base), update.values)
     while len(node.input) <= update.slot:
         node.input.append("")
     node.input[update.slot] = tensor.name
@@ -114,7 +104,7 @@ def _apply_update(
     return (old_name or None), note
 
 
-def _bias_node(graph: onnx.GraphProto, added: AddedBias, names: _NameAllocator) -> onnx.NodeProto:
+def _bias_node(index: GraphIndex, added: AddedBias, names: _NameAllocator) -> onnx.NodeProto:
     """Store the bias and return an Add that takes over ``added.node``'s output name.
 
     The node writes a fresh name instead; the Add is placed into ``graph.node`` later
@@ -123,8 +113,7 @@ def _bias_node(graph: onnx.GraphProto, added: AddedBias, names: _NameAllocator) 
     node = added.node
     output = node.output[0]
     label = node.name or output
-    tensor = numpy_helper.from_array(added.values, names.fresh(f"{label}_{added.role}"))
-    graph.initializer.append(tensor)
+    tensor = _add_initializer(index, names.fresh(f"{label}_{added.role}"), added.values)
     node.output[0] = names.fresh(output)
     return helper.make_node("Add", [node.output[0], tensor.name], [output], name=names.fresh(f"{label}_add"))
 
@@ -186,7 +175,7 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     of initializers that became unused and were removed.
     """
     graph = index.graph
-    names = _NameAllocator(model.graph)
+    names = _NameAllocator(model)
     released: list[str] = []  # values that lost a reader; unused ones are removed below
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
@@ -201,22 +190,22 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 plan.notes.append(note)
             if note and old_name:
                 copies.append((plan, update, old_name, note))
-        for attribute, value in plan.attributes.items():
-            _set_attribute(plan.target, attribute, value)
-        bn = plan.bn
+        for attribute in plan.attributes:
+            _set_attribute(attribute)
+        affine = plan.affine
         if plan.direction == "backward":
             stale_value_info.add(plan.target.output[0])
-            plan.target.output[0] = bn.output_name
+            plan.target.output[0] = affine.output_name
         else:
-            stale_value_info.add(bn.output_name)
+            stale_value_info.add(affine.output_name)
             for target in plan.targets:
                 for position, name in enumerate(target.input):
-                    if name == bn.output_name:
-                        target.input[position] = bn.input_name
-        added_nodes += [_bias_node(graph, added, names) for added in plan.added_biases]
-        removed_positions.update(index.position_of(node) for node in bn.nodes)
-        stale_value_info.update(node.output[0] for node in bn.nodes[:-1])
-        released.extend(bn.parameter_names)
+                    if name == affine.output_name:
+                        target.input[position] = affine.input_name
+        added_nodes += [_bias_node(index, added, names) for added in plan.added_biases]
+        removed_positions.update(index.position_of(node) for node in affine.nodes)
+        stale_value_info.update(node.output[0] for node in affine.nodes[:-1])
+        released.extend(affine.parameter_names)
     removed = _remove_dead_constants(index, released, removed_positions, stale_value_info)
     reclaimed = _reclaim_original_names(graph, copies, removed)
     if added_nodes:  # last: it rebuilds graph.node, so the plans' node handles go stale

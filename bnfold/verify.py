@@ -26,43 +26,11 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import InputError, RuntimeFailure, first_line
+from bnfold.inputs import InputSpec, Trial
+from bnfold.options import Tolerances
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-    from bnfold.inputs import Trial
-
-# (atol, rtol) per output dtype. Folding changes the rounding order of one
-# multiply-add per layer; these bounds sit well above that and far below any real bug.
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-9, 1e-7),
-    "float32": (1e-4, 1e-3),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
-EXACT = (0.0, 0.0)
-
-
-def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
-    """Per-dtype ``(atol, rtol)`` defaults; integer and boolean outputs must match exactly.
-
-    Why these values: folding rounds each folded weight once to the model's dtype
-    and changes the order of one multiply-add, so the expected difference is a few
-    units in the last place of the output, summed over a layer's fan-in. Machine
-    epsilon is 2.2e-16 (float64), 1.2e-7 (float32), 9.8e-4 (float16) and 7.8e-3
-    (bfloat16); each default leaves a wide margin above that (a float16 Conv→BN
-    fold differs by ~4e-3, a bfloat16 one by ~3e-2 on outputs of magnitude 5) and
-    stays far below the error of a wrong fold (order 1).
-    """
-    return DEFAULT_TOLERANCES.get(np.dtype(dtype).name, EXACT)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -119,27 +87,6 @@ class Verification:
         return max((output.max_abs_error for output in self.outputs), default=None)
 
 
-@dataclass(frozen=True)
-class Tolerances:
-    """The user's tolerances: per output (``--tol``), else global (``--atol/--rtol``), else per dtype.
-
-    A global atol given without rtol (or the reverse) keeps the dtype default for the other.
-    """
-
-    atol: float | None = None
-    rtol: float | None = None
-    per_output: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def for_output(self, name: str, dtype: np.dtype) -> tuple[float, float]:
-        if name in self.per_output:
-            return self.per_output[name]
-        default_atol, default_rtol = default_tolerance(dtype)
-        return (
-            default_atol if self.atol is None else self.atol,
-            default_rtol if self.rtol is None else self.rtol,
-        )
-
-
 def _onnxruntime():  # noqa: ANN202 - the onnxruntime module
     """onnxruntime, imported on first use: a run without verification never loads it."""
     import onnxruntime
@@ -152,77 +99,6 @@ def check_provider(provider: str) -> None:
     available = _onnxruntime().get_available_providers()
     if provider not in available:
         raise InputError(f"--provider {provider} is not available; this onnxruntime offers {', '.join(available)}")
-
-
-def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Graph inputs that must be fed: initializers listed as inputs have defaults."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    return [value for value in model.graph.input if value.name not in initializers]
-
-
-def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[str]:
-    """Inputs with a symbolic dim that bnfold set to 1 (no ``--input-shape`` for them;
-    ``--batch`` only covers the first dim): the first suspects when a model cannot run."""
-    guessed = []
-    for value in runtime_inputs(model):
-        if value.name in shapes or not value.type.tensor_type.HasField("shape"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if any(dim.dim_value <= 0 and not (axis == 0 and batch) for axis, dim in enumerate(dims)):
-            guessed.append(value.name)
-    return guessed
-
-
-def input_specs(
-    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None = None
-) -> list[InputSpec]:
-    """Concrete shapes for every runtime input: fixed dims kept, symbolic ones from
-    ``shapes`` (the user's ``--input-shape``), else ``batch`` for a symbolic first
-    dim (``--batch``), else 1."""
-    unknown = set(shapes) - {value.name for value in runtime_inputs(model)}
-    if unknown:
-        raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
-    if batch is not None and batch < 1:
-        raise InputError(f"--batch must be at least 1, got {batch}")
-    specs = []
-    for value in runtime_inputs(model):
-        tensor_type = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
-            raise InputError(f"input '{value.name}' is not a tensor; bnfold cannot generate it (pass --inputs)")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        if value.name in shapes:
-            shape = shapes[value.name]
-            if tensor_type.HasField("shape") and len(shape) != len(tensor_type.shape.dim):
-                raise InputError(
-                    f"--input-shape {value.name}: rank {len(shape)} but the model declares "
-                    f"rank {len(tensor_type.shape.dim)}"
-                )
-        elif not tensor_type.HasField("shape"):
-            raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
-        else:
-            shape = tuple(
-                dim.dim_value if dim.dim_value > 0 else (batch if axis == 0 and batch else 1)
-                for axis, dim in enumerate(tensor_type.shape.dim)
-            )
-        specs.append(InputSpec(value.name, tuple(shape), dtype.name))
-    return specs
-
-
-def generate_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs: floats ~ N(0, 1), integers in [0, 4), booleans fair coins."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in specs:
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind == "f" or dtype.name == "bfloat16":
-            feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
-        elif dtype.kind == "b":
-            feeds[spec.name] = np.asarray(rng.random(spec.shape) < 0.5)  # a 0-d array, not np.bool, for shape ()
-        else:
-            raise InputError(f"input '{spec.name}' has dtype {spec.dtype}; bnfold cannot generate it")
-    return feeds
 
 
 def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
@@ -245,10 +121,10 @@ def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], lab
 
 
 def compare_output(
-    name: str, original: np.ndarray, folded: np.ndarray, tolerance: tuple[float, float] | None
+    name: str, original: np.ndarray, folded: np.ndarray, tolerance: tuple[float, float]
 ) -> OutputComparison:
     """Element-wise comparison of one output, with polygraphy-style statistics."""
-    atol, rtol = tolerance if tolerance is not None else default_tolerance(original.dtype)
+    atol, rtol = tolerance
     common = partial(
         OutputComparison, name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol
     )
@@ -344,7 +220,7 @@ def verify_equivalence(
         if folded_is_input:
             raise
         verification.outputs = [
-            _broken_output(name, value, str(failure)) for name, value in zip(output_names, references[0])
+            _broken_output(name, value, str(failure), tolerances) for name, value in zip(output_names, references[0])
         ]
         return verification
     folded_names = [output.name for output in folded_session.get_outputs()]
@@ -363,7 +239,7 @@ def verify_equivalence(
                 tolerance = tolerances.for_output(name, value.dtype)
                 comparison = replace(compare_output(name, value, candidate[name], tolerance), trial=trial.label)
             else:
-                comparison = replace(_broken_output(name, value, missing), trial=trial.label)
+                comparison = replace(_broken_output(name, value, missing, tolerances), trial=trial.label)
             if name not in worst or _severity(comparison) > _severity(worst[name]):
                 worst[name] = comparison
         for name, value in trial.expected.items():
@@ -371,14 +247,15 @@ def verify_equivalence(
                 tolerance = tolerances.for_output(name, value.dtype)
                 comparison = compare_output(name, value, candidate[name], tolerance)
             else:
-                comparison = _broken_output(name, value, missing)
+                comparison = _broken_output(name, value, missing, tolerances)
             verification.expected.append(replace(comparison, trial=trial.label))
     verification.outputs = [worst[name] for name in output_names]
     return verification
 
 
-def _broken_output(name: str, original: np.ndarray, problem: str) -> OutputComparison:
-    atol, rtol = default_tolerance(original.dtype)
+def _broken_output(name: str, original: np.ndarray, problem: str, tolerances: Tolerances) -> OutputComparison:
+    """An output the folded model did not produce: every element counts as out of tolerance."""
+    atol, rtol = tolerances.for_output(name, original.dtype)
     return OutputComparison(
         name=name, dtype=original.dtype.name, shape=tuple(original.shape), atol=atol, rtol=rtol,
         max_abs_error=float("inf"), max_rel_error=float("inf"), worst_index=(),

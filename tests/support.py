@@ -11,8 +11,9 @@ import onnxruntime as ort
 from onnx import helper
 
 from bnfold.fold import FoldOutcome, fold_batchnorms
-from bnfold.rules import RULES, FoldRule
-from bnfold.verify import default_tolerance, generate_inputs, input_specs
+from bnfold.rules import RULES, RuleSet
+from bnfold.inputs import generate_inputs, input_specs
+from bnfold.options import default_tolerance
 
 
 def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -43,7 +44,7 @@ def fold_and_compare(
     shapes: dict[str, tuple[int, ...]] | None = None,
     tolerance: tuple[float, float] | None = None,
     atol_scales_with_output: bool = False,
-    rules: tuple[FoldRule, ...] = RULES,
+    rules: RuleSet = RULES,
 ) -> FoldCheck:
     """Fold a copy of ``model``; assert the checker passes and every output matches in onnxruntime.
 

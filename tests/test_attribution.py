@@ -22,15 +22,16 @@ from bnfold.fold import fold_batchnorms
 from bnfold.graph import GraphIndex
 from bnfold.pipeline import FoldOptions, fold_file
 from bnfold.report import dump_json, fold_report_json, quiet_fold_line, render_fold_report
-from bnfold.rules import BatchNorm, Refusal, TensorUpdate
-from bnfold.rules.conv import ConvIntoBatchNorm
-from bnfold.rules.gemm import GemmIntoBatchNorm
+from bnfold.rules import Affine, Refusal, build_rules
+from bnfold.rules.base import Absorbed
+from bnfold.rules.conv import ConvBn
+from bnfold.rules.gemm import GemmBn
 from sample_models.generate import cnn_residual
 from sample_models.modelkit import GraphBuilder
 from tests.support import op_count
 
 
-class CorruptingConvRule(ConvIntoBatchNorm):
+class CorruptingConvRule(ConvBn):
     """Folds like the Conv rule, but adds 1 to one weight element of the ``victims``."""
 
     name = "conv-bn-corrupting"
@@ -38,16 +39,13 @@ class CorruptingConvRule(ConvIntoBatchNorm):
     def __init__(self, victims: set[str]) -> None:
         self.victims = victims
 
-    def absorb(
-        self, producer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex
-    ) -> tuple[list[TensorUpdate], dict[str, float | int]] | Refusal:
-        absorbed = super().absorb(producer, bn, graph)
+    def absorb(self, producer: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Absorbed | Refusal:
+        absorbed = super().absorb(producer, affine, graph)
         if isinstance(absorbed, Refusal) or producer.name not in self.victims:
             return absorbed
-        updates, attributes = absorbed
-        weight = updates[0].values.copy()
+        weight = absorbed.updates[0].values.copy()
         weight.flat[0] += 1.0
-        return [replace(updates[0], values=weight), *updates[1:]], attributes
+        return replace(absorbed, updates=[replace(absorbed.updates[0], values=weight), *absorbed.updates[1:]])
 
 
 def _save(model: onnx.ModelProto, folder: Path) -> Path:
@@ -58,7 +56,7 @@ def _save(model: onnx.ModelProto, folder: Path) -> Path:
 
 def _fold_with(victims: set[str], tmp_path: Path):  # noqa: ANN202 - FoldReport
     path = _save(cnn_residual(), tmp_path)
-    rules = (CorruptingConvRule(victims), GemmIntoBatchNorm())
+    rules = build_rules(backward=(CorruptingConvRule(victims), GemmBn()))
     return fold_file(path, FoldOptions(rules=rules)), path
 
 

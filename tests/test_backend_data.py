@@ -21,6 +21,7 @@ from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_RUNTIME_FAILURE, RuntimeFailure
 from bnfold.inputs import load_trials
 from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
+from bnfold.options import default_tolerance
 from bnfold.verify import compare_output
 from tests.support import run_onnxruntime
 
@@ -59,7 +60,7 @@ def test_fold_does_no_harm(folder: Path, tmp_path: Path) -> None:
         for name, actual in zip(names, run_onnxruntime(folded, trial.feeds)):
             if name in trial.expected:
                 expected = trial.expected[name]
-                assert compare_output(name, expected, np.asarray(actual), None).passed
+                assert compare_output(name, expected, np.asarray(actual), default_tolerance(expected.dtype)).passed
 
 
 @pytest.mark.parametrize("name", ["test_BatchNorm2d_eval", "test_BatchNorm3d_momentum_eval"])

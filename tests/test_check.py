@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from bnfold.cli import main
 from bnfold.fold import fold_batchnorms
+from bnfold.options import default_tolerance
 from bnfold.verify import compare_output
 from sample_models.generate import cnn_residual
 from sample_models.modelkit import GraphBuilder
@@ -173,8 +174,8 @@ def test_nan_on_one_side_is_always_a_failure() -> None:
 def test_string_outputs_must_be_equal() -> None:
     """onnxruntime returns str, a TensorProto gives bytes: the same text is equal."""
     expected = np.array([b"monday", b"tuesday"], dtype=object)
-    assert compare_output("day", expected, np.array(["monday", "tuesday"], dtype=object), None).passed
-    different = compare_output("day", expected, np.array(["monday", "friday"], dtype=object), None)
+    assert compare_output("day", expected, np.array(["monday", "tuesday"], dtype=object), (0.0, 0.0)).passed
+    different = compare_output("day", expected, np.array(["monday", "friday"], dtype=object), (0.0, 0.0))
     assert (different.mismatches, different.worst_index, different.max_abs_error) == (1, (1,), float("inf"))
 
 

@@ -16,7 +16,9 @@ from onnx import numpy_helper
 
 from bnfold import pipeline
 from bnfold.cli import main
-from bnfold.fold import fold_batchnorms
+from bnfold.fold import FoldOutcome, fold_batchnorms
+from bnfold.io.store import TensorStore
+from bnfold.rules import RuleSet
 from sample_models.modelkit import GraphBuilder
 from tests.support import write_model_onnxruntime_cannot_run
 
@@ -125,11 +127,11 @@ def test_no_verify_reports_unverified(cnn: Path) -> None:
     assert report["status"] == "unverified" and report["verification"] is None and report["written"] is True
 
 
-def corrupting_fold(model: onnx.ModelProto, *args: object, **kwargs: object):  # noqa: ANN201
+def corrupting_fold(model: onnx.ModelProto, rules: RuleSet, *, store: TensorStore) -> FoldOutcome:
     """Fold normally, then damage one weight: what a buggy rule would do."""
-    outcome = fold_batchnorms(model, *args, **kwargs)
+    outcome = fold_batchnorms(model, rules, store=store)
     tensor = model.graph.initializer[0]
-    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 1.5, tensor.name))
+    store.replace(tensor, store.read(tensor) * 1.5)
     return outcome
 
 
@@ -219,15 +221,15 @@ def test_unexpected_exception_is_one_line_with_exit_4(cnn: Path, monkeypatch: py
 
 def test_a_rule_that_crashes_leaves_its_bn_with_the_reason(cnn: Path) -> None:
     """Other rules still get their turn; with none left, the BN stays and says why."""
-    from bnfold.rules import FoldRule
+    from bnfold.rules import FoldRule, build_rules
 
     class Crashing(FoldRule):
         name = "crashing"
 
-        def plan(self, bn, graph):  # noqa: ANN001, ANN202
+        def plan(self, affine, graph, rules):  # noqa: ANN001, ANN202
             raise IndexError("list index out of range")
 
-    outcome = fold_batchnorms(onnx.load(str(cnn)), (Crashing(),))
+    outcome = fold_batchnorms(onnx.load(str(cnn)), build_rules(backward=(Crashing(),), forward=()))
     assert not outcome.folds and len(outcome.left) == 6
     assert {r.reason for r in outcome.left} == {"rule crashing failed (IndexError: list index out of range)"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.fold import is_batchnorm
+from bnfold.rules.batchnorm import is_batchnorm
 from bnfold.graph import subgraphs
 from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
 from sample_models.modelkit import GraphBuilder

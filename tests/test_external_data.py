@@ -1,6 +1,6 @@
 """Models whose weights live outside the .onnx file: load, fold, verify, save.
 
-The > 2 GiB path is exercised cheaply by lowering ``io.PROTOBUF_LIMIT``: the
+The > 2 GiB path is exercised cheaply by lowering ``PROTOBUF_LIMIT``: the
 code that decides "too big for one protobuf" is the same, only the threshold moves.
 """
 
@@ -15,10 +15,12 @@ import onnx
 import pytest
 from onnx import external_data_helper, numpy_helper
 
-from bnfold import io
 from bnfold.errors import InputError
 from bnfold.fold import FoldOutcome
-from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
+from bnfold.io.load import load_model
+from bnfold.io.store import TensorStore
+from bnfold.options import VerifyOptions
+from bnfold.pipeline import FoldOptions, check_files, fold_file
 from sample_models.modelkit import GraphBuilder
 from tests.support import op_count
 
@@ -64,7 +66,7 @@ def test_external_data_model_folds_verifies_and_writes_its_own_data_file(tmp_pat
     assert (tmp_path / "out.onnx.data").is_file()
     assert _digest(tmp_path / "weights.bin") == input_digest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]  # staging removed
-    reloaded = io.load_model(output)
+    reloaded = load_model(output)
     assert op_count(reloaded.model, BN) == 0 and reloaded.external_data_files == ("out.onnx.data",)
     assert check_files(source, output, VerifyOptions()).verification.passed
 
@@ -79,13 +81,13 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path: Path) -> None
 def test_above_protobuf_limit_the_output_goes_to_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "net.onnx"
     onnx.save_model(_model(), str(source))  # self-contained input
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2000)
+    monkeypatch.setattr("bnfold.io.save.PROTOBUF_LIMIT", 2000)
     output = tmp_path / "big.folded.onnx"
     report = fold_file(source, FoldOptions(output=output))
     assert report.problem is None and report.written and report.verification.passed
     assert report.after.batchnorms == 0
     assert _external_locations(output) == {"big.folded.onnx.data"}
-    assert op_count(io.load_model(output).model, BN) == 0
+    assert op_count(load_model(output).model, BN) == 0
 
 
 def test_folded_model_failing_the_checker_above_the_limit_is_not_written(
@@ -94,7 +96,7 @@ def test_folded_model_failing_the_checker_above_the_limit_is_not_written(
     """Above the limit the checker still runs (on a weight-less skeleton): a broken fold is caught."""
     source = tmp_path / "net.onnx"
     onnx.save_model(_model(), str(source))
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 2000)
+    monkeypatch.setattr("bnfold.io.save.PROTOBUF_LIMIT", 2000)
 
     def fold_that_breaks(model: onnx.ModelProto, *_rules: object, **_options: object) -> FoldOutcome:
         model.graph.node[0].input[1] = "missing_weight"
@@ -124,7 +126,7 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path: Path, loca
     (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
     path = _with_location(tmp_path, location)
     with pytest.raises(InputError, match=f"external data location '{location}' points outside the model's folder"):
-        io.load_model(path)
+        load_model(path)
 
 
 def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path: Path) -> None:
@@ -132,13 +134,13 @@ def test_external_data_symlink_leaving_the_folder_is_refused(tmp_path: Path) -> 
     path = _with_location(tmp_path, "link.bin")
     os.symlink(tmp_path / "secret.bin", path.parent / "link.bin")
     with pytest.raises(InputError, match="'link.bin' points outside the model's folder"):
-        io.load_model(path)
+        load_model(path)
 
 
 def test_missing_external_data_file_is_refused(tmp_path: Path) -> None:
     path = _with_location(tmp_path, "gone.bin")
     with pytest.raises(InputError, match="external data file 'gone.bin' is missing"):
-        io.load_model(path)
+        load_model(path)
 
 
 def test_weights_on_disk_are_read_lazily_and_copied_across_unchanged(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ def test_weights_on_disk_are_read_lazily_and_copied_across_unchanged(tmp_path: P
     source = tmp_path / "net.onnx"
     _save_external(b.model(), source, "net.onnx.data")
 
-    loaded = io.load_model(source)
+    loaded = load_model(source)
     assert all(external_data_helper.uses_external_data(t) for t in loaded.model.graph.initializer)
 
     output = tmp_path / "out.onnx"
@@ -207,10 +209,15 @@ def test_folds_with_external_data_write_what_a_self_contained_fold_writes(tmp_pa
 
 
 def test_a_weight_folded_twice_is_held_once_and_small_tensors_stay_in_the_protobuf() -> None:
-    held = io.HeldTensors()
+    store = TensorStore()
     weight = numpy_helper.from_array(np.zeros((32, 32), np.float32), "w")
-    assert held.hold(weight, np.ones((32, 32), np.float32))
-    assert held.hold(weight, np.full((32, 32), 2, np.float32))
-    assert len(held.arrays) == 1
-    np.testing.assert_array_equal(io.tensor_values(weight, None, held), np.full((32, 32), 2, np.float32))
-    assert not held.hold(numpy_helper.from_array(np.zeros(4, np.float32), "b"), np.ones(4, np.float32))
+    store.replace(weight, np.ones((32, 32), np.float32))
+    store.replace(weight, np.full((32, 32), 2, np.float32))
+    assert not weight.HasField("raw_data")
+    np.testing.assert_array_equal(store.read(weight), np.full((32, 32), 2, np.float32))
+    np.testing.assert_array_equal(store.take(weight), np.full((32, 32), 2, np.float32))
+    assert store.take(weight) is None  # the first array was dropped, the second handed over once
+    small = numpy_helper.from_array(np.zeros(4, np.float32), "b")
+    store.replace(small, np.ones(4, np.float32))
+    assert store.held_array(small) is None and small.HasField("raw_data")
+    np.testing.assert_array_equal(numpy_helper.to_array(small), np.ones(4, np.float32))

@@ -56,7 +56,8 @@ def test_forward_linear_fold_matches_gemm_on_normalized_input(
     as_kn = weight if input_axis == 0 else weight.T
 
     expected = alpha * (s * x + t) @ as_kn + (beta * bias if with_bias else 0.0)
-    folded_weight, offset = fold_math.fold_into_next_linear(weight, s, t, input_axis)
+    folded_weight = weight * fold_math.axis_factor(s, 2, input_axis)
+    offset = fold_math.linear_offset(weight, t, input_axis)
     new_bias = fold_math.gemm_bias_with_offset(bias, offset, alpha, beta)
     folded_kn = folded_weight if input_axis == 0 else folded_weight.T
     np.testing.assert_allclose(alpha * x @ folded_kn + beta * new_bias, expected, **TIGHT)
@@ -104,7 +105,8 @@ def test_unpadded_conv_fold_matches_conv_of_normalized_input(case: tuple) -> Non
     groups, strides, dilations, s, t, weight, image = _conv_case(case)
     pads = (0, 0, 0, 0)
     expected = _direct_conv2d(s[:, None, None] * image + t[:, None, None], weight, groups, pads, strides, dilations)
-    folded_weight, offset = fold_math.fold_into_next_conv(weight, s, t, groups)
+    folded_weight = weight * fold_math.conv_input_factor(s, weight.shape, groups)
+    offset = fold_math.conv_offset(weight, t, groups)
     actual = _direct_conv2d(image, folded_weight, groups, pads, strides, dilations) + offset[:, None, None]
     np.testing.assert_allclose(actual, expected, **TIGHT)
 
@@ -114,7 +116,8 @@ def test_unpadded_conv_fold_matches_conv_of_normalized_input(case: tuple) -> Non
 def test_padded_shift_makes_the_padded_conv_fold_exact(case: tuple, pads: tuple[int, int, int, int]) -> None:
     groups, strides, dilations, s, t, weight, image = _conv_case(case)
     expected = _direct_conv2d(s[:, None, None] * image + t[:, None, None], weight, groups, pads, strides, dilations)
-    folded_weight, offset = fold_math.fold_into_next_conv(weight, s, t, groups)
+    folded_weight = weight * fold_math.conv_input_factor(s, weight.shape, groups)
+    offset = fold_math.conv_offset(weight, t, groups)
     correction = fold_math.conv_of_padded_shift(weight, t, groups, image.shape[1:], pads, strides, dilations)
     actual = _direct_conv2d(image, folded_weight, groups, pads, strides, dilations) + correction
     np.testing.assert_allclose(actual, expected, **TIGHT)
@@ -128,6 +131,6 @@ def test_padded_shift_differs_from_the_plain_offset_at_the_border() -> None:
     weight = np.ones((1, 1, 3, 3))
     t = np.array([1.0])
     correction = fold_math.conv_of_padded_shift(weight, t, 1, (4, 4), (1, 1, 1, 1), (1, 1), (1, 1))
-    _, offset = fold_math.fold_into_next_conv(weight, np.array([1.0]), t, 1)
+    offset = fold_math.conv_offset(weight, t, 1)
     assert offset[0] == 9.0
     assert correction[0, 0, 0] == 4.0 and correction[0, 0, 1] == 6.0 and correction[0, 1, 1] == 9.0

@@ -22,7 +22,8 @@ from onnx.reference import ReferenceEvaluator
 
 from bnfold import fold_math
 from bnfold.fold import FoldOutcome, fold_batchnorms
-from bnfold.verify import default_tolerance, generate_inputs, input_specs
+from bnfold.inputs import generate_inputs, input_specs
+from bnfold.options import default_tolerance
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count, run_onnxruntime
 
@@ -79,7 +80,7 @@ def test_float16_fold_is_more_accurate_than_float16_arithmetic() -> None:
     weight = rng.standard_normal((64, 3, 3, 3)).astype(np.float16)
     s = rng.uniform(0.1, 10.0, 64)
     exact = weight.astype(np.float64) * s.reshape(-1, 1, 1, 1)
-    folded = fold_math.cast_back(fold_math.scale_along_axis(weight, s, 0), np.dtype(np.float16), "weight")
+    folded, _, _ = fold_math.scale_with_effect(weight, fold_math.axis_factor(s, weight.ndim, 0), "weight")
     assert np.array_equal(folded, exact.astype(np.float16))
     naive = weight * s.astype(np.float16).reshape(-1, 1, 1, 1)
     assert np.abs(folded - exact).max() <= np.abs(naive - exact).max()

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnfold.graph import GraphIndex
-from bnfold.rules.conv import ConvIntoBatchNorm
+from bnfold.rules import RULES
+from bnfold.rules.conv import ConvBn
 from bnfold.rules.decomposed import read_decomposed_affine
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
@@ -181,7 +182,7 @@ def test_conv_refuses_an_affine_on_the_last_axis_with_reason() -> None:
     graph = GraphIndex(b.model())
     affine = read_decomposed_affine(graph.nodes[-1], graph)
     assert affine is not None and affine.channel_axis == -1
-    refusal = ConvIntoBatchNorm().plan(affine, graph)
+    refusal = ConvBn().plan(affine, graph, RULES)
     assert refusal.reason == "Mul 'mul0' scales axis -1 of a rank-4 output from Conv 'conv0', whose channels are axis 1"
 
 

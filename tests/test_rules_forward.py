@@ -12,16 +12,16 @@ from onnx import numpy_helper
 
 from bnfold.cli import main
 from bnfold.graph import GraphIndex
-from bnfold.rules import RULES, with_exact_padding
-from bnfold.rules.base import BatchNorm, FoldPlan, Refusal
+from bnfold.rules import RULES, build_rules
+from bnfold.rules.plan import Affine, FoldPlan, Refusal
 from bnfold.rules.batchnorm import read_batchnorm
-from bnfold.rules.forward_conv import ConvAfterBatchNorm
-from bnfold.rules.forward_linear import LinearAfterBatchNorm
+from bnfold.rules.forward_conv import BnConv
+from bnfold.rules.forward_linear import BnLinear
 from sample_models.generate import classifier_head_bn, input_bn_conv
 from sample_models.modelkit import GraphBuilder
 from tests.support import FoldCheck, fold_and_compare, op_count
 
-EXACT_PADDING = with_exact_padding(RULES)
+EXACT_PADDING = build_rules(exact_padding=True)
 
 
 def _only_left_reason(check: FoldCheck) -> str:
@@ -79,10 +79,10 @@ def test_affine_on_last_axis_folds_into_matmul_of_any_rank() -> None:
     model = b.model()
     graph = GraphIndex(model)
     bn = read_batchnorm(graph.nodes[0], graph)
-    assert isinstance(bn, BatchNorm)
-    last_axis_affine = BatchNorm(bn.nodes, bn.input_name, bn.output_name, bn.s[:4], bn.t[:4], channel_axis=-1)
-    assert isinstance(LinearAfterBatchNorm().plan(last_axis_affine, graph), FoldPlan)
-    assert ConvAfterBatchNorm().plan(last_axis_affine, graph) is None  # no Conv reads it: the rule does not match
+    assert isinstance(bn, Affine)
+    last_axis_affine = Affine(bn.nodes, bn.input_name, bn.output_name, bn.s[:4], bn.t[:4], channel_axis=-1)
+    assert isinstance(BnLinear().plan(last_axis_affine, graph, RULES), FoldPlan)
+    assert BnConv().plan(last_axis_affine, graph, RULES) is None  # no Conv reads it: the rule does not match
 
 
 def test_gemm_with_transposed_input_is_refused() -> None:
@@ -222,9 +222,9 @@ def test_exact_padding_needs_static_spatial_sizes() -> None:
 def test_affine_on_last_axis_is_refused_by_conv() -> None:
     model = input_bn_conv()
     graph = GraphIndex(model)
-    bn = next(found for node in graph.nodes if isinstance(found := read_batchnorm(node, graph), BatchNorm))
-    last_axis = BatchNorm(bn.nodes, bn.input_name, bn.output_name, bn.s, bn.t, channel_axis=-1)
-    refusal = ConvAfterBatchNorm().plan(last_axis, graph)
+    bn = next(found for node in graph.nodes if isinstance(found := read_batchnorm(node, graph), Affine))
+    last_axis = Affine(bn.nodes, bn.input_name, bn.output_name, bn.s, bn.t, channel_axis=-1)
+    refusal = BnConv().plan(last_axis, graph, RULES)
     assert isinstance(refusal, Refusal)
     assert refusal.reason.startswith("the affine scales axis -1, not the input channels of Conv")
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnfold.graph import GraphIndex
-from bnfold.rules import BatchNorm, Refusal
-from bnfold.rules.batchnorm_merge import BatchNormIntoBatchNorm
-from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
+from bnfold.rules import RULES, Affine, Refusal
+from bnfold.rules.batchnorm_merge import BnMerge
+from bnfold.rules.convtranspose import ConvTransposeBn
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
@@ -256,10 +256,10 @@ def test_convtranspose_decoder_sample_folds_both_batchnorms() -> None:
 # -- refusals that a valid model cannot show end to end: the rule asked directly ------------------
 
 
-def affine_over(graph: GraphIndex, node_position: int, channels: int) -> BatchNorm:
+def affine_over(graph: GraphIndex, node_position: int, channels: int) -> Affine:
     """A stand-in per-channel affine of ``channels`` at a node of the graph (s = 2, t = 1)."""
     node = graph.nodes[node_position]
-    return BatchNorm((node,), node.input[0], node.output[0], np.full(channels, 2.0), np.ones(channels))
+    return Affine((node,), node.input[0], node.output[0], np.full(channels, 2.0), np.ones(channels))
 
 
 def test_convtranspose_weight_that_does_not_give_the_channels_is_refused() -> None:
@@ -267,7 +267,7 @@ def test_convtranspose_weight_that_does_not_give_the_channels_is_refused() -> No
     y = b.conv_transpose(b.input("x", [1, 4, 3, 3]), 4, 4, group=2)
     b.output(b.node("Relu", [y]))
     graph = GraphIndex(b.model())
-    refusal = ConvTransposeIntoBatchNorm().plan(affine_over(graph, 1, 6), graph)
+    refusal = ConvTransposeBn().plan(affine_over(graph, 1, 6), graph, RULES)
     assert refusal == Refusal(
         "ConvTranspose 'convtranspose0' weight shape [4, 2, 3, 3] with group=2 does not give the BN's 6 channels"
     )
@@ -278,7 +278,7 @@ def test_merge_of_different_channel_counts_is_refused() -> None:
     y = b.batchnorm(b.node("Relu", [b.input("x", [2, 4, 3, 3])]), 4)
     b.output(b.node("Relu", [y]))
     graph = GraphIndex(b.model())
-    refusal = BatchNormIntoBatchNorm().plan(affine_over(graph, 2, 8), graph)
+    refusal = BnMerge().plan(affine_over(graph, 2, 8), graph, RULES)
     assert refusal == Refusal("BatchNormalization 'batchnormalization0' has 4 channels, Relu 'relu1' 8")
 
 

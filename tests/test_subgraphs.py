@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bnfold.verify import generate_inputs, input_specs
+from bnfold.inputs import generate_inputs, input_specs
 from sample_models.modelkit import DEFAULT_IR_VERSION, GraphBuilder
 from tests.support import fold_and_compare
 

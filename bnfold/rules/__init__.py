@@ -1,61 +1,80 @@
-"""The fold rules, in the order they are tried for each BatchNormalization.
+"""The registry: every rule, mover and affine reader, in the order they are tried.
 
-Adding a pattern means adding a module with one :class:`~bnfold.rules.base.FoldRule`
-subclass and one line here; no other rule changes. Backward folds (into the
-producer) come first so that a BN between two layers is folded into the one
-before it; forward folds (into the consumers) follow.
+A new pattern is one module and one line here:
+
+* a layer that absorbs an affine *after* it: a :class:`~bnfold.rules.plan.FoldRule` (usually a
+  small :class:`~bnfold.rules.base.IntoProducer` subclass) in ``BACKWARD_RULES``;
+* a layer that absorbs an affine *before* it: an :class:`~bnfold.rules.base.IntoConsumer`
+  subclass in ``FORWARD_RULES``;
+* an op an affine may cross on its way to a layer: a :class:`~bnfold.rules.plan.Mover` in
+  ``MOVERS``; the travelling rules then cross it in both directions, in chains, for every
+  layer rule;
+* another form of affine map (like the Mul/Add chains tf2onnx writes): a reader in
+  ``AFFINE_READERS``.
+
+Backward folds come first, so that an affine between two layers folds into the one before it;
+forward folds follow; merging into an earlier BatchNormalization is the last resort.
 """
 
 from __future__ import annotations
 
-from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, Refusal, TensorUpdate
 from bnfold.rules.batchnorm import read_batchnorm
-from bnfold.rules.batchnorm_merge import BatchNormIntoBatchNorm
-from bnfold.rules.conv import ConvIntoBatchNorm
-from bnfold.rules.convtranspose import ConvTransposeIntoBatchNorm
+from bnfold.rules.batchnorm_merge import BnMerge
+from bnfold.rules.conv import ConvBn
+from bnfold.rules.convtranspose import ConvTransposeBn
 from bnfold.rules.decomposed import read_decomposed_affine
-from bnfold.rules.forward_conv import ConvAfterBatchNorm
-from bnfold.rules.forward_linear import FlattenLinearAfterBatchNorm, LinearAfterBatchNorm
-from bnfold.rules.gemm import GemmIntoBatchNorm
-from bnfold.rules.layout import ThroughLayoutIntoConsumer
-from bnfold.rules.matmul import MatMulIntoBatchNorm
-from bnfold.rules.matmul_add import MatMulAddIntoBatchNorm
-from bnfold.rules.transpose import TransposedLayerIntoBatchNorm
+from bnfold.rules.forward_conv import BnConv
+from bnfold.rules.forward_linear import BnFlattenLinear, BnLinear
+from bnfold.rules.gemm import GemmBn
+from bnfold.rules.layout import LayoutMover
+from bnfold.rules.matmul import MatMulBn
+from bnfold.rules.matmul_add import MatMulAddBn
+from bnfold.rules.passthrough import PassThroughMover
+from bnfold.rules.plan import (
+    Affine,
+    FoldPlan,
+    FoldRule,
+    Mover,
+    Refusal,
+    RuleOptions,
+    RuleSet,
+    TensorUpdate,
+)
+from bnfold.rules.travel import ThroughIntoConsumer, ThroughIntoProducer
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
 
-FORWARD_RULES: tuple[FoldRule, ...] = (LinearAfterBatchNorm(), FlattenLinearAfterBatchNorm(), ConvAfterBatchNorm())
+BACKWARD_RULES: tuple[FoldRule, ...] = (ConvBn(), GemmBn(), ConvTransposeBn(), MatMulBn(), MatMulAddBn())
 
-RULES: tuple[FoldRule, ...] = (
-    ConvIntoBatchNorm(),
-    GemmIntoBatchNorm(),
-    ConvTransposeIntoBatchNorm(),
-    MatMulIntoBatchNorm(),
-    MatMulAddIntoBatchNorm(),
-    TransposedLayerIntoBatchNorm(),
-    *FORWARD_RULES,
-    # The forward rules through a Transpose/Squeeze/Unsqueeze (tf2onnx's NHWC and Conv1D inputs).
-    ThroughLayoutIntoConsumer(FORWARD_RULES),
-    BatchNormIntoBatchNorm(),  # last: an affine merges into a BN only when no layer takes it
-)
+FORWARD_RULES: tuple[FoldRule, ...] = (BnLinear(), BnFlattenLinear(), BnConv())
+
+MOVERS: tuple[Mover, ...] = (LayoutMover(), PassThroughMover())
+
+# Tried when no layer takes the affine: it merges into a BatchNormalization before it.
+LAST_RESORT: tuple[FoldRule, ...] = (BnMerge(),)
 
 
-def with_exact_padding(rules: tuple[FoldRule, ...]) -> tuple[FoldRule, ...]:
-    """``rules`` with the forward Conv fold also folding padded Convs (``--exact-padding``),
-    through a Transpose/Squeeze/Unsqueeze too."""
+def build_rules(
+    *,
+    exact_padding: bool = False,
+    backward: tuple[FoldRule, ...] = BACKWARD_RULES,
+    forward: tuple[FoldRule, ...] = FORWARD_RULES,
+    movers: tuple[Mover, ...] = MOVERS,
+) -> RuleSet:
+    """The rule set of a run, with the user's options; the registry's rules unless given."""
+    order = (
+        *backward, ThroughIntoProducer(),
+        *forward, ThroughIntoConsumer(),
+        *LAST_RESORT,
+    )
+    return RuleSet(backward, forward, movers, order, RuleOptions(exact_padding=exact_padding))
 
-    def padded(rule: FoldRule) -> FoldRule:
-        if isinstance(rule, ConvAfterBatchNorm):
-            return ConvAfterBatchNorm(exact_padding=True)
-        if isinstance(rule, ThroughLayoutIntoConsumer):
-            return ThroughLayoutIntoConsumer(tuple(padded(inner) for inner in rule.rules))
-        return rule
 
-    return tuple(padded(rule) for rule in rules)
-
+RULES = build_rules()
+"""The default rule set."""
 
 __all__ = [
-    "AFFINE_READERS", "RULES", "BatchNorm", "FoldPlan", "FoldRule", "Refusal", "TensorUpdate", "read_batchnorm",
-    "with_exact_padding",
+    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MOVERS", "RULES", "Affine", "FoldPlan",
+    "FoldRule", "Mover", "Refusal", "RuleOptions", "RuleSet", "TensorUpdate", "build_rules",
 ]

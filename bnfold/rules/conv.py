@@ -14,22 +14,23 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import describe
-from bnfold.rules.base import BatchNorm, Refusal, ScaledLayerIntoProducer
+from bnfold.rules.base import ScaledLayerIntoProducer
+from bnfold.rules.plan import Affine, Refusal
 
 
-class ConvIntoBatchNorm(ScaledLayerIntoProducer):
+class ConvBn(ScaledLayerIntoProducer):
     """``BN(Conv(x, W, b))`` → ``Conv(x, W * s, b * s + t)``."""
 
     name = "conv-bn"
     producer_ops = frozenset({"Conv"})
 
     def weight_refusal(
-        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, bn: BatchNorm
+        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, affine: Affine
     ) -> Refusal | None:
-        if weight.ndim < 3 or weight.shape[0] != bn.channels:
+        if weight.ndim < 3 or weight.shape[0] != affine.channels:
             return Refusal(
                 f"{describe(producer)} weight shape {list(weight.shape)} does not match "
-                f"the BN's {bn.channels} channels"
+                f"the BN's {affine.channels} channels"
             )
         return None
 

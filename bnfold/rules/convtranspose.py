@@ -17,23 +17,24 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import describe
-from bnfold.rules.base import BatchNorm, Refusal, ScaledLayerIntoProducer
+from bnfold.rules.base import ScaledLayerIntoProducer
+from bnfold.rules.plan import Affine, Refusal
 
 
-class ConvTransposeIntoBatchNorm(ScaledLayerIntoProducer):
+class ConvTransposeBn(ScaledLayerIntoProducer):
     """``BN(ConvTranspose(x, W, b))`` → ``ConvTranspose(x, W * s per group, b * s + t)``."""
 
     name = "convtranspose-bn"
     producer_ops = frozenset({"ConvTranspose"})
 
     def weight_refusal(
-        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, bn: BatchNorm
+        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, affine: Affine
     ) -> Refusal | None:
         group = int(attributes.get("group", 1))
-        if weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != bn.channels:
+        if weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != affine.channels:
             return Refusal(
                 f"{describe(producer)} weight shape {list(weight.shape)} with group={group} does not "
-                f"give the BN's {bn.channels} channels"
+                f"give the BN's {affine.channels} channels"
             )
         return None
 

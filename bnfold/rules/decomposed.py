@@ -21,7 +21,11 @@ which the backward rules fold like a BatchNormalization. ``c / x`` is not affine
 A constant is per-channel when exactly one of its axes has more than one entry:
 ``[C]`` or ``[1, C]`` scales the data's last axis (``channel_axis = -1``);
 ``[C, 1, 1]`` or ``[1, C, 1, 1]`` on a rank-4 tensor scales axis 1. A scalar or a
-per-element constant is ordinary arithmetic, not a per-channel affine.
+per-element constant is ordinary arithmetic, not a per-channel affine. Nor is a constant
+that *broadcasts* the data: ``x[N, 1, H, W] * c[1, 3, 1, 1]`` makes three channels out of
+one, so when the data's size on that axis is known it must be C. When it is unknown, the
+affine is marked (``Affine.exact_channels`` False): a layer before it pins the size with its
+weight's shape, but a fold into the layers after it cannot, and refuses.
 
 A chain is read once, from its head: a node whose data input comes from another
 link of the same chain (same axis and length, read by nothing else) returns
@@ -36,8 +40,8 @@ import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex
-from bnfold.rules.base import BatchNorm
+from bnfold.graph import GraphIndex, is_standard
+from bnfold.rules.plan import Affine
 
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 
@@ -50,6 +54,8 @@ class AffineStep:
     s: np.ndarray
     t: np.ndarray
     channel_axis: int
+    exact_channels: bool
+    """Whether the data is known to have C entries on ``channel_axis`` (no broadcast)."""
 
 
 def per_channel_vector(constant: np.ndarray, data_rank: int | None) -> tuple[np.ndarray, int] | None:
@@ -62,7 +68,7 @@ def per_channel_vector(constant: np.ndarray, data_rank: int | None) -> tuple[np.
     if constant.dtype.kind != "f" or constant.size < 2:
         return None
     long_axes = [axis for axis, size in enumerate(constant.shape) if size > 1]
-    if len(long_axes) != 1 or (data_rank is not None and constant.ndim > data_rank):
+    if len(long_axes) != 1 or (constant.ndim > (1 if data_rank is None else data_rank)):
         return None
     axes_from_end = constant.ndim - long_axes[0]
     if axes_from_end == 1:
@@ -77,7 +83,7 @@ def per_channel_vector(constant: np.ndarray, data_rank: int | None) -> tuple[np.
 
 def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
     """Read one Mul/Add/Sub/Div of a runtime value and a per-channel constant (see the table)."""
-    if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if node.op_type not in AFFINE_OPS or not is_standard(node) or len(node.input) != 2:
         return None
     values = [graph.constant_value(name) for name in node.input]
     constants = [(slot, value) for slot, value in enumerate(values) if value is not None]
@@ -85,12 +91,14 @@ def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
         return None  # two runtime values, or a constant subexpression
     constant_slot, constant = constants[0]
     data_input = node.input[1 - constant_slot]
-    # A [C] constant scales the last axis whatever the rank: ask (maybe infer shapes) only when it matters.
-    data_rank = graph.rank_of(data_input) if constant.ndim > 1 else None
-    found = per_channel_vector(constant, data_rank)
+    data_shape = graph.static_shape(data_input)
+    found = per_channel_vector(constant, None if data_shape is None else len(data_shape))
     if found is None:
         return None
     c, channel_axis = found
+    data_channels = None if data_shape is None else data_shape[channel_axis]
+    if data_channels is not None and data_channels != c.size:
+        return None  # the constant broadcasts the data along the channel axis
     ones, zeros = np.ones_like(c), np.zeros_like(c)
     if node.op_type == "Mul":
         s, t = c, zeros
@@ -102,7 +110,7 @@ def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
         s, t = 1.0 / c, zeros
     else:
         return None  # c / x, or a division by zero
-    return AffineStep(data_input, s, t, channel_axis)
+    return AffineStep(data_input, s, t, channel_axis, exact_channels=data_channels == c.size)
 
 
 def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep, graph: GraphIndex) -> bool:
@@ -117,7 +125,7 @@ def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep,
     )
 
 
-def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | None:
+def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | None:
     """The longest per-channel affine chain headed by ``node``, or None if there is none
     or ``node`` is inside a chain that starts earlier."""
     head = affine_step(node, graph)
@@ -138,11 +146,12 @@ def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm
         chain.append(consumers[0])
         s, t = fold_math.compose_affines((s, t), (following.s, following.t))
         last_step = following
-    return BatchNorm(
+    return Affine(
         nodes=tuple(chain),
         input_name=head.data_input,
         output_name=chain[-1].output[0],
         s=s,
         t=t,
         channel_axis=head.channel_axis,
+        exact_channels=head.exact_channels,
     )

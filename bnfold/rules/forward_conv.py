@@ -23,21 +23,12 @@ import math
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import (
-    AddedBias,
-    BatchNorm,
-    ConsumerFold,
-    IntoConsumer,
-    Refusal,
-    TensorUpdate,
-    cast_or_refuse,
-    constant_weight_and_bias,
-    weight_and_bias_updates,
-)
+from bnfold.graph import GraphIndex, attributes, describe
+from bnfold.rules.base import Absorbed, IntoConsumer
+from bnfold.rules.plan import Affine, Refusal, RuleOptions
+from bnfold.rules.weights import added_bias, cast_tensor, constant_weight_and_bias, scaled_weight
 
 
 def _same_padding(
@@ -53,37 +44,38 @@ def _same_padding(
     return begins + ends
 
 
-class ConvAfterBatchNorm(IntoConsumer):
+class BnConv(IntoConsumer):
     """``Conv(BN(x), W, b)`` → ``Conv(x, W * s, b + W t)`` (unpadded; padded with ``exact_padding``)."""
 
     name = "bn-conv"
     consumer_ops = frozenset({"Conv"})
 
-    def __init__(self, exact_padding: bool = False) -> None:
-        self.exact_padding = exact_padding
-
-    def absorb(self, conv: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
-        if bn.channel_axis != 1:
-            return Refusal(f"the affine scales axis {bn.channel_axis}, not the input channels of {describe(conv)}")
+    def absorb(
+        self, conv: onnx.NodeProto, affine: Affine, graph: GraphIndex, options: RuleOptions
+    ) -> Absorbed | Refusal:
+        if affine.channel_axis != 1:
+            return Refusal(
+                f"the affine scales axis {affine.channel_axis}, not the input channels of {describe(conv)}"
+            )
         found = constant_weight_and_bias(graph, conv, "weight", "bias")
         if isinstance(found, Refusal):
             return found
         weight, bias = found
-        attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        group = int(attributes.get("group", 1))
-        if weight.ndim < 3 or weight.shape[1] * group != bn.channels or weight.shape[0] % group:
+        settings = attributes(conv)
+        group = int(settings.get("group", 1))
+        if weight.ndim < 3 or weight.shape[1] * group != affine.channels or weight.shape[0] % group:
             return Refusal(
                 f"{describe(conv)} weight shape {list(weight.shape)} (group={group}) does not take "
-                f"the BN's {bn.channels} channels"
+                f"the BN's {affine.channels} channels"
             )
         out_channels, kernel = weight.shape[0], tuple(weight.shape[2:])
         if bias is not None and bias.shape != (out_channels,):
             return Refusal(f"{describe(conv)} bias shape {list(bias.shape)} is not [{out_channels}]")
-        strides = list(attributes.get("strides", [1] * len(kernel)))
-        dilations = list(attributes.get("dilations", [1] * len(kernel)))
-        auto_pad = attributes.get("auto_pad", b"NOTSET")
+        strides = list(settings.get("strides", [1] * len(kernel)))
+        dilations = list(settings.get("dilations", [1] * len(kernel)))
+        auto_pad = settings.get("auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        shape = graph.static_shape(bn.input_name)
+        shape = graph.static_shape(affine.input_name)
         spatial = (
             None if shape is None or any(d is None for d in shape[2:]) else tuple(d for d in shape[2:] if d is not None)
         )
@@ -91,14 +83,17 @@ class ConvAfterBatchNorm(IntoConsumer):
             pads = _same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
         else:
             no_pads = [0] * (2 * len(kernel))
-            pads = no_pads if auto_pad == "VALID" else list(attributes.get("pads", no_pads))
+            pads = no_pads if auto_pad == "VALID" else list(settings.get("pads", no_pads))
 
-        folded_weight, offset = fold_math.fold_into_next_conv(weight, bn.s, bn.t, group)
+        new_weight = scaled_weight(conv, 1, weight, fold_math.conv_input_factor(affine.s, weight.shape, group))
+        if isinstance(new_weight, Refusal):
+            return new_weight
         if pads is not None and not any(pads):
-            folded_bias = offset if bias is None else bias.astype(np.float64) + offset
-            updates = weight_and_bias_updates(conv, weight, folded_weight, bias, folded_bias)
-            return updates if isinstance(updates, Refusal) else ConsumerFold(updates)
-        if not self.exact_padding:
+            offset = fold_math.conv_offset(weight, affine.t, group)
+            exact_bias = offset if bias is None else bias.astype(np.float64) + offset
+            new_bias = cast_tensor(conv, 2, exact_bias, weight.dtype if bias is None else bias.dtype, "bias")
+            return new_bias if isinstance(new_bias, Refusal) else Absorbed([new_weight, new_bias])
+        if not options.exact_padding:
             return Refusal(
                 f"{describe(conv)} pads its input: the padded zeros bypass the BN's shift, so the fold "
                 "is not exact (--exact-padding adds a per-position bias instead)"
@@ -109,19 +104,16 @@ class ConvAfterBatchNorm(IntoConsumer):
                 "cannot be computed"
             )
         correction = fold_math.conv_of_padded_shift(
-            weight, bn.t, group, spatial, tuple(pads), tuple(strides), tuple(dilations)
+            weight, affine.t, group, spatial, tuple(pads), tuple(strides), tuple(dilations)
         )
-        new_weight = cast_or_refuse(conv, folded_weight, weight.dtype, "weight")
-        if isinstance(new_weight, Refusal):
-            return new_weight
-        new_correction = cast_or_refuse(conv, correction[np.newaxis], weight.dtype, "padding bias")
-        if isinstance(new_correction, Refusal):
-            return new_correction
-        return ConsumerFold(
-            [TensorUpdate(conv, 1, new_weight, "weight")],
-            [AddedBias(conv, new_correction, "padding_bias")],
+        padding_bias = added_bias(conv, correction[np.newaxis], weight.dtype, "padding_bias")
+        if isinstance(padding_bias, Refusal):
+            return padding_bias
+        return Absorbed(
+            [new_weight],
+            added_biases=[padding_bias],
             notes=[
-                f"exact padding: added a {list(new_correction.shape)} bias after {describe(conv)} "
-                f"({new_correction.nbytes} bytes)"
+                f"exact padding: added a {list(padding_bias.values.shape)} bias after {describe(conv)} "
+                f"({padding_bias.values.nbytes} bytes)"
             ],
         )

@@ -29,121 +29,107 @@ columns ``c*H*W ... (c+1)*H*W - 1``: the same fold with ``s`` and ``t`` repeated
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import (
-    AddedBias,
-    BatchNorm,
-    ConsumerFold,
-    IntoConsumer,
-    Refusal,
-    TensorUpdate,
-    cast_or_refuse,
+from bnfold.graph import GraphIndex, attribute, attributes, describe, is_standard
+from bnfold.rules.base import Absorbed, IntoConsumer
+from bnfold.rules.plan import Affine, Refusal, RuleOptions
+from bnfold.rules.weights import (
+    added_bias,
+    cast_tensor,
     constant_input,
     constant_weight_and_bias,
-    is_standard,
-    require_float,
-    weight_and_bias_updates,
+    matmul_weight,
+    scaled_weight,
 )
 
 LINEAR_OPS = frozenset({"Gemm", "MatMul"})
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-
-
-def _into_gemm(gemm: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> ConsumerFold | Refusal:
+def _into_gemm(gemm: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> Absorbed | Refusal:
     found = constant_weight_and_bias(graph, gemm, "B", "C")
     if isinstance(found, Refusal):
         return found
     weight, bias = found
-    attributes = _attributes(gemm)
-    if int(attributes.get("transA", 0)):
+    settings = attributes(gemm)
+    if int(settings.get("transA", 0)):
         return Refusal(f"{describe(gemm)} has transA=1, so the BN's channels are not the columns of its input")
-    trans_b = int(attributes.get("transB", 0))
+    trans_b = int(settings.get("transB", 0))
     input_axis = 1 if trans_b else 0
     if weight.ndim != 2 or weight.shape[input_axis] != s.shape[0]:
         return Refusal(
             f"{describe(gemm)} B shape {list(weight.shape)} (transB={trans_b}) does not take "
             f"the BN's {s.shape[0]} input columns"
         )
-    alpha, beta = float(attributes.get("alpha", 1.0)), float(attributes.get("beta", 1.0))
+    alpha, beta = float(settings.get("alpha", 1.0)), float(settings.get("beta", 1.0))
     if beta == 0.0:
         return Refusal(f"{describe(gemm)} has beta=0, so its C cannot carry the BN's shift")
-    folded_weight, offset = fold_math.fold_into_next_linear(weight, s, t, input_axis)
+    offset = fold_math.linear_offset(weight, t, input_axis)
     if bias is not None and (bias.ndim > 2 or bias.shape[-1:] not in ((), (1,), offset.shape)):
         return Refusal(f"{describe(gemm)} C shape {list(bias.shape)} does not broadcast to N={offset.shape[0]}")
-    updates = weight_and_bias_updates(
-        gemm, weight, folded_weight, bias, fold_math.gemm_bias_with_offset(bias, offset, alpha, beta)
-    )
-    return updates if isinstance(updates, Refusal) else ConsumerFold(updates)
-
-
-def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> ConsumerFold | Refusal:
-    weight = constant_input(graph, matmul, 1, "weight")
-    if weight is None or isinstance(weight, Refusal):
-        return weight or Refusal(f"{describe(matmul)} has no weight input")
-    refusal = require_float(weight, matmul, "weight")
-    if refusal:
-        return refusal
-    if weight.ndim != 2 or weight.shape[0] != s.shape[0]:
-        return Refusal(f"{describe(matmul)} weight shape {list(weight.shape)} is not [{s.shape[0]}, N]")
-    folded_weight, offset = fold_math.fold_into_next_linear(weight, s, t, input_axis=0)
-    new_weight = cast_or_refuse(matmul, folded_weight, weight.dtype, "weight")
+    new_weight = scaled_weight(gemm, 1, weight, fold_math.axis_factor(s, 2, input_axis))
     if isinstance(new_weight, Refusal):
         return new_weight
-    new_bias = cast_or_refuse(matmul, offset, weight.dtype, "bias")
-    if isinstance(new_bias, Refusal):
-        return new_bias
-    return ConsumerFold(
-        [TensorUpdate(matmul, 1, new_weight, "weight")],
-        [AddedBias(matmul, new_bias, "bias")],
+    exact_bias = fold_math.gemm_bias_with_offset(bias, offset, alpha, beta)
+    new_bias = cast_tensor(gemm, 2, exact_bias, weight.dtype if bias is None else bias.dtype, "bias")
+    return new_bias if isinstance(new_bias, Refusal) else Absorbed([new_weight, new_bias])
+
+
+def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> Absorbed | Refusal:
+    weight = matmul_weight(graph, matmul, s.shape[0], axis=0)
+    if isinstance(weight, Refusal):
+        return weight
+    new_weight = scaled_weight(matmul, 1, weight, fold_math.axis_factor(s, 2, axis=0))
+    if isinstance(new_weight, Refusal):
+        return new_weight
+    shift = added_bias(matmul, fold_math.linear_offset(weight, t, input_axis=0), weight.dtype, "bias")
+    if isinstance(shift, Refusal):
+        return shift
+    return Absorbed(
+        [new_weight], added_biases=[shift],
         notes=[f"{describe(matmul)} has no bias input: the BN's shift is added after it"],
     )
 
 
-def into_linear(layer: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> ConsumerFold | Refusal:
+def into_linear(layer: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> Absorbed | Refusal:
     """Fold ``s * x + t`` on the input columns of a Gemm or MatMul into its tensors."""
     return (_into_gemm if layer.op_type == "Gemm" else _into_matmul)(layer, s, t, graph)
 
 
-class LinearAfterBatchNorm(IntoConsumer):
+class BnLinear(IntoConsumer):
     """``Gemm(BN(x), B, C)`` → ``Gemm(x, diag(s) B, C + (alpha/beta) t B)``; MatMul likewise, plus an Add."""
 
     name = "bn-linear"
     consumer_ops = LINEAR_OPS
 
-    def absorb(self, consumer: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
-        if bn.channel_axis != -1:
+    def absorb(
+        self, consumer: onnx.NodeProto, affine: Affine, graph: GraphIndex, options: RuleOptions
+    ) -> Absorbed | Refusal:
+        if affine.channel_axis != -1:
             # Gemm's A is 2-D by definition; a MatMul input can have any rank.
-            shape = (None, None) if consumer.op_type == "Gemm" else graph.static_shape(bn.input_name)
+            shape = (None, None) if consumer.op_type == "Gemm" else graph.static_shape(affine.input_name)
             if shape is None:
                 return Refusal(
-                    f"the rank of the BN input '{bn.input_name}' is unknown, so it cannot be matched "
+                    f"the rank of the BN input '{affine.input_name}' is unknown, so it cannot be matched "
                     f"to the columns {describe(consumer)} multiplies"
                 )
-            if len(shape) != bn.channel_axis + 1:
+            if len(shape) != affine.channel_axis + 1:
                 return Refusal(
-                    f"the BN normalizes axis {bn.channel_axis} of a rank-{len(shape)} tensor, "
+                    f"the BN normalizes axis {affine.channel_axis} of a rank-{len(shape)} tensor, "
                     f"but {describe(consumer)} multiplies its last axis"
                 )
-        return into_linear(consumer, bn.s, bn.t, graph)
+        return into_linear(consumer, affine.s, affine.t, graph)
 
 
 def _flatten_refusal(
     flatten: onnx.NodeProto, shape: tuple[int | None, ...], columns: int, graph: GraphIndex
 ) -> Refusal | None:
     """None when ``flatten`` turns ``[N, C, ...]`` into ``[N, columns]`` keeping the channel order."""
-    attributes = _attributes(flatten)
     if flatten.op_type == "Flatten":
-        axis = int(attributes.get("axis", 1))
+        axis = int(attribute(flatten, "axis", 1))
         if axis + (len(shape) if axis < 0 else 0) != 1:
             return Refusal(f"{describe(flatten)} flattens from axis {axis}, not from the channel axis 1")
         return None
@@ -158,7 +144,7 @@ def _flatten_refusal(
     plain = len(dims) == 2 and (
         (dims[1] == columns and dims[0] in keeps_batch) or (dims[1] == -1 and dims[0] in keeps_batch - {-1})
     )
-    if not plain or (0 in dims and int(attributes.get("allowzero", 0))):
+    if not plain or (0 in dims and int(attribute(flatten, "allowzero", 0))):
         return Refusal(f"{describe(flatten)} reshapes to {dims}, not to [N, {columns}]")
     return None
 
@@ -181,16 +167,20 @@ def _runtime_reshape_refusal(reshape: onnx.NodeProto, graph: GraphIndex) -> Refu
     )
 
 
-class FlattenLinearAfterBatchNorm(IntoConsumer):
+class BnFlattenLinear(IntoConsumer):
     """``Gemm(Flatten(BN(x)))`` → ``Gemm(Flatten(x))`` with ``s``, ``t`` repeated per channel's columns."""
 
     name = "bn-flatten-linear"
     consumer_ops = frozenset({"Flatten", "Reshape"})
 
-    def absorb(self, flatten: onnx.NodeProto, bn: BatchNorm, graph: GraphIndex) -> ConsumerFold | Refusal:
-        if bn.channel_axis != 1:
-            return Refusal(f"the BN normalizes axis {bn.channel_axis}, not the channel axis {describe(flatten)} keeps")
-        shape = graph.static_shape(bn.input_name)
+    def absorb(
+        self, flatten: onnx.NodeProto, affine: Affine, graph: GraphIndex, options: RuleOptions
+    ) -> Absorbed | Refusal:
+        if affine.channel_axis != 1:
+            return Refusal(
+                f"the BN normalizes axis {affine.channel_axis}, not the channel axis {describe(flatten)} keeps"
+            )
+        shape = graph.static_shape(affine.input_name)
         if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
             known = "unknown" if shape is None else [d if d is not None else "?" for d in shape]
             return Refusal(
@@ -206,8 +196,8 @@ class FlattenLinearAfterBatchNorm(IntoConsumer):
         readers = graph.consumers_of(flat)
         if flat in graph.graph_outputs or not readers:
             return Refusal(f"{describe(flatten)} output is a graph output")
-        s, t = np.repeat(bn.s, per_channel), np.repeat(bn.t, per_channel)
-        folded = ConsumerFold(updates=[], also_changed=readers)
+        s, t = np.repeat(affine.s, per_channel), np.repeat(affine.t, per_channel)
+        folded = Absorbed(updates=[], also_changed=readers)
         for reader in readers:
             if not (is_standard(reader) and reader.op_type in LINEAR_OPS):
                 return Refusal(f"{describe(flatten)} output also feeds {describe(reader)}, which cannot absorb the BN")

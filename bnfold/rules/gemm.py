@@ -17,7 +17,8 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import describe
-from bnfold.rules.base import BatchNorm, Refusal, ScaledLayerIntoProducer
+from bnfold.rules.base import ScaledLayerIntoProducer
+from bnfold.rules.plan import Affine, Refusal
 
 
 def _channel_axis(attributes: dict[str, Any]) -> int:
@@ -25,7 +26,7 @@ def _channel_axis(attributes: dict[str, Any]) -> int:
     return 0 if int(attributes.get("transB", 0)) else 1
 
 
-class GemmIntoBatchNorm(ScaledLayerIntoProducer):
+class GemmBn(ScaledLayerIntoProducer):
     """``BN(Gemm(A, B, C))`` → ``Gemm(A, B * s, C * s + t / beta)``."""
 
     name = "gemm-bn"
@@ -34,12 +35,12 @@ class GemmIntoBatchNorm(ScaledLayerIntoProducer):
     bias_role = "C"
 
     def weight_refusal(
-        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, bn: BatchNorm
+        self, producer: onnx.NodeProto, attributes: dict[str, Any], weight: np.ndarray, affine: Affine
     ) -> Refusal | None:
-        if weight.ndim != 2 or weight.shape[_channel_axis(attributes)] != bn.channels:
+        if weight.ndim != 2 or weight.shape[_channel_axis(attributes)] != affine.channels:
             return Refusal(
                 f"{describe(producer)} B shape {list(weight.shape)} (transB={int(attributes.get('transB', 0))}) "
-                f"does not give the BN's {bn.channels} channels"
+                f"does not give the BN's {affine.channels} channels"
             )
         return None
 
@@ -49,19 +50,19 @@ class GemmIntoBatchNorm(ScaledLayerIntoProducer):
     def weight_factor(self, weight: np.ndarray, s: np.ndarray, attributes: dict[str, Any]) -> np.ndarray:
         return fold_math.axis_factor(s, weight.ndim, _channel_axis(attributes))
 
-    def bias_refusal(self, producer: onnx.NodeProto, bias: np.ndarray | None, bn: BatchNorm) -> Refusal | None:
+    def bias_refusal(self, producer: onnx.NodeProto, bias: np.ndarray | None, affine: Affine) -> Refusal | None:
         """C broadcasts to ``[M, N]``: any shape whose last axis is 1 or N will do."""
-        if bias is not None and bias.ndim > 0 and bias.shape[-1] not in (1, bn.channels):
+        if bias is not None and bias.ndim > 0 and bias.shape[-1] not in (1, affine.channels):
             return Refusal(
-                f"{describe(producer)} C shape {list(bias.shape)} does not broadcast to N={bn.channels}"
+                f"{describe(producer)} C shape {list(bias.shape)} does not broadcast to N={affine.channels}"
             )
         return None
 
     def bias_terms(
-        self, bias: np.ndarray | None, bn: BatchNorm, attributes: dict[str, Any]
+        self, bias: np.ndarray | None, affine: Affine, attributes: dict[str, Any]
     ) -> tuple[np.ndarray | None, np.ndarray, dict[str, float | int]]:
         """``C' = C * s + t / beta``; with C absent or ignored (beta = 0), ``C' = t`` and beta = 1."""
         beta = float(attributes.get("beta", 1.0))
         if bias is None or beta == 0.0:
-            return None, bn.t, ({} if beta == 1.0 else {"beta": 1.0})
-        return bias, bn.t / beta, {}
+            return None, affine.t, ({} if beta == 1.0 else {"beta": 1.0})
+        return bias, affine.t / beta, {}

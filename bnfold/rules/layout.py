@@ -1,4 +1,4 @@
-"""Nodes that only move axes (Transpose, Squeeze, Unsqueeze), and the forward fold through them.
+"""Transpose, Squeeze, Unsqueeze: ops that only move axes, which an affine crosses in both directions.
 
 tf2onnx runs channels-last Keras layers in NCHW between Transposes
 (``Transpose(perm=[0, 3, 1, 2]) → Conv → Transpose(perm=[0, 2, 3, 1])``) and a
@@ -6,19 +6,16 @@ Conv1D as ``Unsqueeze → Transpose → Conv (2-D) → Squeeze``. A Keras BatchN
 on a model's input, or before a Conv1D, becomes ``Mul → Add`` by ``[C]`` constants on
 the channels-last side, in front of those nodes.
 
-Moving values between axes commutes with a per-channel affine: ``M(s * x + t) =
-s * M(x) + t`` when the constants are laid along the axis ``M`` moves channel axis
-``a`` to. :func:`axis_move` says where each axis goes; the backward fold through such
-a node is :mod:`bnfold.rules.transpose`. Forward, ``layer(M(affine(x)))`` becomes
-``layer'(M(x))``: the affine on input axis ``a`` of ``M`` is the affine on output axis
-``sources.index(a)``, which the ordinary forward rules fold; ``M`` then reads the
-affine's input. Preconditions, besides those of the layer rule:
+Moving values between axes commutes with a per-channel affine: ``M(s * x + t) = s * M(x) + t``
+when the constants are laid along the axis ``M`` moves channel axis ``a`` to. :func:`axis_move`
+says where each axis goes; with ``z = Transpose_perm(y)``, axis ``a`` of ``z`` is axis
+``perm[a]`` of ``y``::
 
-1. the affine's output is read by ``M`` alone and is not a graph output;
-2. the axes ``M`` moves are known (a ``perm`` or a known input rank, constant ``axes``);
-3. ``M`` keeps the affine's axis (Squeeze removes only size-1 axes, so it always does).
+    BN_a(Transpose_perm(y)) = Transpose_perm(BN_perm[a](y))
 
-A chain of such nodes (Unsqueeze → Transpose) is crossed one node at a time.
+Preconditions: the axes ``M`` moves are known (a ``perm``, or a known input rank and constant
+``axes``), and ``M`` keeps the affine's axis (Unsqueeze adds size-1 axes, which carry no
+channels; Squeeze removes only size-1 axes).
 """
 
 from __future__ import annotations
@@ -26,17 +23,14 @@ from __future__ import annotations
 import dataclasses
 
 import onnx
-from onnx import helper
 
-from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import BatchNorm, FoldPlan, FoldRule, IntoConsumer, Refusal, is_standard
-
-LAYOUT_OPS = frozenset({"Transpose", "Squeeze", "Unsqueeze"})
+from bnfold.graph import GraphIndex, attribute, describe
+from bnfold.rules.plan import Affine, Mover, Refusal
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> list[int] | None:
-    found = next((a for a in node.attribute if a.name == name), None)
-    return None if found is None else [int(v) for v in helper.get_attribute_value(found)]
+def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    found = attribute(node, name)
+    return None if found is None else [int(v) for v in found]
 
 
 def _squeezed_axes(node: onnx.NodeProto, graph: GraphIndex) -> list[int] | None:
@@ -44,7 +38,7 @@ def _squeezed_axes(node: onnx.NodeProto, graph: GraphIndex) -> list[int] | None:
     if len(node.input) > 1 and node.input[1]:
         value = graph.constant_value(node.input[1])
         return None if value is None else [int(v) for v in value.reshape(-1)]
-    return _attribute(node, "axes")
+    return _ints(node, "axes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +52,7 @@ class AxisMove:
 
 def axis_move(node: onnx.NodeProto, graph: GraphIndex) -> AxisMove | Refusal:
     """Where each output axis of a Transpose, Squeeze or Unsqueeze comes from."""
-    perm = _attribute(node, "perm") if node.op_type == "Transpose" else None
+    perm = _ints(node, "perm") if node.op_type == "Transpose" else None
     if perm is not None:
         return AxisMove(list(perm), len(perm))
     input_rank = graph.rank_of(node.input[0])
@@ -84,73 +78,34 @@ def axis_move(node: onnx.NodeProto, graph: GraphIndex) -> AxisMove | Refusal:
     return AxisMove([None if axis in added else next(kept) for axis in range(output_rank)], input_rank)
 
 
-def _as_channel_axis(axis: int, rank: int) -> int:
-    """Axis 1 as the rules' NCHW channel axis, any other as counted from the end (-1: last)."""
+def channel_axis(axis: int, rank: int) -> int:
+    """An absolute axis as the rules name a channel axis: 1 (NCHW) as it is, any other counted
+    from the end (-1: the last)."""
     return axis if axis == 1 else axis - rank
 
 
-def _through(layout: onnx.NodeProto, reason: str) -> Refusal:
-    return Refusal(f"through {describe(layout)}: {reason}")
+class LayoutMover(Mover):
+    """``affine(M(x)) = M(affine'(x))`` for M a Transpose, Squeeze or Unsqueeze."""
 
+    ops = frozenset({"Transpose", "Squeeze", "Unsqueeze"})
 
-def _sole_layout_reader(graph: GraphIndex, value: str) -> onnx.NodeProto | None:
-    """The standard-domain Transpose/Squeeze/Unsqueeze that is the only reader of ``value``."""
-    readers = graph.consumers_of(value)
-    if len(readers) != 1 or value in graph.graph_outputs:
-        return None
-    reader = readers[0]
-    if not (is_standard(reader) and reader.op_type in LAYOUT_OPS and reader.input[0] == value):
-        return None
-    return reader
-
-
-def _plan_moved(
-    rules: tuple[FoldRule, ...], moved: BatchNorm, bn: BatchNorm, layout: onnx.NodeProto, graph: GraphIndex
-) -> FoldPlan | Refusal | None:
-    """The first layer rule's plan for the affine moved through ``layout``, made to remove
-    the real affine's nodes; else the layer rules' refusals, or None if none matched."""
-    refusals = []
-    for rule in rules:
-        planned = rule.plan(moved, graph)
-        if isinstance(planned, FoldPlan):
-            layer_rule, _, crossed = planned.rule.partition(" through ")  # crossed: layout nodes after this one
-            return dataclasses.replace(
-                planned, rule=f"{layer_rule} through {', '.join(filter(None, (layout.op_type, crossed)))}", bn=bn,
-                notes=[f"through {describe(layout)}", *planned.notes],
-            )
-        if isinstance(planned, Refusal):
-            refusals.append(planned.reason)
-    return _through(layout, "; ".join(refusals)) if refusals else None
-
-
-class ThroughLayoutIntoConsumer(FoldRule):
-    """``layer(M(affine(x)))`` → ``layer'(M(x))`` for ``M`` a Transpose, Squeeze or Unsqueeze,
-    or a chain of them (the rule tries itself on the node after ``M``)."""
-
-    name = "bn-layout-layer"
-
-    def __init__(self, rules: tuple[FoldRule, ...]) -> None:
-        self.rules = tuple(rule for rule in rules if isinstance(rule, IntoConsumer))
-
-    def plan(self, bn: BatchNorm, graph: GraphIndex) -> FoldPlan | Refusal | None:
-        layout = _sole_layout_reader(graph, bn.output_name)
-        if layout is None:
-            return None
-        move = axis_move(layout, graph)
+    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        move = axis_move(node, graph)
         if isinstance(move, Refusal):
-            return _through(layout, move.reason)
-        axis = bn.channel_axis % move.input_rank
+            return move
+        rank = len(move.sources)
+        source = move.sources[affine.channel_axis] if -rank <= affine.channel_axis < rank else None
+        if source is None:
+            return Refusal(f"{describe(node)} adds the BN's axis {affine.channel_axis}")
+        # The layer rules before it compare axes modulo their output's rank: the axis as it is
+        # reads best in their refusals ("scales axis 0 of a rank-3 output").
+        return dataclasses.replace(affine, channel_axis=source)
+
+    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        move = axis_move(node, graph)
+        if isinstance(move, Refusal):
+            return move
+        axis = affine.channel_axis % move.input_rank
         if axis not in move.sources:
-            return _through(layout, f"{describe(layout)} removes axis {bn.channel_axis}")
-        # The layer rules see the affine on M's output; its readers already read that value.
-        moved = dataclasses.replace(
-            bn,
-            input_name=layout.output[0],
-            output_name=layout.output[0],
-            channel_axis=_as_channel_axis(move.sources.index(axis), len(move.sources)),
-        )
-        planned = _plan_moved((*self.rules, self), moved, bn, layout, graph)
-        if not isinstance(planned, FoldPlan):
-            return planned
-        # M now reads the affine's input (the rewrite rewires every target reading its output).
-        return dataclasses.replace(planned, also_targets=[*planned.also_targets, layout])
+            return Refusal(f"{describe(node)} removes axis {affine.channel_axis}")
+        return dataclasses.replace(affine, channel_axis=channel_axis(move.sources.index(axis), len(move.sources)))

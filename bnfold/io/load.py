@@ -1,0 +1,227 @@
+"""Reading a model from disk and validating it, so that nothing later trips over a bad file.
+
+Every way a file can be unusable (missing, a folder, empty, not protobuf, not a model, failing
+the checker, external data missing, outside the model's folder or cut short) becomes an
+:class:`~bnfold.errors.InputError` with a one-line message, so the CLI never shows a traceback.
+Weights in external data files stay on disk: the model's :class:`~bnfold.io.store.TensorStore`
+reads them when a fold needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from bnfold.errors import InputError, first_line
+from bnfold.io.store import (
+    SMALL_TENSOR_BYTES,
+    TensorStore,
+    all_tensors,
+    data_bytes,
+    external_location,
+    has_conflicting_data,
+    uses_external_data,
+)
+
+# Protobuf cannot serialize a message above 2 GiB; such models must use external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk, with the store that knows where its weights are."""
+
+    model: onnx.ModelProto
+    path: Path
+    file_bytes: int
+    """Size on disk of the .onnx file plus its external data files."""
+    external_data_files: tuple[str, ...]
+    """Relative locations of external data files, empty for a self-contained model."""
+    passes_full_check: bool
+    """Whether the input passes ``check_model(full_check=True)``; the output must then too."""
+    store: TensorStore = field(default_factory=TensorStore)
+
+    def release_model(self) -> None:
+        """Drop the in-memory model once it has been written.
+
+        Its weights live in one protobuf arena that is freed only with the whole message, so
+        the message itself must go for the memory to be returned.
+        """
+        self.model = onnx.ModelProto()
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[tuple[str, ...], int]:
+    """Refuse external data outside the model's folder, missing, or shorter than a tensor
+    needs; return the data files' relative locations and their total size."""
+    folder = path.parent.resolve()
+    sizes: dict[str, int] = {}
+    for tensor in all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        try:
+            place = external_location(tensor)
+        except ValueError as error:
+            raise InputError(f"{path}: tensor '{tensor.name}' has unusable external data ({error})") from None
+        location = place.location
+        if location not in sizes:
+            data_path = (folder / location).resolve()
+            if not location or os.path.isabs(location) or not data_path.is_relative_to(folder):
+                raise InputError(f"{path}: external data location '{location}' points outside the model's folder")
+            if not data_path.is_file():
+                raise InputError(f"{path}: external data file '{location}' is missing")
+            sizes[location] = data_path.stat().st_size
+        expected = data_bytes(tensor)
+        if expected is not None and place.length != expected:
+            raise InputError(
+                f"{path}: tensor '{tensor.name}' declares {place.length} bytes of external data "
+                f"but its shape {list(tensor.dims)} needs {expected}"
+            )
+        if place.offset + place.length > sizes[location]:
+            raise InputError(
+                f"{path}: external data file '{location}' is cut short: tensor '{tensor.name}' needs bytes "
+                f"{place.offset}..{place.offset + place.length} but the file has {sizes[location]}"
+            )
+    return tuple(sizes), sum(sizes.values())
+
+
+def _check_data_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every large tensor held in the protobuf has exactly dims × itemsize bytes: the one
+    thing the checker would verify about the weights that :func:`weightless_copy` leaves out."""
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data"):
+            continue
+        expected = data_bytes(tensor)
+        held = len(tensor.raw_data)
+        if expected is not None and held != expected:
+            raise InputError(
+                f"{path}: initializer '{tensor.name}' holds {held} bytes but its shape {list(tensor.dims)} needs {expected}"
+            )
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read and validate a model; external data stays on disk until it is needed.
+
+    Raises:
+        InputError: with a one-line reason for any unusable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an ONNX file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: file is empty")
+    try:
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({first_line(error)})") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
+    locations, data_size = _check_external_data(model, path)
+    _check_data_sizes(model, path)
+    passes_full_check = check_model(model, path, full_check=True, raise_error=False)
+    if not passes_full_check:
+        check_model(model, path, full_check=False, raise_error=True)
+    return LoadedModel(
+        model=model,
+        path=path,
+        file_bytes=size + data_size,
+        external_data_files=locations,
+        passes_full_check=passes_full_check,
+        store=TensorStore(path.parent),
+    )
+
+
+_PLACEHOLDER = "bnfold-placeholder.bin"
+
+
+def _copy_fields(source, target, skip: str) -> None:  # noqa: ANN001 - any protobuf message
+    """Copy every set field of ``source`` except ``skip`` into ``target`` (no deep walk)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _needs_stand_in(tensor: onnx.TensorProto) -> bool:
+    """Large or external tensors are replaced; a tensor with values in two places is kept, so
+    that the checker sees (and rejects) it."""
+    if has_conflicting_data(tensor):
+        return False
+    return uses_external_data(tensor) or (tensor.HasField("raw_data") and len(tensor.raw_data) > SMALL_TENSOR_BYTES)
+
+
+def _stand_in(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stand_in.data_location = onnx.TensorProto.EXTERNAL
+    stand_in.external_data.add(key="location", value=_PLACEHOLDER)
+    return stand_in
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each large or external tensor replaced by a stand-in of the same name,
+    type and shape whose data lives in an (empty) placeholder file.
+
+    The checker and shape inference only need structure, types and shapes, but handing them
+    the model serializes every weight, which costs as much as saving it (and is impossible
+    above protobuf's 2 GiB). Small tensors, which may be shapes that inference reads, are kept.
+    Subgraph tensors are replaced too, so weights of If branches in external data check alike.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        skeleton.graph.initializer.append(_stand_in(tensor) if _needs_stand_in(tensor) else tensor)
+    for node in skeleton.graph.node:
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                _stand_in_subgraph_tensors(attribute)
+    return skeleton
+
+
+def _stand_in_subgraph_tensors(attribute: onnx.AttributeProto) -> None:
+    graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+    for graph in graphs:
+        for tensor in graph.initializer:
+            if _needs_stand_in(tensor):
+                tensor.CopyFrom(_stand_in(tensor))
+        for node in graph.node:
+            for inner in node.attribute:
+                if inner.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    _stand_in_subgraph_tensors(inner)
+
+
+def check_model(model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool) -> bool:
+    """Run ``onnx.checker`` (optionally with strict shape inference) on a model's structure.
+
+    Checks a weight-less copy from a scratch folder (see :func:`weightless_copy`), which also
+    works above protobuf's 2 GiB limit. ``path`` only names the model in messages. With
+    ``raise_error`` a failure is an :class:`InputError`. The weights' sizes, which the copy
+    leaves out, are checked once, on loading: a fold writes its tensors from arrays of the
+    right shape.
+    """
+    skeleton = weightless_copy(model)
+    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
+        Path(scratch, _PLACEHOLDER).touch()
+        skeleton_path = Path(scratch, "model.onnx")
+        onnx.save_model(skeleton, str(skeleton_path))
+        try:
+            onnx.checker.check_model(str(skeleton_path), full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            if raise_error:
+                raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
+            return False
+    return True

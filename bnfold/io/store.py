@@ -1,0 +1,244 @@
+"""Where the values of a model's tensors live, and the one way to read, replace and write them.
+
+A weight may sit in three places: in the protobuf (``raw_data`` or a typed field such as
+``float_data``), in an external data file beside the model (read when needed, never all at
+once), or, once a fold has replaced it, in a numpy array held by the store until the output is
+written. Rules, the rewrite and the writers ask the store and never read or set those fields
+themselves, so a weight folded twice, a tensor in a data file and a model of several GB are all
+the same to them, and a rewritten tensor never keeps a stale field next to its new data.
+
+A held tensor keeps its name, type and shape in the protobuf, which is all that the checker and
+shape inference see of a large weight (:func:`bnfold.io.load.weightless_copy`); its data fields
+are replaced by an external-data entry whose location only this store knows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+SMALL_TENSOR_BYTES = 1024
+"""Tensors below this size always live in the protobuf: shape inference may need their values
+(a Reshape's shape, Squeeze axes), and moving them elsewhere would save nothing."""
+
+_HELD = "bnfold-held:"
+"""Location prefix of a tensor whose values the store holds as an array."""
+
+# Every field of a TensorProto that carries values (besides the external-data entry).
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_TYPED_FIELDS = _DATA_FIELDS[1:]
+
+# 4-bit types pack two values per byte.
+PACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+)
+
+
+@dataclass(frozen=True)
+class ExternalLocation:
+    """Where an external tensor's bytes are: ``length`` bytes at ``offset`` of ``location``."""
+
+    location: str
+    offset: int
+    length: int
+
+
+def data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's values take in raw form (dims × element size), or None for strings."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    count = math.prod(tensor.dims)
+    if tensor.data_type in PACKED_TYPES:
+        return (count + 1) // 2
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def uses_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_location(tensor: onnx.TensorProto) -> ExternalLocation:
+    """The tensor's place in its data file. ``length`` is optional in the spec: when it is
+    absent the tensor takes dims × element size bytes from ``offset``.
+
+    Raises:
+        ValueError: for an offset or length that is not a non-negative integer, or a tensor
+            whose size cannot be known (strings).
+    """
+    entries = external_entries(tensor)
+    offset_text, length_text = entries.get("offset", "0"), entries.get("length")
+    if not offset_text.isdigit() or (length_text is not None and not length_text.isdigit()):
+        raise ValueError(f"offset '{offset_text}' / length '{length_text}' are not non-negative integers")
+    size = data_bytes(tensor)
+    if length_text is None and size is None:
+        raise ValueError("a string tensor in external data needs a length")
+    length = int(length_text) if length_text is not None else size
+    return ExternalLocation(entries.get("location", ""), int(offset_text), int(length or 0))
+
+
+def clear_data(tensor: onnx.TensorProto) -> None:
+    """Remove every field that holds values, so a new value can never sit beside a stale one."""
+    for name in _DATA_FIELDS:
+        tensor.ClearField(name)
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+
+
+def has_conflicting_data(tensor: onnx.TensorProto) -> bool:
+    """Whether values are stored in more than one place (raw_data, a typed field, a data file)."""
+    places = tensor.HasField("raw_data") + uses_external_data(tensor)
+    places += sum(len(getattr(tensor, name)) > 0 for name in _TYPED_FIELDS)
+    return places > 1
+
+
+def _array_from_bytes(tensor: onnx.TensorProto, data: bytes | memoryview) -> np.ndarray:
+    """The values of ``tensor`` given its raw little-endian bytes."""
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.data_type not in PACKED_TYPES and sys.byteorder == "little":
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+    # Packed 4-bit types and big-endian hosts: let onnx unpack a copy that holds the bytes.
+    stand_in = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, raw_data=bytes(data))
+    return numpy_helper.to_array(stand_in)
+
+
+class TensorStore:
+    """The values of one model's tensors: read wherever they live, replaced as arrays, written once.
+
+    ``base_dir`` is the folder of the model file, where its external data files are (None for a
+    model that only exists in memory).
+    """
+
+    def __init__(self, base_dir: Path | None = None) -> None:
+        self.base_dir = base_dir
+        self._held: dict[str, np.ndarray] = {}
+        self._issued = 0
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The tensor's values (read-only when they are the store's own array)."""
+        held = self.held_array(tensor)
+        if held is not None:
+            view = held.view()
+            view.flags.writeable = False
+            return view
+        if uses_external_data(tensor):
+            return _array_from_bytes(tensor, self.external_bytes(tensor))
+        return numpy_helper.to_array(tensor)
+
+    def held_array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """The array a fold gave this tensor, if the store holds it."""
+        if not uses_external_data(tensor):
+            return None
+        return self._held.get(external_entries(tensor).get("location", ""))
+
+    def external_bytes(self, tensor: onnx.TensorProto) -> bytes:
+        """The bytes of a tensor kept in the input's external data file."""
+        place = external_location(tensor)
+        with open((self.base_dir or Path(".")) / place.location, "rb") as data:
+            data.seek(place.offset)
+            content = data.read(place.length)
+        if len(content) != place.length:
+            raise OSError(f"external data of '{tensor.name}' ends after {len(content)} of {place.length} bytes")
+        return content
+
+    # -- replacing -----------------------------------------------------------------------------
+
+    def replace(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Give ``tensor`` new values (its name stays; type and shape become the array's).
+
+        A small tensor, or one whose type numpy cannot hand over as raw bytes, goes into the
+        protobuf; a large one is held as the array itself, to be written straight from it.
+        """
+        key = self._key_of(tensor)
+        if key is not None:
+            del self._held[key]  # a weight folded twice: its first array is dropped
+        values = np.asarray(values)
+        same_type = tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype)
+        if same_type and values.nbytes >= SMALL_TENSOR_BYTES and sys.byteorder == "little":
+            location = f"{_HELD}{self._issued}"
+            self._issued += 1
+            self._held[location] = np.ascontiguousarray(values)
+            del tensor.dims[:]
+            tensor.dims.extend(values.shape)
+            clear_data(tensor)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value=location)
+            return
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(values, name))
+
+    def create(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+        """A new initializer named ``name`` with ``values``, held like a replaced one."""
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
+        self.replace(tensor, values)
+        return tensor
+
+    def embed(self, model: onnx.ModelProto) -> None:
+        """Put every held array back into its tensor's ``raw_data``: the model then holds all
+        its new values itself, as a model handed back in memory must."""
+        for tensor in all_tensors(model):
+            held = self.take(tensor)
+            if held is not None:
+                clear_data(tensor)
+                tensor.raw_data = held.tobytes()
+        self.drop_unclaimed()
+
+    def materialize(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A self-contained copy of ``tensor`` with its values in the protobuf (for a Constant
+        node, or a model handed back in memory)."""
+        if not uses_external_data(tensor):
+            return tensor
+        copy = numpy_helper.from_array(np.asarray(self.read(tensor)), tensor.name)
+        copy.doc_string = tensor.doc_string
+        return copy
+
+    def _key_of(self, tensor: onnx.TensorProto) -> str | None:
+        if not uses_external_data(tensor):
+            return None
+        location = external_entries(tensor).get("location", "")
+        return location if location in self._held else None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def take(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """Hand a held tensor's array over to a writer, which owns it from then on."""
+        key = self._key_of(tensor)
+        return None if key is None else self._held.pop(key)
+
+    def drop_unclaimed(self) -> None:
+        """Forget arrays no tensor claimed while the model was written (tensors folds removed)."""
+        self._held.clear()
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model that can hold weights: initializers of every graph and
+    subgraph, and tensor attributes (Constant nodes) in graphs and functions."""
+    pending: list[onnx.GraphProto] = [model.graph]
+    node_lists = [function.node for function in model.functions]
+    while pending:
+        graph = pending.pop()
+        yield from graph.initializer
+        node_lists.append(graph.node)
+        while node_lists:
+            for node in node_lists.pop():
+                for attribute in node.attribute:
+                    if attribute.type == onnx.AttributeProto.TENSOR:
+                        yield attribute.t
+                    elif attribute.type == onnx.AttributeProto.TENSORS:
+                        yield from attribute.tensors
+                    elif attribute.type == onnx.AttributeProto.GRAPH:
+                        pending.append(attribute.g)
+                    elif attribute.type == onnx.AttributeProto.GRAPHS:
+                        pending.extend(attribute.graphs)

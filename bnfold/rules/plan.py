@@ -1,0 +1,234 @@
+"""The contract between the rules, the fold driver (:mod:`bnfold.fold`) and the rewrite
+(:mod:`bnfold.rewrite`).
+
+A rule looks at one per-channel :class:`Affine` (a BatchNormalization, or a Mul/Add chain that
+computes the same kind of map) and answers with one of
+
+* ``None``: its pattern does not match here (another rule may),
+* :class:`Refusal`: it matches, but a precondition fails; the reason is shown to the user,
+* :class:`FoldPlan`: the new tensors and the rewiring that remove the affine.
+
+Rules never modify the graph: a plan can be discarded, and rules cannot interfere with one
+another. :mod:`bnfold.rewrite` applies the plans the driver accepts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnx
+
+if TYPE_CHECKING:
+    from bnfold.graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an affine is left in the graph, in words a user reads."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-channel affine map ``y = s * x + t`` that a fold can remove.
+
+    Usually one inference-mode BatchNormalization node; readers of decomposed forms (a
+    Mul/Add chain by per-channel constants) produce the same object with several ``nodes``.
+    Folding removes every node in ``nodes``: the chain reads ``input_name`` and its last node
+    writes ``output_name``. Moved through another op (:class:`Mover`), the same map is
+    described on that op's other side: ``nodes`` is then that op, whose input or output the
+    moved affine stands on.
+    """
+
+    nodes: tuple[onnx.NodeProto, ...]
+    input_name: str
+    output_name: str
+    s: np.ndarray
+    t: np.ndarray
+    channel_axis: int = 1
+    """Axis of the tensor that ``s`` and ``t`` index: 1 for BatchNormalization (``[N, C, ...]``),
+    negative when counted from the end (-1: a constant broadcast along the last axis). Rules
+    that absorb an affine before them compare it modulo their output's rank."""
+    exact_channels: bool = True
+    """Whether the input is known to have exactly C entries on ``channel_axis``. A
+    BatchNormalization's always has; a Mul/Add by a ``[1, C, 1, 1]`` constant on data of unknown
+    shape might broadcast a single channel to C, which only a layer before it can rule out."""
+
+    @property
+    def node(self) -> onnx.NodeProto:
+        """The node that names the affine in reports (the BatchNormalization itself)."""
+        return self.nodes[0]
+
+    @property
+    def channels(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def kind(self) -> str:
+        """The op types it is made of: 'BatchNormalization', or e.g. 'Mul+Add'."""
+        return "+".join(node.op_type for node in self.nodes)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Constant inputs of the affine's nodes (released when it is folded)."""
+        outputs = {node.output[0] for node in self.nodes}
+        return [
+            name for node in self.nodes for name in node.input
+            if name and name != self.input_name and name not in outputs
+        ]
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """Give input ``slot`` of ``node`` a new constant value (appending the slot if absent)."""
+
+    node: onnx.NodeProto
+    slot: int
+    values: np.ndarray
+    role: str
+    """What the tensor is, for notes: 'weight', 'bias', 'B', 'scale'."""
+    relative_change: float | None = None
+    """Largest ``|new - old| / |old|`` of a scaled weight (None for a bias or a new tensor)."""
+    rounding_error: float | None = None
+    """Largest ``|values - exact|`` against the float64 result before the cast back."""
+
+
+@dataclass(frozen=True)
+class AddedBias:
+    """Add the constant ``values`` to ``node``'s output through a new Add node.
+
+    For a bias the node cannot hold itself (MatMul has no bias input; a per-position
+    correction does not fit a Conv's per-channel bias). The Add takes over the node's output
+    name, so every reader of that output sees the corrected value.
+    """
+
+    node: onnx.NodeProto
+    values: np.ndarray
+    role: str
+    rounding_error: float | None = None
+
+
+@dataclass(frozen=True)
+class AttributeUpdate:
+    """Set attribute ``name`` of ``node`` to ``value`` (e.g. a Gemm's ``beta``)."""
+
+    node: onnx.NodeProto
+    name: str
+    value: float | int
+
+
+@dataclass
+class FoldPlan:
+    """Everything needed to remove one affine by changing the nodes around it."""
+
+    rule: str
+    """The rule's name as reported, e.g. ``conv-bn`` or ``conv-bn through Transpose``."""
+    affine: Affine
+    target: onnx.NodeProto
+    """The node that takes the affine's place.
+
+    backward: it writes the affine's output name from now on (the producer that absorbed
+    the affine, or the op nearest to the affine that it moved through).
+    forward: it reads the affine's *input* name from now on (the first consumer).
+    """
+    direction: Literal["backward", "forward"]
+    updates: list[TensorUpdate]
+    attributes: list[AttributeUpdate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    also_targets: list[onnx.NodeProto] = field(default_factory=list)
+    """Further nodes the fold changes, shown after ``target`` in the report.
+
+    forward: every one of them that reads the affine's output reads its input instead (the
+    other consumers; a Shape node reading it; the op the affine moved through).
+    backward: they keep their names (the layer behind the ops the affine moved through).
+    """
+    added_biases: list[AddedBias] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[onnx.NodeProto]:
+        return [self.target, *self.also_targets]
+
+    @property
+    def touched_nodes(self) -> list[onnx.NodeProto]:
+        """Every node the plan removes or changes: no other plan may touch them in the same pass."""
+        return [
+            *self.affine.nodes,
+            *self.targets,
+            *(update.node for update in self.updates),
+            *(added.node for added in self.added_biases),
+            *(update.node for update in self.attributes),
+        ]
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Choices the user makes for a whole run."""
+
+    exact_padding: bool = False
+    """Fold into a following padded Conv too, adding a per-position bias (``--exact-padding``)."""
+
+
+class FoldRule(ABC):
+    """One folding pattern: match around an affine, check its preconditions, plan the fold.
+
+    A new pattern is one module with one subclass, and one line in the registry
+    (:mod:`bnfold.rules`); see ``rules/conv.py`` for the shape of a small one.
+    """
+
+    name: str
+    """Identifier shown in reports, e.g. ``conv-bn``."""
+
+    @abstractmethod
+    def plan(self, affine: Affine, graph: GraphIndex, rules: RuleSet) -> FoldPlan | Refusal | None:
+        """Match around ``affine`` and return a plan, a refusal with its reason, or None.
+
+        ``rules`` is the whole rule set of the run: its options, and the rules a composite
+        rule hands a moved or split affine to (:func:`bnfold.rules.base.delegate`).
+        """
+
+
+class Mover(ABC):
+    """An op that a per-channel affine can cross: ``op(s * x + t) = s' * op(x) + t'``.
+
+    Movers do not fold anything; the travelling rules (:mod:`bnfold.rules.travel`) move an
+    affine across chains of them until a layer rule absorbs it. A new op is one module with
+    one subclass, and one line in the registry.
+    """
+
+    ops: frozenset[str]
+    """Op types (standard domain) this mover knows."""
+
+    @abstractmethod
+    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        """The affine on ``node``'s input such that ``node`` after it equals ``affine`` after ``node``.
+
+        ``affine`` reads ``node``'s output. Return it with ``s``, ``t`` and ``channel_axis`` as
+        they lie on the input (names are set by the caller), a refusal, or None when ``node``
+        is not one this mover knows.
+        """
+
+    @abstractmethod
+    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        """The affine on ``node``'s output such that it after ``node`` equals ``node`` after ``affine``.
+
+        ``affine``'s output is ``node``'s data input. Same answers as :meth:`backward`.
+        """
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of one run, by kind, and the order the driver tries them in (see
+    :func:`bnfold.rules.build_rules`)."""
+
+    backward: tuple[FoldRule, ...]
+    """Layers before the affine that absorb it."""
+    forward: tuple[FoldRule, ...]
+    """Layers after the affine that absorb it."""
+    movers: tuple[Mover, ...]
+    order: tuple[FoldRule, ...]
+    """Every rule the driver tries, first match wins."""
+    options: RuleOptions = RuleOptions()
