@@ -228,3 +228,17 @@ def test_the_hooks_refuse_json_and_check_their_options_once(cnn: Path) -> None:
     bad_option = hook("fold", "--trials", "0", cnn, cnn.with_name("other.onnx"))
     assert bad_option.exit_code == 2 and bad_option.stderr.count("Invalid value for '--trials'") == 1
     assert not folded_path(cnn).exists()
+
+
+def test_an_interrupted_fold_leaves_neither_scratch_nor_partial_output(
+    cnn: Path, mlp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    assert hook("fold", cnn).exit_code == 1
+    monkeypatch.setattr(pipeline, "verify_equivalence", interrupted)
+    result = hook("fold", cnn, mlp)
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == ["bnfold: interrupted; no partial output was left"]
+    assert sorted(path.name for path in cnn.parent.iterdir()) == ["cnn.folded.onnx", "cnn.onnx", "mlp.onnx"]
