@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.rules import RULES, RuleSet
@@ -88,3 +88,14 @@ def write_model_onnxruntime_cannot_run(path: Path) -> Path:
     )
     onnx.save(model, str(path))
     return path
+
+
+def shift_first_weight(path: Path, delta: float) -> None:
+    """Add ``delta`` to the weights of the model's first Conv or Gemm, in place: the same
+    model retrained (names, shapes and graph unchanged, outputs different)."""
+    model = onnx.load(str(path))
+    layer = next(node for node in model.graph.node if node.op_type in ("Conv", "Gemm"))
+    tensor = next(t for t in model.graph.initializer if t.name == layer.input[1])
+    values = numpy_helper.to_array(tensor)
+    tensor.CopyFrom(numpy_helper.from_array(values + np.asarray(delta, dtype=values.dtype), tensor.name))
+    onnx.save(model, str(path))
