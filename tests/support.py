@@ -1,4 +1,5 @@
-"""Shared test helpers: fold a model in memory and prove it equivalent through onnxruntime."""
+"""Shared test helpers: fold a model in memory and prove it equivalent through onnxruntime;
+run the CLI in-process and check its one-line errors."""
 
 from __future__ import annotations
 
@@ -8,12 +9,29 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from click.testing import CliRunner, Result
 from onnx import helper, numpy_helper
 
+from bnfold.cli import main
 from bnfold.fold import FoldOutcome, fold_batchnorms
-from bnfold.rules import RULES, RuleSet
 from bnfold.inputs import generate_inputs, input_specs
 from bnfold.options import default_tolerance
+from bnfold.rules import RULES, RuleSet
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> Result:
+    """``bnfold ARGS...`` in this process (stdout and stderr kept apart)."""
+    return CliRunner().invoke(main, [str(arg) for arg in args], env=env)
+
+
+def assert_one_line_error(result: Result, exit_code: int, *fragments: str) -> None:
+    """The CLI failed the documented way: the exit code, one ``bnfold: error: ...`` line on
+    stderr containing every fragment, and no traceback anywhere."""
+    assert result.exit_code == exit_code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), result.stderr
+    assert all(fragment in lines[0] for fragment in fragments), (fragments, lines[0])
+    assert "Traceback" not in result.output and not isinstance(result.exception, AssertionError)
 
 
 def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
