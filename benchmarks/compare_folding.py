@@ -2,8 +2,9 @@
 
     python benchmarks/compare_folding.py [MODEL_OR_FOLDER ...]
 
-Default models: the samples, the PyTorch exports and the tf2onnx exports in this
-repository. For each model it counts the BatchNormalization nodes before, after
+Default models: the samples, the PyTorch exports (including the travel fixtures,
+whose BNs sit behind pools, reshapes, concats and sibling branches) and the tf2onnx
+exports in this repository. For each model it counts the BatchNormalization nodes before, after
 bnfold, and after onnxoptimizer's ``fuse_bn_into_conv`` and onnxslim where those
 are installed (they are not dependencies), plus the Mul/Add nodes each leaves (a
 decomposed BN is a Mul → Add chain). bnfold's count is only taken when its result
@@ -26,7 +27,8 @@ sys.path.insert(0, str(REPO))
 from bnfold.batch import find_models  # noqa: E402
 from bnfold.pipeline import FoldOptions, fold_file  # noqa: E402
 
-DEFAULT_FOLDERS = [REPO / "sample_models", REPO / "tests/fixtures/exported", REPO / "tests/fixtures/tf2onnx"]
+DEFAULT_FOLDERS = [REPO / "sample_models", REPO / "tests/fixtures/exported", REPO / "tests/fixtures/tf2onnx",
+                   REPO / "tests/fixtures/travel"]
 
 
 def counts(model: onnx.ModelProto) -> tuple[int, int]:
