@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from bnfold.verify import generate_inputs, input_specs
+from bnfold.inputs import generate_inputs, input_specs
 from tests.support import op_count, run_onnxruntime
 
 FIXTURES = Path(__file__).parent / "fixtures" / "travel"

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from hypothesis import given, settings
 
-from bnfold.verify import generate_inputs, input_specs
+from bnfold.inputs import generate_inputs, input_specs
 from tests.support import op_count, run_onnxruntime
 from tests.travel_models import (
     COUNTED_PADDING,
