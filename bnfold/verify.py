@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from bnfold.errors import InputError, RuntimeFailure, first_line
 from bnfold.inputs import InputSpec, Trial

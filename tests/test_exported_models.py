@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.rules.batchnorm import is_batchnorm
 from bnfold.graph import subgraphs
 from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
+from bnfold.rules.batchnorm import is_batchnorm
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare
 

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.fold import fold_batchnorms
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
