@@ -524,6 +524,8 @@ def main() -> None:
     parser.add_argument("--write-manifest", action="store_true", help=f"write {MANIFEST.relative_to(REPO)}")
     parser.add_argument("--only", help="measure only models whose id contains this text")
     args = parser.parse_args()
+    if args.write_manifest and (args.only or not args.full):
+        parser.error("--write-manifest records every model: use it with --full and without --only")
 
     packages = selected_packages(args.full)
     paths = fetch_models(args.cache, packages)
