@@ -121,6 +121,11 @@ def _verify_options(shapes: dict[str, tuple[int, ...]], batch: int | None, seed:
                          tolerances=Tolerances(atol, rtol, per_output), provider=provider)
 
 
+def _report_path(json_path: str | None) -> Path | None:
+    """The ``--json`` file (None for none, or ``-``: stdout), for the run's path checks."""
+    return None if json_path in (None, "-") else Path(json_path)
+
+
 def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> None:
     """stdout gets JSON (``--json -``), one line (``--quiet``) or the tables."""
     if json_path == "-":
@@ -196,7 +201,7 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
     found = find_models(models)
     options = FoldOptions(in_place=in_place, verify=not no_verify, dry_run=dry_run,
                           keep_failed=keep_failed, exact_padding=exact_padding,
-                          verify_options=_verify_options(**comparison))
+                          verify_options=_verify_options(**comparison), report=_report_path(json_path))
     if len(models) == 1 and found == list(models):
         _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,
                         json_path, quiet)
@@ -248,7 +253,7 @@ def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **co
     options = _verify_options(**comparison)
 
     def action() -> int:
-        result = check_files(original, folded, options)
+        result = check_files(original, folded, options, report=_report_path(json_path))
         _emit(render.check_report_json(result), render.render_check_report(result),
               render.quiet_check_line(result), json_path, quiet)
         return result.exit_code

@@ -219,10 +219,27 @@ def _by_name(paths: list[Path], names: list[str], kind: str) -> dict[str, np.nda
     return values
 
 
-def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
+def _data_sets(folder: Path) -> list[Path]:
+    """The data set folders of an ONNX test-data folder (the folder itself when it holds
+    ``input_*.pb``), in name order."""
     data_sets = sorted(p for p in folder.glob("test_data_set_*") if p.is_dir())
     if not data_sets and _numbered(folder, "input"):
         data_sets = [folder]
+    return data_sets
+
+
+def files_read_by_inputs(path: Path | None) -> list[Path]:
+    """Every file ``--inputs PATH`` reads (the .npz, or each data set's ``input_*.pb`` and
+    ``output_*.pb``), so that no output of the run may overwrite one."""
+    if path is None or not path.exists():
+        return []
+    if not path.is_dir():
+        return [path]
+    return [file for data_set in _data_sets(path) for kind in ("input", "output") for file in _numbered(data_set, kind)]
+
+
+def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
+    data_sets = _data_sets(folder)
     if not data_sets:
         raise InputError(f"--inputs {folder}: no test_data_set_* folders or input_*.pb files")
     input_names = [value.name for value in runtime_inputs(model)]

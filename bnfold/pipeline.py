@@ -20,9 +20,17 @@ import onnx
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
+from bnfold.inputs import (
+    Trial,
+    explaining_guessed_shapes,
+    files_read_by_inputs,
+    guessed_shapes,
+    prepare_trials,
+    runtime_inputs,
+)
 from bnfold.io.load import LoadedModel, check_model, load_model
-from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
+from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleSet, build_rules
 from bnfold.verify import Verification, check_provider, verify_equivalence
@@ -40,6 +48,9 @@ class FoldOptions:
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     rules: RuleSet = RULES
     """The registry's rules unless given (tests pass their own to exercise error attribution)."""
+    report: Path | None = None
+    """The ``--json`` file the caller will write: checked with the files the run reads and
+    writes before any work, so that it can never overwrite one of them."""
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
@@ -150,9 +161,15 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     clock = _Stopwatch()
     loaded = load_model(input_path)
     output = options.output or default_output_path(loaded.path)
+    files = RunFiles()
+    files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.verify_options.inputs))
     if not options.dry_run:
-        validate_output_path(output, loaded.path, in_place=options.in_place)
-        validate_output_data(output, loaded.path, loaded.external_data_files, in_place=options.in_place)
+        validate_output_path(output, external_data=bool(loaded.external_data_files))
+        files.write_output(loaded.path, output, in_place=options.in_place)
+    if options.report is not None:
+        files.write_report(options.report)
+    files.check()
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     vo = options.verify_options
@@ -241,11 +258,19 @@ def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
         )
 
 
-def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
-    """Compare two model files; never writes anything."""
+def check_files(original: Path, folded: Path, options: VerifyOptions, *, report: Path | None = None) -> CheckReport:
+    """Compare two model files; writes nothing but the caller's ``report`` (the ``--json``
+    file), which is checked first against every file the comparison reads."""
     clock = _Stopwatch()
     original_model = load_model(original)
     folded_model = load_model(folded)
+    files = RunFiles()
+    for loaded in (original_model, folded_model):
+        files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.inputs))
+    if report is not None:
+        files.write_report(report)
+    files.check()
     _require_same_inputs(original_model, folded_model)
     trials = _trials(original_model.model, options)
     clock.lap("load")

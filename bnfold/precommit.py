@@ -47,15 +47,9 @@ from bnfold.errors import (
     first_line,
     internal_error_message,
 )
-from bnfold.io.load import load_model
-from bnfold.io.save import (
-    FOLDED_SUFFIX,
-    STAGING_PREFIX,
-    default_output_path,
-    output_data_location,
-    validate_output_data,
-    validate_output_path,
-)
+from bnfold.io.load import external_data_locations
+from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, output_data_location
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line
@@ -124,10 +118,14 @@ def install_if_changed(fresh: Path, target: Path) -> list[Path]:
 def _refuse_overwriting_the_original(pair: ModelPair) -> None:
     """The checks ``bnfold fold`` makes on its output, made on the real target (the fold
     itself writes into a scratch folder, where they cannot catch a clash)."""
-    validate_output_path(pair.folded, pair.original, in_place=False)
-    if data_file(pair.folded).exists():
-        original = load_model(pair.original)
-        validate_output_data(pair.folded, original.path, original.external_data_files, in_place=False)
+    locations: tuple[str, ...] = ()
+    if pair.folded.exists() or data_file(pair.folded).exists():  # only an existing file can be read
+        locations = external_data_locations(pair.original) or ()
+    validate_output_path(pair.folded, external_data=bool(locations))
+    files = RunFiles()
+    files.read_model(pair.original, locations)
+    files.write_output(pair.original, pair.folded, in_place=False)
+    files.check()
 
 
 @contextmanager
