@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, internal_error_message
-from bnfold.inputs import files_read_by_inputs
+from bnfold.inputs import check_option_values, files_read_by_inputs
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path
@@ -228,6 +228,7 @@ def fold_models(
     per_model = [
         dataclasses.replace(options, output=output_in(output_dir, model) if output_dir else None) for model in models
     ]
+    check_option_values(options.verify_options)
     check_batch_files(models, per_model, options)
     notify = on_result or (lambda _result: None)
     start = time.perf_counter()

@@ -84,10 +84,10 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     decorators = [
         click.option("--input-shape", "shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
                      help="Shape for a model input with symbolic dims (repeatable). Symbolic dims default to 1."),
-        click.option("--batch", type=click.IntRange(min=1), default=None,
+        click.option("--batch", type=int, default=None,
                      help="Size for every symbolic first dim (inputs without --input-shape)."),
-        click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs."),
-        click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs (0 or more)."),
+        click.option("--trials", type=int, default=1, show_default=True,
                      help="Run N trials of generated inputs (seeds SEED..SEED+N-1); the worst per output is reported."),
         click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
                      metavar="FILE.npz|FOLDER",

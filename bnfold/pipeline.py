@@ -22,6 +22,7 @@ from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
 from bnfold.inputs import (
     Trial,
+    check_option_values,
     explaining_guessed_shapes,
     files_read_by_inputs,
     guessed_shapes,
@@ -151,14 +152,17 @@ class _Stopwatch:
 
 
 def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
-    """The trials a verification runs, with the provider checked first (before any work)."""
+    """The trials a verification runs (their size checked before anything is generated),
+    then the provider, which loads onnxruntime: a refused option costs neither."""
+    trials = prepare_trials(model, options)
     check_provider(options.provider)
-    return prepare_trials(model, options)
+    return trials
 
 
 def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
     clock = _Stopwatch()
+    check_option_values(options.verify_options)
     loaded = load_model(input_path)
     output = options.output or default_output_path(loaded.path)
     files = RunFiles()
@@ -266,6 +270,7 @@ def check_files(original: Path, folded: Path, options: VerifyOptions, *, report:
     """Compare two model files; writes nothing but the caller's ``report`` (the ``--json``
     file), which is checked first against every file the comparison reads."""
     clock = _Stopwatch()
+    check_option_values(options)
     original_model = load_model(original)
     folded_model = load_model(folded)
     files = RunFiles()
