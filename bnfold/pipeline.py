@@ -206,15 +206,18 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
                 )
             clock.lap("verify")
+        attribution = None
+        if verification is not None and not verification.passed and outcome.folds:
+            # Before anything is committed: the search reloads the input, which --in-place
+            # would otherwise have replaced, and a model found not deterministic
+            # (NotDeterministic) must leave nothing behind, --keep-failed or not.
+            attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
+                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+            clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
         if written:
             staged.commit()
-    attribution = None
-    if verification is not None and not verification.passed and outcome.folds:
-        attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules)
-        clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
         output=None if options.dry_run else output,
