@@ -76,15 +76,16 @@ def check_batch_files(models: Sequence[Path], per_model: Sequence[FoldOptions], 
     its external data, ``--inputs``) or that another output also writes: folding in order
     would otherwise overwrite a model before its turn, or keep one of two results.
 
-    A model that cannot even be parsed writes nothing and is left to fail on its own.
+    A file that cannot even be parsed is still read (so nothing may overwrite it) but writes
+    nothing: it will fail on its own.
     """
     files = RunFiles()
     for model, model_options in zip(models, per_model):
-        locations = external_data_locations(model) if model.is_file() else None
-        if locations is None:
+        if not model.is_file():
             continue
-        files.read_model(model, locations)
-        if not options.dry_run:
+        locations = external_data_locations(model)
+        files.read_model(model, locations or ())
+        if locations is not None and not options.dry_run:
             files.write_output(model, model_options.output or default_output_path(model), in_place=options.in_place)
     files.read_inputs(files_read_by_inputs(options.verify_options.inputs))
     if options.report is not None:

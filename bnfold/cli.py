@@ -26,7 +26,8 @@ Exit codes:
   0  folded (or compared) and equivalent
   1  not equivalent: outputs differ beyond tolerance (nothing written)
   2  bad input or usage: missing/unreadable/invalid model, bad option
-  3  onnxruntime cannot load or run a given model (its message is shown)"""
+  3  onnxruntime cannot load or run a given model (its message is shown),
+     or the original model is not deterministic (differs from itself)"""
 BATCH_EXIT_HELP = """
   4  internal error (a bug in bnfold): one line, nothing written
   130 interrupted (Ctrl-C); no partial output is left

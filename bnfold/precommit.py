@@ -47,6 +47,7 @@ from bnfold.errors import (
     first_line,
     internal_error_message,
 )
+from bnfold.inputs import check_option_values
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles, validate_output_path
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, output_data_location
@@ -196,6 +197,15 @@ def _refuse_json(json_path: str | None) -> None:
         raise click.UsageError("the hooks print one line per model; run `bnfold` itself for a JSON report")
 
 
+def _require_valid_values(options: VerifyOptions) -> None:
+    """Impossible option values are one error for the whole hook, not one per pair."""
+    try:
+        check_option_values(options)
+    except InputError as error:
+        click.echo(f"bnfold: error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The pre-commit hooks of bnfold. Each FILE (X.onnx or X.folded.onnx) stands for the
@@ -216,6 +226,7 @@ def fold(files: tuple[Path, ...], exact_padding: bool, json_path: str | None, qu
     """
     _refuse_json(json_path)
     options = FoldOptions(exact_padding=exact_padding, verify_options=_verify_options(**comparison))
+    _require_valid_values(options.verify_options)
     written: list[Path] = []
 
     def fold_and_note(pair: ModelPair) -> int:
@@ -238,4 +249,5 @@ def check(files: tuple[Path, ...], json_path: str | None, quiet: bool, **compari
     X.onnx or X.folded.onnx is an error. Writes nothing. --quiet is accepted and implied."""
     _refuse_json(json_path)
     options = _verify_options(**comparison)
+    _require_valid_values(options)
     sys.exit(_worst_exit_code(model_pairs(files), lambda pair: check_pair(pair, options)))

@@ -134,14 +134,16 @@ def test_output_onto_an_inputs_file_is_refused(work: Path) -> None:
 # -- --json names a file the run reads or writes ----------------------------------------------------------------
 
 def _json_targets(work: Path) -> dict[str, Path]:
-    """m.onnx (with data w.bin), n.onnx self-contained, a hard link to m.onnx."""
+    """m.onnx (with data w.bin), n.onnx self-contained, a hard link and a symbolic link to n.onnx."""
     save(conv_bn_model(6), work / "m.onnx", data="w.bin")
     save(conv_bn_model(7), work / "n.onnx")
-    os.link(work / "n.onnx", work / "n-link.onnx")
-    return {"model": work / "m.onnx", "data": work / "w.bin", "hard link": work / "n-link.onnx"}
+    os.link(work / "n.onnx", work / "n-hard.onnx")
+    (work / "n-soft.onnx").symlink_to("n.onnx")
+    return {"model": work / "m.onnx", "data": work / "w.bin", "hard link": work / "n-hard.onnx",
+            "symbolic link": work / "n-soft.onnx"}
 
 
-@pytest.mark.parametrize("target", ["model", "data", "hard link"])
+@pytest.mark.parametrize("target", ["model", "data", "hard link", "symbolic link"])
 @pytest.mark.parametrize("mode", ["one", "one --dry-run", "one --no-verify", "batch", "batch -j 2", "folder",
                                   "check", "check reversed"])
 def test_json_onto_a_file_the_run_reads_is_refused(work: Path, target: str, mode: str) -> None:
@@ -151,9 +153,17 @@ def test_json_onto_a_file_the_run_reads_is_refused(work: Path, target: str, mode
         "batch": ["m.onnx", "n.onnx"], "batch -j 2": ["m.onnx", "n.onnx", "-j", "2"], "folder": ["."],
         "check": ["check", "m.onnx", "n.onnx"], "check reversed": ["check", "n.onnx", "m.onnx"],
     }[mode]
-    if target == "hard link" and mode in ("one", "one --dry-run", "one --no-verify"):
+    if target.endswith("link") and mode in ("one", "one --dry-run", "one --no-verify"):
         args = ["n.onnx", *args[1:]]
     assert_refused_untouched(work, [*args, "--json", path.name], "the JSON report would overwrite")
+
+
+def test_json_onto_a_model_of_the_batch_that_cannot_be_read_is_refused(work: Path) -> None:
+    save(conv_bn_model(14), work / "m.onnx")
+    (work / "broken.onnx").write_bytes(b"not a model")
+    for jobs in ([], ["-j", "2"]):
+        assert_refused_untouched(work, ["m.onnx", "broken.onnx", *jobs, "--json", "broken.onnx"],
+                                 "would overwrite the input model broken.onnx")
 
 
 @pytest.mark.parametrize("written", ["m.folded.onnx", "m.folded.onnx.data", "out/m.folded.onnx"])
