@@ -26,7 +26,8 @@ Exit codes:
   0  folded (or compared) and equivalent
   1  not equivalent: outputs differ beyond tolerance (nothing written)
   2  bad input or usage: missing/unreadable/invalid model, bad option
-  3  onnxruntime cannot load or run a given model (its message is shown)"""
+  3  onnxruntime cannot load or run a given model (its message is shown),
+     or the original model is not deterministic (differs from itself)"""
 BATCH_EXIT_HELP = """
   4  internal error (a bug in bnfold): one line, nothing written
   130 interrupted (Ctrl-C); no partial output is left
@@ -84,10 +85,10 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     decorators = [
         click.option("--input-shape", "shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
                      help="Shape for a model input with symbolic dims (repeatable). Symbolic dims default to 1."),
-        click.option("--batch", type=click.IntRange(min=1), default=None,
+        click.option("--batch", type=int, default=None,
                      help="Size for every symbolic first dim (inputs without --input-shape)."),
-        click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs."),
-        click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs (0 or more)."),
+        click.option("--trials", type=int, default=1, show_default=True,
                      help="Run N trials of generated inputs (seeds SEED..SEED+N-1); the worst per output is reported."),
         click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
                      metavar="FILE.npz|FOLDER",
@@ -119,6 +120,11 @@ def _verify_options(shapes: dict[str, tuple[int, ...]], batch: int | None, seed:
                     per_output: dict[str, tuple[float, float]], provider: str) -> VerifyOptions:
     return VerifyOptions(shapes=shapes, batch=batch, seed=seed, trials=trials, inputs=inputs_path,
                          tolerances=Tolerances(atol, rtol, per_output), provider=provider)
+
+
+def _report_path(json_path: str | None) -> Path | None:
+    """The ``--json`` file (None for none, or ``-``: stdout), for the run's path checks."""
+    return None if json_path in (None, "-") else Path(json_path)
 
 
 def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> None:
@@ -196,7 +202,7 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
     found = find_models(models)
     options = FoldOptions(in_place=in_place, verify=not no_verify, dry_run=dry_run,
                           keep_failed=keep_failed, exact_padding=exact_padding,
-                          verify_options=_verify_options(**comparison))
+                          verify_options=_verify_options(**comparison), report=_report_path(json_path))
     if len(models) == 1 and found == list(models):
         _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,
                         json_path, quiet)
@@ -248,7 +254,7 @@ def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **co
     options = _verify_options(**comparison)
 
     def action() -> int:
-        result = check_files(original, folded, options)
+        result = check_files(original, folded, options, report=_report_path(json_path))
         _emit(render.check_report_json(result), render.render_check_report(result),
               render.quiet_check_line(result), json_path, quiet)
         return result.exit_code

@@ -34,6 +34,14 @@ class RuntimeFailure(BnfoldError):
     exit_code = EXIT_RUNTIME_FAILURE
 
 
+class NotDeterministic(BnfoldError):
+    """The original model computes different outputs from the same inputs (random ops,
+    Dropout in training mode): no comparison can tell a fold's error from its randomness, so
+    no verdict and no blame is given (exit 3, like a model onnxruntime cannot run)."""
+
+    exit_code = EXIT_RUNTIME_FAILURE
+
+
 def internal_error_message(error: Exception) -> str:
     """One line for an unexpected exception: what it was, and that it is ours to fix."""
     return f"internal error ({type(error).__name__}: {first_line(error)}); please report it with the model"

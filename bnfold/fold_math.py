@@ -70,13 +70,15 @@ def axis_factor(s: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return np.asarray(s, dtype=np.float64).reshape(shape)
 
 
-def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, axis: int = -1) -> np.ndarray:
+def fold_bias(bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, *, axis: int) -> np.ndarray:
     """Return ``b' = b * s + t`` with ``s`` and ``t`` laid along ``axis`` of ``b``; a missing
     bias counts as zero.
 
     The channel axis is the last one for a layer's bias (a Gemm ``C`` of shape ``[]``, ``[N]``,
-    ``[1, N]`` or ``[M, N]`` broadcasts against it) and axis 0 for per-element BN parameters
-    ``[C, D1, ...]`` (opset 7/8 ``spatial=0``); the result has the broadcast shape.
+    ``[1, N]``, ``[M, 1]`` or ``[M, N]`` broadcasts against it) and axis 0 for per-element BN
+    parameters ``[C, D1, ...]`` (opset 7/8 ``spatial=0``); the result has the broadcast shape.
+    ``axis`` has no default: for a bias of rank > 1 the two choices give different results of
+    the same shape whenever two axes have the same length, so every caller must say which.
     """
     if bias is None:
         return np.asarray(t, dtype=np.float64).copy()

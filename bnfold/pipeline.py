@@ -20,9 +20,18 @@ import onnx
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
+from bnfold.inputs import (
+    Trial,
+    check_option_values,
+    explaining_guessed_shapes,
+    files_read_by_inputs,
+    guessed_shapes,
+    prepare_trials,
+    runtime_inputs,
+)
 from bnfold.io.load import LoadedModel, check_model, load_model
-from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
+from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleSet, build_rules
 from bnfold.verify import Verification, check_provider, verify_equivalence
@@ -40,6 +49,9 @@ class FoldOptions:
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     rules: RuleSet = RULES
     """The registry's rules unless given (tests pass their own to exercise error attribution)."""
+    report: Path | None = None
+    """The ``--json`` file the caller will write: checked with the files the run reads and
+    writes before any work, so that it can never overwrite one of them."""
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
@@ -140,19 +152,28 @@ class _Stopwatch:
 
 
 def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
-    """The trials a verification runs, with the provider checked first (before any work)."""
+    """The trials a verification runs (their size checked before anything is generated),
+    then the provider, which loads onnxruntime: a refused option costs neither."""
+    trials = prepare_trials(model, options)
     check_provider(options.provider)
-    return prepare_trials(model, options)
+    return trials
 
 
 def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
     clock = _Stopwatch()
+    check_option_values(options.verify_options)
     loaded = load_model(input_path)
     output = options.output or default_output_path(loaded.path)
+    files = RunFiles()
+    files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.verify_options.inputs))
     if not options.dry_run:
-        validate_output_path(output, loaded.path, in_place=options.in_place)
-        validate_output_data(output, loaded.path, loaded.external_data_files, in_place=options.in_place)
+        validate_output_path(output, external_data=bool(loaded.external_data_files))
+        files.write_output(loaded.path, output, in_place=options.in_place)
+    if options.report is not None:
+        files.write_report(options.report)
+    files.check()
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     vo = options.verify_options
@@ -162,15 +183,19 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
 
     rules = options.rule_set()
     outcome = fold_batchnorms(model, rules, store=loaded.store)
-    problem = None
-    if not check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
-        problem = "the folded model fails onnx.checker"
     after = model_stats(model, None)
     clock.lap("fold")
 
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
     with stage(model, staging_target, loaded.store, external_data=bool(loaded.external_data_files)) as staged:
+        # Checked after writing, on the message the writer just serialized: the staged file
+        # byte for byte, every tensor with the fields it was written with (before, a folded
+        # weight was a stand-in the checker could not see). Reading the file back would
+        # parse every weight of a self-contained model again (0.12 s per 100 MB).
+        problem = None
+        if not check_model(model, staged.staged_path, full_check=loaded.passes_full_check, raise_error=False):
+            problem = "the folded model fails onnx.checker"
         del model
         loaded.release_model()  # before onnxruntime loads two copies of the weights
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
@@ -181,15 +206,18 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
                 )
             clock.lap("verify")
+        attribution = None
+        if verification is not None and not verification.passed and outcome.folds:
+            # Before anything is committed: the search reloads the input, which --in-place
+            # would otherwise have replaced, and a model found not deterministic
+            # (NotDeterministic) must leave nothing behind, --keep-failed or not.
+            attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
+                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+            clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
         if written:
             staged.commit()
-    attribution = None
-    if verification is not None and not verification.passed and outcome.folds:
-        attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules)
-        clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
         output=None if options.dry_run else output,
@@ -241,11 +269,20 @@ def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
         )
 
 
-def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
-    """Compare two model files; never writes anything."""
+def check_files(original: Path, folded: Path, options: VerifyOptions, *, report: Path | None = None) -> CheckReport:
+    """Compare two model files; writes nothing but the caller's ``report`` (the ``--json``
+    file), which is checked first against every file the comparison reads."""
     clock = _Stopwatch()
+    check_option_values(options)
     original_model = load_model(original)
     folded_model = load_model(folded)
+    files = RunFiles()
+    for loaded in (original_model, folded_model):
+        files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.inputs))
+    if report is not None:
+        files.write_report(report)
+    files.check()
     _require_same_inputs(original_model, folded_model)
     trials = _trials(original_model.model, options)
     clock.lap("load")

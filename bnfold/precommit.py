@@ -47,15 +47,10 @@ from bnfold.errors import (
     first_line,
     internal_error_message,
 )
-from bnfold.io.load import load_model
-from bnfold.io.save import (
-    FOLDED_SUFFIX,
-    STAGING_PREFIX,
-    default_output_path,
-    output_data_location,
-    validate_output_data,
-    validate_output_path,
-)
+from bnfold.inputs import check_option_values
+from bnfold.io.load import external_data_locations
+from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, output_data_location
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line
@@ -124,10 +119,14 @@ def install_if_changed(fresh: Path, target: Path) -> list[Path]:
 def _refuse_overwriting_the_original(pair: ModelPair) -> None:
     """The checks ``bnfold fold`` makes on its output, made on the real target (the fold
     itself writes into a scratch folder, where they cannot catch a clash)."""
-    validate_output_path(pair.folded, pair.original, in_place=False)
-    if data_file(pair.folded).exists():
-        original = load_model(pair.original)
-        validate_output_data(pair.folded, original.path, original.external_data_files, in_place=False)
+    locations: tuple[str, ...] = ()
+    if pair.folded.exists() or data_file(pair.folded).exists():  # only an existing file can be read
+        locations = external_data_locations(pair.original) or ()
+    validate_output_path(pair.folded, external_data=bool(locations))
+    files = RunFiles()
+    files.read_model(pair.original, locations)
+    files.write_output(pair.original, pair.folded, in_place=False)
+    files.check()
 
 
 @contextmanager
@@ -198,6 +197,15 @@ def _refuse_json(json_path: str | None) -> None:
         raise click.UsageError("the hooks print one line per model; run `bnfold` itself for a JSON report")
 
 
+def _require_valid_values(options: VerifyOptions) -> None:
+    """Impossible option values are one error for the whole hook, not one per pair."""
+    try:
+        check_option_values(options)
+    except InputError as error:
+        click.echo(f"bnfold: error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The pre-commit hooks of bnfold. Each FILE (X.onnx or X.folded.onnx) stands for the
@@ -218,6 +226,7 @@ def fold(files: tuple[Path, ...], exact_padding: bool, json_path: str | None, qu
     """
     _refuse_json(json_path)
     options = FoldOptions(exact_padding=exact_padding, verify_options=_verify_options(**comparison))
+    _require_valid_values(options.verify_options)
     written: list[Path] = []
 
     def fold_and_note(pair: ModelPair) -> int:
@@ -240,4 +249,5 @@ def check(files: tuple[Path, ...], json_path: str | None, quiet: bool, **compari
     X.onnx or X.folded.onnx is an error. Writes nothing. --quiet is accepted and implied."""
     _refuse_json(json_path)
     options = _verify_options(**comparison)
+    _require_valid_values(options)
     sys.exit(_worst_exit_code(model_pairs(files), lambda pair: check_pair(pair, options)))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnfold.errors import InputError, RuntimeFailure, first_line
+from bnfold.errors import InputError, NotDeterministic, RuntimeFailure, first_line
 from bnfold.inputs import InputSpec, Trial
 from bnfold.options import Tolerances
 
@@ -210,6 +210,9 @@ def verify_equivalence(
     reference_session = open_session(original, "original", provider)
     output_names = [output.name for output in reference_session.get_outputs()]
     references = [run_session(reference_session, trial.feeds, "original") for trial in trials]
+    # One more run of the first trial (cheap: the session is loaded); the other trials are
+    # run again only if the comparison fails, before the failure is believed.
+    require_deterministic(reference_session, trials[:1], output_names, tolerances, references[:1])
     del reference_session
     worst: dict[str, OutputComparison] = {}
     try:
@@ -248,7 +251,45 @@ def verify_equivalence(
                 comparison = _broken_output(name, value, missing, tolerances)
             verification.expected.append(replace(comparison, trial=trial.label))
     verification.outputs = [worst[name] for name in output_names]
+    if not verification.passed and len(trials) > 1:
+        # A later trial may reach randomness the first did not (a branch only it takes).
+        require_deterministic(open_session(original, "original", provider), trials[1:], output_names, tolerances)
     return verification
+
+
+def require_deterministic(
+    session: ort.InferenceSession, trials: Sequence[Trial], names: Sequence[str], tolerances: Tolerances,
+    first_runs: Sequence[Sequence[np.ndarray]] | None = None,
+) -> None:
+    """Run the original on each trial's inputs a second time (a first time too when
+    ``first_runs`` is not given) in the same session, and refuse to judge it if it
+    disagrees with itself beyond the tolerances.
+
+    Random ops (RandomNormal, RandomUniform, their *Like forms, Bernoulli, Multinomial) and
+    Dropout in training mode make the original differ from itself: compared with it, every
+    fold would look wrong and a correct one would be blamed. It must be the same session:
+    onnxruntime seeds an unseeded random op identically in every new session, so two
+    sessions' first runs agree however random the op is.
+
+    Raises:
+        NotDeterministic: naming the first output that differs and by how much.
+    """
+    for index, trial in enumerate(trials):
+        first = first_runs[index] if first_runs is not None else run_session(session, trial.feeds, "original")
+        second = run_session(session, trial.feeds, "original")
+        for name, once, again in zip(names, first, second):
+            comparison = compare_output(name, once, again, tolerances.for_output(name, once.dtype))
+            if comparison.passed:
+                continue
+            if comparison.problem:  # e.g. NonZero of random values: another shape each run
+                how = f"in shape or type ({once.dtype.name}{list(once.shape)}, then {again.dtype.name}{list(again.shape)})"
+            else:
+                how = (f"by {comparison.max_abs_error:.3g} (max |Δ|; {comparison.mismatches} of "
+                       f"{comparison.elements} elements beyond tolerance)")
+            raise NotDeterministic(
+                f"the original model is not deterministic: output {name} differs between two runs {how} "
+                f"on the same inputs ({trial.label}); no fold can be checked against it (--no-verify folds anyway)"
+            )
 
 
 def _broken_output(name: str, original: np.ndarray, problem: str, tolerances: Tolerances) -> OutputComparison:

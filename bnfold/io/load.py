@@ -140,6 +140,27 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     )
 
 
+def external_data_locations(path: Path) -> tuple[str, ...] | None:
+    """The external data locations a model file names, without validating anything; None
+    when the file is not a readable model (loading it will then fail on its own).
+
+    A batch must know every file it will read before it writes its first output, which
+    means parsing every model once up front: about 0.1 s per 100 MB of protobuf.
+    """
+    try:
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable file: load_model reports it properly later
+        return None
+    locations = dict.fromkeys(
+        entry.value
+        for tensor in all_tensors(model)
+        if uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    )
+    return tuple(locations)
+
+
 _PLACEHOLDER = "bnfold-placeholder.bin"
 
 

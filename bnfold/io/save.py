@@ -1,4 +1,6 @@
-"""Writing results: output paths checked before any work, models staged and moved into place.
+"""Writing results: output names, models staged and moved into place.
+
+Which paths a run may write is decided before any work by :mod:`bnfold.io.paths`.
 
 Outputs are written to a hidden staging folder beside the target and moved into place only
 when the caller commits (after verification), so an interrupted or failed run leaves neither
@@ -37,38 +39,9 @@ def default_output_path(input_path: Path) -> Path:
     return input_path.with_name(f"{input_path.stem}{_FOLDED}{input_path.suffix or '.onnx'}")
 
 
-def validate_output_path(output: Path, input_path: Path, *, in_place: bool) -> None:
-    """Refuse output paths that would destroy the input or cannot be written."""
-    if output.is_symlink():
-        raise InputError(f"{output}: output path is a symbolic link; refusing to write through it")
-    if output.exists() and output.resolve() == input_path.resolve() and not in_place:
-        raise InputError(f"{output}: output path is the input file; pass --in-place to overwrite it")
-    if output.is_dir():
-        raise InputError(f"{output}: output path is a directory")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{output}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{output}: output folder is not writable")
-
-
 def output_data_location(output: Path) -> str:
     """Where a model saved with external data keeps it: ``<output name>.data`` beside it."""
     return f"{output.name}.data"
-
-
-def validate_output_data(output: Path, input_path: Path, input_data_files: tuple[str, ...], *, in_place: bool) -> None:
-    """Refuse an output whose data file would overwrite the input's external data.
-
-    Only ``--in-place`` may replace the input's files (it replaces the model too).
-    """
-    written = (output.parent / output_data_location(output)).resolve()
-    read = {(input_path.parent / location).resolve() for location in input_data_files}
-    if written in read and not in_place:
-        raise InputError(
-            f"{output}: its data file '{output_data_location(output)}' is the input's external data; "
-            "choose another output name"
-        )
 
 
 class StagedOutput:
@@ -92,10 +65,19 @@ class StagedOutput:
         return total
 
     def commit(self) -> None:
-        """Move the data file (if any), then the model, into place."""
-        if self.data_location:
-            os.replace(self.staging / self.data_location, self.target.parent / self.data_location)
-        os.replace(self.staged_path, self.target)
+        """Move the data file (if any), then the model, into place.
+
+        Raises:
+            InputError: when the file system refuses a move (the target changed since it
+                was checked, e.g. a folder created at its place); nothing was moved unless
+                the data file was, and the model that refers to it lands only after it.
+        """
+        try:
+            if self.data_location:
+                os.replace(self.staging / self.data_location, self.target.parent / self.data_location)
+            os.replace(self.staged_path, self.target)
+        except OSError as error:
+            raise InputError(f"{self.target}: cannot move the folded model into place ({first_line(error)})") from None
 
     def __enter__(self) -> StagedOutput:
         return self

@@ -160,7 +160,8 @@ class ScaledLayerIntoProducer(IntoProducer):
         bias, shift, changed = self.bias_terms(bias, affine, attributes_now)
         updates = weight_and_bias_updates(
             producer, weight, self.weight_factor(weight, affine.s, attributes_now), bias,
-            fold_math.fold_bias(bias, affine.s, shift), self.weight_role, self.bias_role,
+            # A layer's bias has its channels last: Conv/ConvTranspose [M], Gemm C [N], [1, N], [M, N].
+            fold_math.fold_bias(bias, affine.s, shift, axis=-1), self.weight_role, self.bias_role,
         )
         if isinstance(updates, Refusal):
             return updates
