@@ -27,7 +27,7 @@ from bnfold.io.load import LoadedModel, check_model, load_model
 from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleSet, build_rules
-from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, plain, verification_document
+from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
 from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, verify_equivalence
 
@@ -146,10 +146,7 @@ class FoldReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``bnfold.fold/1`` document (what ``--json`` writes; schema in the README)."""
-        document = {"schema": FOLD_SCHEMA, **plain(self)}
-        document.update(status=self.status, exit_code=self.exit_code, error=None,
-                        verification=verification_document(self.verification))
-        return document
+        return report_document(FOLD_SCHEMA, self)
 
 
 class _Stopwatch:
@@ -289,10 +286,7 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``bnfold.check/1`` document (what ``bnfold check --json`` writes)."""
-        document = {"schema": CHECK_SCHEMA, **plain(self)}
-        document.update(status=self.status, exit_code=self.exit_code, error=None,
-                        verification=verification_document(self.verification))
-        return document
+        return report_document(CHECK_SCHEMA, self)
 
 
 def _input_names(loaded: LoadedModel) -> list[str]:

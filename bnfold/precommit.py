@@ -61,7 +61,6 @@ from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line
 
-
 EXIT_CODES_HELP = """\b
 Exit codes (the worst over all pairs: 4 > 3 > 2 > 1 > 0):
   0  every pair up to date and equivalent

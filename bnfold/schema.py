@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bnfold.verify import Verification
 
@@ -46,6 +46,27 @@ def verification_document(verification: Verification | None) -> dict[str, Any] |
     for key in ("outputs", "expected"):
         for output, comparison in zip(document[key], getattr(verification, key)):
             output["passed"] = comparison.passed
+    return document
+
+
+class Verdict(Protocol):
+    """What a fold or check report has beyond its fields: its verdict and its verification."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def exit_code(self) -> int: ...
+
+    @property
+    def verification(self) -> Verification | None: ...
+
+
+def report_document(schema: str, report: Verdict) -> dict[str, Any]:
+    """A fold or check report (a dataclass) as its document: its fields and its verdict."""
+    document = {"schema": schema, **plain(report)}
+    document.update(status=report.status, exit_code=report.exit_code, error=None,
+                    verification=verification_document(report.verification))
     return document
 
 
