@@ -229,18 +229,19 @@ def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocum
     try:
         code = action()
     except BnfoldError as error:
-        _fail(ERROR_PREFIX + str(error), error.exit_code, json_path, failure)
+        _fail(ERROR_PREFIX, str(error), error.exit_code, json_path, failure)
     except KeyboardInterrupt:
         click.echo(f"bnfold: interrupted; {interrupted}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - a bug must still end in one line, not a traceback
-        _fail(f"bnfold: {internal_error_message(error)}", EXIT_INTERNAL, json_path, failure)
+        _fail("bnfold: ", internal_error_message(error), EXIT_INTERNAL, json_path, failure)
     sys.exit(code)
 
 
-def _fail(line: str, exit_code: int, json_path: str | None, failure: FailureDocument) -> NoReturn:
+def _fail(prefix: str, message: str, exit_code: int, json_path: str | None, failure: FailureDocument) -> NoReturn:
+    """The error line on stderr, after the JSON document of the failure when one was asked for."""
+    line = prefix + message
     if json_path:
-        message = line.removeprefix(ERROR_PREFIX).removeprefix("bnfold: ")
         try:
             _write_json(failure(message, exit_code), json_path)
         except InputError as error:
