@@ -191,8 +191,9 @@ def fold(
         )
         report = fold_file(source, options, progress=progress)
         folded = None
-        if returns_model and report.written and options.output is not None:
-            folded = onnx.load_model(os.fspath(options.output))
+        if returns_model:  # the scratch file is read back, and the report never names it
+            if report.written and options.output is not None:
+                folded = onnx.load_model(os.fspath(options.output))
             report = dataclasses.replace(report, output=None, written=False)
         if isinstance(model, onnx.ModelProto):
             report = dataclasses.replace(report, input=None)
