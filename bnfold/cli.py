@@ -285,7 +285,7 @@ def main() -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL...")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the folded model (default: MODEL.folded.onnx beside the input). One model only.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Write each folded model to DIR/<name>.folded.onnx instead of beside its input "
               "(DIR and its parents are created).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
