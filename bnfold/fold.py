@@ -25,6 +25,7 @@ from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
 from bnfold.rules.batchnorm import is_batchnorm
+from bnfold.selection import Selection, matched_names
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class FoldOutcome:
     folds: list[FoldRecord] = field(default_factory=list)
     left: list[LeftRecord] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
+    selectable: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Every BN (and decomposed affine) seen, by report label, with the names a ``--skip`` or
+    ``--only`` pattern is matched against: a pattern matching none of them is refused."""
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -130,6 +134,7 @@ class _Run:
 
     rules: RuleSet
     may_fold: Callable[[str], bool]
+    selection: Selection
     store: TensorStore
     outcome: FoldOutcome
 
@@ -139,6 +144,7 @@ def fold_batchnorms(
     rules: RuleSet = RULES,
     may_fold: Callable[[str], bool] | None = None,
     store: TensorStore | None = None,
+    selection: Selection = Selection(),
 ) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
@@ -151,9 +157,10 @@ def fold_batchnorms(
     error attribution re-applies folds in groups this way. ``store`` is where the
     model's tensor values are read and rewritten (a loaded model's own): rewritten
     weights stay there as arrays until the model is written. Without one, the folded
-    model holds its new values itself.
+    model holds its new values itself. ``selection`` (``--skip``/``--only``) keeps BNs
+    out of the fold; they are reported as left with the pattern that kept them.
     """
-    run = _Run(rules, may_fold or (lambda _label: True), store or TensorStore(), FoldOutcome())
+    run = _Run(rules, may_fold or (lambda _label: True), selection, store or TensorStore(), FoldOutcome())
     _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
         _fold_function(run, model, function)
@@ -229,15 +236,23 @@ def _fold_graph(
                 # layer, later in the graph, must claim the layer first.
                 candidates = [c for c in candidates if c.direction == "backward"] or candidates
                 break
-            if not run.may_fold(scope + node_id(node)):
+            label = scope + node_id(node)
+            if not run.may_fold(label):
                 continue
             affine = _read_affine(node, graph)
             if affine is None:
                 continue
-            result = affine if isinstance(affine, Refusal) else _plan_for(affine, graph, run.rules)
+            run.outcome.selectable[label] = matched_names(node)
+            unselected = run.selection.refusal(node)
+            if unselected is not None:
+                result: FoldPlan | Refusal = Refusal(unselected)
+            elif isinstance(affine, Refusal):
+                result = affine
+            else:
+                result = _plan_for(affine, graph, run.rules)
             if isinstance(result, Refusal):
                 if is_batchnorm(node):
-                    left.append(LeftRecord(scope + node_id(node), result.reason))
+                    left.append(LeftRecord(label, result.reason))
                 continue
             candidates.append(result)
             planned_bytes += sum(update.values.nbytes for update in result.updates)

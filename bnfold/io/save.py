@@ -11,9 +11,11 @@ data files are written straight to the output, never copied into the protobuf fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -37,6 +39,32 @@ _ALIGNMENT = 4096
 def default_output_path(input_path: Path) -> Path:
     """``model.onnx`` → ``model.folded.onnx`` beside the input."""
     return input_path.with_name(f"{input_path.stem}{_FOLDED}{input_path.suffix or '.onnx'}")
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path) -> Iterator[Path]:
+    """``--output-dir``: the folder (and its parents) created for the run, like ``mkdir -p``.
+
+    The folders this created are removed again if the run leaves them empty (every model
+    failed, or Ctrl-C), so that a failed run writes nothing; a folder that existed before
+    is never removed.
+
+    Raises:
+        InputError: the path is a file, or the folder cannot be created.
+    """
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output-dir {folder}: cannot create the folder ({first_line(error)})") from None
+    try:
+        yield folder
+    finally:
+        for path in created:  # deepest first; a folder with anything in it stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def output_data_location(output: Path) -> str:
