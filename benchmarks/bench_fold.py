@@ -12,7 +12,9 @@ For each model (generated once under benchmarks/_generated/, see bench_models.py
 
 Runs alternate floor, contender, floor, contender… after a warm-up round; each ratio is
 taken against the floor run just before it and the median of those is printed, with the
-peak RSS of each child relative to the model's size on disk (see bench_harness.py).
+same ratio for CPU time (user + system, which other work on the machine disturbs less
+than wall time) and the peak RSS of each child relative to the model's size on disk
+(see bench_harness.py).
 The table is markdown, ready for the README. About 4 minutes with the defaults.
 """
 

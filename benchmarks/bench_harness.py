@@ -42,15 +42,16 @@ FLOOR = "floor A: onnx.load + onnx.save"
 class Contender:
     """One way of reading ``src`` and writing ``dst``: a ``python -c`` program or a command.
 
-    ``argv`` may use ``{python}``, ``{src}``, ``{dst}`` and ``{dst_name}``.
+    An element of ``argv`` that is exactly ``{python}``, ``{src}`` or ``{dst}`` is
+    replaced by the interpreter or path (program text is left as it is).
     """
 
     name: str
     argv: tuple[str, ...]
 
     def command(self, src: Path, dst: Path) -> list[str]:
-        values = {"python": sys.executable, "src": str(src), "dst": str(dst), "dst_name": dst.name}
-        return [part.format(**values) for part in self.argv]
+        values = {"{python}": sys.executable, "{src}": str(src), "{dst}": str(dst)}
+        return [values.get(part, part) for part in self.argv]
 
 
 def python_program(name: str, code: str) -> Contender:
@@ -93,6 +94,9 @@ def floor_for(model: Path) -> Contender:
 @dataclass(frozen=True)
 class Run:
     seconds: float
+    cpu_seconds: float
+    """User + system time of the child (all its threads): less sensitive than wall time
+    to other work on the machine, which only delays it."""
     peak_rss: int
     """Bytes: ``ru_maxrss`` of this child alone."""
 
@@ -112,7 +116,7 @@ def run_child(command: list[str], log: Path) -> Run:
     if child.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(command[:4])}… exited {child.returncode}: {' / '.join(tail)}")
-    return Run(seconds, usage.ru_maxrss * 1024)  # Linux reports kilobytes
+    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)  # Linux reports kilobytes
 
 
 def settle(scratch: Path) -> None:
@@ -136,6 +140,8 @@ class ModelResult:
     runs: dict[str, list[Run]] = field(default_factory=dict)
     ratios: dict[str, list[float]] = field(default_factory=dict)
     """Contender seconds / seconds of the floor run just before it, one per pair."""
+    cpu_ratios: dict[str, list[float]] = field(default_factory=dict)
+    """The same for CPU time."""
 
 
 def measure_model(name: str, contenders: tuple[Contender, ...], repeats: int) -> ModelResult:
@@ -165,6 +171,7 @@ def measure_model(name: str, contenders: tuple[Contender, ...], repeats: int) ->
                     result.floor.append(floor_run)
                     result.runs.setdefault(contender.name, []).append(run)
                     result.ratios.setdefault(contender.name, []).append(run.seconds / floor_run.seconds)
+                    result.cpu_ratios.setdefault(contender.name, []).append(run.cpu_seconds / floor_run.cpu_seconds)
         finally:
             log.unlink(missing_ok=True)
     return result
@@ -195,24 +202,24 @@ def _spread(values: list[float]) -> str:
 
 
 def markdown_table(results: list[ModelResult]) -> str:
-    """One row per model and contender: seconds, pair ratio to floor A, peak RSS / file."""
+    """One row per model and contender: seconds, pair ratios to floor A, peak RSS / file."""
     lines = [
         "| model | contender | median time | time / floor A (median of pairs, range) "
-        "| peak RSS / model file (highest run) |",
-        "| --- | --- | --- | --- | --- |",
+        "| CPU time / floor A's | peak RSS / model file (highest run) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
         external = ", external data" if len(bench_models.data_files(result.path)) > 1 else ""
         label = f"{result.name} ({result.size / 1e6:,.0f} MB{external})"
         floor_seconds = statistics.median(run.seconds for run in result.floor)
         floor_peak = max(run.peak_rss for run in result.floor)
-        lines.append(f"| {label} | {FLOOR} | {floor_seconds:.2f} s | 1 | {floor_peak / result.size:.2f}× |")
+        lines.append(f"| {label} | {FLOOR} | {floor_seconds:.2f} s | 1 | 1 | {floor_peak / result.size:.2f}× |")
         for name, runs in result.runs.items():
             seconds = statistics.median(run.seconds for run in runs)
             ratios = result.ratios[name]
             peak = max(run.peak_rss for run in runs)
             lines.append(
                 f"| | {name} | {seconds:.2f} s | **{statistics.median(ratios):.2f}×** ({_spread(ratios)}) "
-                f"| {peak / result.size:.2f}× |"
+                f"| {statistics.median(result.cpu_ratios[name]):.2f}× | {peak / result.size:.2f}× |"
             )
     return "\n".join(lines)
