@@ -118,7 +118,7 @@ def _model_chunks(
             serialized = tensor.SerializeToString()
             graph_chunks += [_length_delimited_header(_INITIALIZER, len(serialized)), serialized]
         else:
-            data = byte_view(buffer)
+            data = _byte_view(buffer)
             head = _fields_below(tensor, _RAW_DATA, skip=_DATA_FIELDS)
             head.append(_length_delimited_header(_RAW_DATA, len(data)))
             tail = _fields_above(tensor, _RAW_DATA, skip=_DATA_FIELDS)
@@ -134,7 +134,7 @@ def _model_chunks(
     ]
 
 
-def byte_view(buffer: Buffer) -> memoryview:
+def _byte_view(buffer: Buffer) -> memoryview:
     """``buffer``'s bytes as a flat memoryview over the same memory (no copy).
 
     A numpy array is viewed as bytes whatever its dtype (the buffer protocol knows
