@@ -215,7 +215,7 @@ def unique_names(model: onnx.ModelProto) -> bool:
     return len({tensor.name for tensor in model.graph.initializer}) == len(model.graph.initializer)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(models())
 def test_without_payloads_the_output_is_protobufs_serialization(model: onnx.ModelProto) -> None:
     out = io.BytesIO()
@@ -223,7 +223,7 @@ def test_without_payloads_the_output_is_protobufs_serialization(model: onnx.Mode
     assert out.getvalue() == model.SerializeToString()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_payloads_are_written_as_raw_data_byte_for_byte(data: st.DataObject) -> None:
     model = data.draw(models().filter(unique_names))
