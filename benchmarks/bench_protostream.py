@@ -33,7 +33,7 @@ PRELUDE = """
 import json, sys, time
 import numpy as np, onnx
 from onnx import numpy_helper
-from bnfold.protostream import write_model
+from bnfold.io.protostream import write_model
 model = onnx.load(sys.argv[1])
 arrays = {t.name: (numpy_helper.to_array(t) * 1.0001).astype(numpy_helper.to_array(t).dtype)
           for t in model.graph.initializer}

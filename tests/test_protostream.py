@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.protostream import PROTOBUF_LIMIT, write_model
+from bnfold.io.protostream import PROTOBUF_LIMIT, write_model
 
 # Where a TensorProto can keep its values: what a payload replaces.
 DATA_FIELD_NAMES = ("float_data", "int32_data", "string_data", "int64_data", "raw_data",

@@ -161,7 +161,7 @@ class ScaledLayerIntoProducer(IntoProducer):
         updates = weight_and_bias_updates(
             producer, weight, self.weight_factor(weight, affine.s, attributes_now), bias,
             # A layer's bias has its channels last: Conv/ConvTranspose [M], Gemm C [N], [1, N], [M, N].
-            fold_math.fold_bias(bias, affine.s, shift, axis=-1), self.weight_role, self.bias_role,
+            fold_math.fold_bias(bias, affine.s, shift, axis=-1), self.weight_role,
         )
         if isinstance(updates, Refusal):
             return updates

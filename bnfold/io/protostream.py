@@ -1,4 +1,8 @@
-"""Writing a ModelProto whose weights come straight from arrays, in one sequential pass.
+"""Protobuf's wire format where onnx's own reader and writer cost a copy of every weight.
+
+Writing: a ModelProto whose weights come straight from arrays, in one sequential pass.
+Reading: the sizes of the initializers' ``raw_data``, from the bytes of the file, where
+protobuf's Python API would copy each weight just to say how long it is.
 
 ``onnx.save`` serializes the whole model into one bytes object before writing it, so
 every weight is copied at least once more than the file needs: a weight computed
@@ -242,3 +246,70 @@ def _unknown_fields(fields: UnknownFieldSet) -> bytes:
         else:
             raise ValueError(f"unknown field {number} has wire type {wire_type}, which protobuf does not define")
     return bytes(out)
+
+
+# -- reading sizes ------------------------------------------------------------------------------
+
+
+def _read_varint(data: bytes | memoryview, position: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it."""
+    value, shift = 0, 0
+    while True:
+        if position >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _fields(data: bytes | memoryview, start: int, end: int) -> Iterable[tuple[int, int, int, int]]:
+    """``(number, wire type, start, end)`` of each field between ``start`` and ``end``; for a
+    length-delimited field, start and end enclose its bytes."""
+    position = start
+    while position < end:
+        key, position = _read_varint(data, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            _, after = _read_varint(data, position)
+        elif wire_type == _FIXED64:
+            after = position + 8
+        elif wire_type == _FIXED32:
+            after = position + 4
+        elif wire_type == _LENGTH_DELIMITED:
+            length, position = _read_varint(data, position)
+            after = position + length
+        else:  # groups do not occur in ONNX's messages
+            raise ValueError(f"field {number} has wire type {wire_type}")
+        if after > end:
+            raise ValueError(f"field {number} runs past the end of its message")
+        yield number, wire_type, position, after
+        position = after
+
+
+def initializer_data_lengths(serialized: bytes | memoryview) -> list[int | None]:
+    """The length of ``raw_data`` of each initializer of a serialized ModelProto's graph, in
+    order (None where a tensor has no raw_data), read from the wire format.
+
+    The graph's initializers are parsed in the order their fields appear, so entry i is
+    ``model.graph.initializer[i]`` of the parsed model. Only the framing is read: the cost
+    is a few steps per field, none per byte of weight.
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
+    lengths: list[int | None] = []
+    for number, wire_type, start, end in _fields(serialized, 0, len(serialized)):
+        if number != _GRAPH or wire_type != _LENGTH_DELIMITED:
+            continue
+        for inner, inner_type, tensor_start, tensor_end in _fields(serialized, start, end):
+            if inner != _INITIALIZER or inner_type != _LENGTH_DELIMITED:
+                continue
+            raw: int | None = None
+            for field, field_type, data_start, data_end in _fields(serialized, tensor_start, tensor_end):
+                if field == _RAW_DATA and field_type == _LENGTH_DELIMITED:
+                    raw = data_end - data_start  # the last one wins, as in protobuf
+            lengths.append(raw)
+    return lengths
