@@ -19,7 +19,7 @@ import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.fold import FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
 from bnfold.io.load import LoadedModel, check_model, load_model
 from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
@@ -90,6 +90,7 @@ class FoldReport:
     after: ModelStats
     folds: list[FoldRecord]
     left: list[LeftRecord]
+    merges: list[MergeRecord]
     removed_initializers: list[str]
     verification: Verification | None
     problem: str | None
@@ -100,8 +101,9 @@ class FoldReport:
 
     @property
     def batchnorms_folded(self) -> int:
-        """BatchNormalization nodes folded (decomposed Mul/Add affines not counted)."""
-        return sum(fold.kind == "BatchNormalization" for fold in self.folds)
+        """BatchNormalization nodes folded away (decomposed Mul/Add affines not counted, nor a BN
+        folded only partly: it is still in the graph, and listed as left)."""
+        return sum(fold.kind == "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def batchnorms_total(self) -> int:
@@ -110,8 +112,8 @@ class FoldReport:
 
     @property
     def affines_folded(self) -> int:
-        """Decomposed BN forms (per-channel Mul/Add chains) folded."""
-        return len(self.folds) - self.batchnorms_folded
+        """Decomposed BN forms (per-channel Mul/Add chains) folded away."""
+        return sum(fold.kind != "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def status(self) -> str:
@@ -186,9 +188,10 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         if written:
             staged.commit()
     attribution = None
-    if verification is not None and not verification.passed and outcome.folds:
+    if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
         attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules,
+                                        merges=outcome.merges)
         clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
@@ -199,6 +202,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         after=after,
         folds=outcome.folds,
         left=outcome.left,
+        merges=outcome.merges,
         removed_initializers=outcome.removed_initializers,
         verification=verification,
         problem=problem,
