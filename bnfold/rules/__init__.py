@@ -28,6 +28,7 @@ from __future__ import annotations
 from bnfold.rules.add import AddSplit
 from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.batchnorm_merge import BnMerge
+from bnfold.rules.branch_merge import IdentityIntoSibling, SiblingConvMerge
 from bnfold.rules.concat import ConcatSplit
 from bnfold.rules.conv import ConvBn
 from bnfold.rules.convtranspose import ConvTransposeBn
@@ -63,9 +64,9 @@ MOVERS: tuple[Mover, ...] = (LayoutMover(), PassThroughMover())
 
 SPLITS: tuple[FoldRule, ...] = (ConcatSplit(), AddSplit())
 
-SIBLINGS: tuple[FoldRule, ...] = ()
+SIBLINGS: tuple[FoldRule, ...] = (IdentityIntoSibling(),)
 
-MERGES: tuple[MergeRule, ...] = ()
+MERGES: tuple[MergeRule, ...] = (SiblingConvMerge(),)
 
 # Tried when no layer takes the affine: it merges into a BatchNormalization before it.
 LAST_RESORT: tuple[FoldRule, ...] = (BnMerge(),)
