@@ -81,6 +81,20 @@ def test_acnet_block_without_batchnorms_merges_its_asymmetric_kernels() -> None:
         "1×3 kernel of Conv 'conv1'", "3×1 kernel of Conv 'conv2'"]
 
 
+def test_a_decomposed_affine_on_the_identity_branch_joins_the_sibling() -> None:
+    """The identity branch as tf2onnx writes a Keras BN: ``x * m + a`` by ``[C, 1, 1]`` constants."""
+    b = GraphBuilder(seed=10)
+    x = b.input("x", [1, 3, 5, 5])
+    scaled = b.node("Mul", [x, b.const("m", np.linspace(0.5, 1.5, 3, dtype=np.float32).reshape(3, 1, 1))])
+    shifted = b.node("Add", [scaled, b.const("a", np.linspace(-1, 1, 3, dtype=np.float32).reshape(3, 1, 1))])
+    b.output(b.node("Relu", [b.node("Add", [b.conv(x, 3, 3, (3, 3)), shifted])]))
+    check = fold_and_compare(b.model())
+
+    assert [(fold.kind, fold.rule, fold.direction) for fold in check.outcome.folds] == [
+        ("Mul+Add", "branch-merge", "sibling")]
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Relu"]
+
+
 def test_kernels_that_fit_in_neither_stay_apart() -> None:
     """1×3 beside 3×1 alone would make a larger 3×3; a 3×3 beside a 3×3 of another stride or
     dilation reads other positions; a dense 1×1 does not fit in a depthwise kernel."""

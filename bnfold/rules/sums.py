@@ -58,8 +58,9 @@ def is_root(node: onnx.NodeProto, graph: GraphIndex) -> bool:
     return is_sum(node) and _parent(node, graph) is None
 
 
-def sum_tree(root: onnx.NodeProto, graph: GraphIndex) -> SumTree:
-    """The tree of sums ending at ``root`` (:func:`is_root`) and the terms it adds up."""
+def sum_tree(root: onnx.NodeProto, graph: GraphIndex, terms_at: frozenset[str] = frozenset()) -> SumTree:
+    """The tree of sums ending at ``root`` (:func:`is_root`) and the terms it adds up; a value
+    in ``terms_at`` is a term even when an Add computes it (the Add of a decomposed affine)."""
     nodes, terms = [], []
     pending = [root]
     while pending:
@@ -67,7 +68,8 @@ def sum_tree(root: onnx.NodeProto, graph: GraphIndex) -> SumTree:
         nodes.append(node)
         for slot, name in enumerate(node.input):
             inner = graph.producer_of(name)
-            if inner is not None and is_sum(inner) and inner.output[0] == name and _parent(inner, graph) is node:
+            if (name not in terms_at and inner is not None and is_sum(inner) and inner.output[0] == name
+                    and _parent(inner, graph) is node):
                 pending.append(inner)
             elif name:
                 terms.append(Term(node, slot, name))
@@ -81,7 +83,7 @@ def tree_adding(value: str, graph: GraphIndex) -> tuple[SumTree, Term] | None:
         return None
     while (parent := _parent(root, graph)) is not None:
         root = parent
-    tree = sum_tree(root, graph)
+    tree = sum_tree(root, graph, terms_at=frozenset({value}))
     return tree, next(term for term in tree.terms if term.value == value)
 
 
