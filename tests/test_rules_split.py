@@ -233,3 +233,4 @@ def test_an_operand_broadcast_along_the_channels_is_refused() -> None:
     check = fold_and_compare(b.model())
 
     assert "input 1 'conv1_out' broadcasts along the channel axis" in check.outcome.left[0].reason
+

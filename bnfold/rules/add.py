@@ -115,6 +115,7 @@ def _piece(node: onnx.NodeProto, slot: int, affine: Affine, rank: int | None, gr
     if axis >= 0 and rank is None:
         return Refusal(f"{describe(node)} adds values of unknown rank")
     axes_after = -axis - 1 if axis < 0 else rank - 1 - axis
+    exact = True  # a constant is scaled in place, whatever its size on the channel axis
     if constant is None:
         if operand_rank is None:
             return Refusal(f"{describe(node)} input {slot} '{name}' has an unknown rank")
@@ -125,9 +126,9 @@ def _piece(node: onnx.NodeProto, slot: int, affine: Affine, rank: int | None, gr
         if axes_after >= operand_rank or (size == 1 and affine.channels > 1):
             return Refusal(f"{describe(node)} input {slot} '{name}' broadcasts along the channel axis, "
                            f"so it cannot absorb a per-channel scale")
+        exact = size == affine.channels
     on_operand = dataclasses.replace(affine, nodes=(node,), input_name=name, output_name=name, channel_axis=axis,
-                                     t=np.zeros_like(affine.t),
-                                     exact_channels=constant is not None or size == affine.channels)
+                                     t=np.zeros_like(affine.t), exact_channels=exact)
     return Piece(slot, None, on_operand, axes_after)
 
 

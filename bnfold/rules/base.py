@@ -34,7 +34,13 @@ from bnfold.rules.plan import (
     RuleSet,
     TensorUpdate,
 )
-from bnfold.rules.weights import cast_tensor, constant_weight_and_bias, require_float, weight_and_bias_updates
+from bnfold.rules.weights import (
+    cast_tensor,
+    constant_weight_and_bias,
+    dequantizing_node,
+    require_float,
+    weight_and_bias_updates,
+)
 
 # Ops that read only the shape of their input, which folding an affine map never changes.
 SHAPE_READERS = frozenset({"Shape", "Size"})
@@ -313,10 +319,11 @@ def absorb_piece(piece: Piece, graph: GraphIndex, rules: RuleSet) -> FoldPlan | 
     says why not (a plan that would leave part of the piece behind is one)."""
     value = graph.constant_value(piece.name)
     if value is not None:
-        return _constant_piece(piece, value)
+        return _constant_piece(piece, value, graph)
     producer = graph.producer_of(piece.name)
     if producer is None:
-        return Refusal(f"'{piece.name}' is a graph input")
+        where = "an enclosing graph's value" if graph.is_outer(piece.name) else "a graph input"
+        return Refusal(f"'{piece.name}' is {where}")
     planned = delegate(piece.affine, rules.into_producers, graph, rules)
     if isinstance(planned, FoldPlan) and planned.partial:
         return Refusal(f"only part of it would fold into {describe(producer)}")
@@ -325,8 +332,11 @@ def absorb_piece(piece: Piece, graph: GraphIndex, rules: RuleSet) -> FoldPlan | 
     return planned
 
 
-def _constant_piece(piece: Piece, constant: np.ndarray) -> TensorUpdate | Refusal:
+def _constant_piece(piece: Piece, constant: np.ndarray, graph: GraphIndex) -> TensorUpdate | Refusal:
     node = piece.affine.node
+    dequantize = dequantizing_node(graph, piece.name)
+    if dequantize is not None:
+        return Refusal(f"'{piece.name}' is dequantized by {describe(dequantize)}; folding would drop quantization")
     refusal = require_float(constant, node, f"input {piece.slot}")
     if refusal:
         return refusal
