@@ -16,6 +16,13 @@ every input channel of the output's group; that is exact only when no output
 position sees padding, since padded zeros are not shifted by ``t``
 (:func:`conv_of_padded_shift` gives the exact per-position term).
 
+Split over the inputs of a Concat, each input takes the slice of ``s`` and ``t``
+over its channels (:func:`affine_slices`); over an Add, every operand takes ``s``
+and one of them ``t``. Sibling Convs over one input summed together are one Conv
+when one kernel fits in the other's taps (:func:`tap_positions`,
+:func:`kernel_with_branch`); a BN on the identity branch is the depthwise 1×1
+kernel ``s`` (:func:`identity_kernel`).
+
 Everything here is computed in float64 from the stored values and cast back to
 the model's dtype exactly once, at the end (:func:`cast_back`); doing the math in
 float16/float32 is the classic source of folding error. No ONNX types appear in
