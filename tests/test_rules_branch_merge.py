@@ -49,7 +49,7 @@ def test_repvgg_block_becomes_one_conv() -> None:
     assert identity.target == "Conv 'conv0'" and "diagonal of tap (1, 1) of the 3×3 kernel" in identity.notes[0]
     (merge,) = check.outcome.merges
     assert (merge.merged, merge.target, merge.rule) == ("conv1", "Conv 'conv0'", "branch-merge")
-    assert merge.notes[0].startswith("1×1 kernel of Conv 'conv1' added at tap (1, 1) of the 3×3 kernel")
+    assert merge.notes[0] == "1×1 kernel added at tap (1, 1) of the 3×3 kernel"
 
 
 def test_grouped_and_depthwise_blocks_take_the_identity_on_their_diagonal() -> None:
@@ -77,8 +77,9 @@ def test_acnet_block_without_batchnorms_merges_its_asymmetric_kernels() -> None:
 
     assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Relu"]
     assert not check.outcome.folds
-    assert sorted(merge.notes[0].split(" added")[0] for merge in check.outcome.merges) == [
-        "1×3 kernel of Conv 'conv1'", "3×1 kernel of Conv 'conv2'"]
+    assert sorted((merge.merged, merge.notes[0]) for merge in check.outcome.merges) == [
+        ("conv1", "1×3 kernel added at tap (1, 0) of the 3×3 kernel"),
+        ("conv2", "3×1 kernel added at tap (0, 1) of the 3×3 kernel")]
 
 
 def test_a_decomposed_affine_on_the_identity_branch_joins_the_sibling() -> None:

@@ -245,7 +245,6 @@ class SiblingConvMerge(MergeRule):
         if isinstance(dropped, Refusal) or isinstance(updates, Refusal):
             return None
         groups = f", {inner.kernel.group} groups into {outer.kernel.group}" if inner.kernel.group != outer.kernel.group else ""
-        note = (f"{inner.kernel.size} kernel of {describe(inner.conv)} added at {_first_tap(taps)} of the "
-                f"{outer.kernel.size} kernel{groups}")
+        note = f"{inner.kernel.size} kernel added at {_first_tap(taps)} of the {outer.kernel.size} kernel{groups}"
         return MergePlan(rule=self.name, target=outer.conv, merged=inner.conv, updates=updates,
                          dropped_terms=[dropped], notes=[note])
