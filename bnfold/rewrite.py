@@ -21,7 +21,6 @@ import onnx
 from onnx import helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
-from bnfold.io.store import TensorStore
 from bnfold.rules.plan import AddedBias, AttributeUpdate, DroppedTerm, FoldPlan, InsertedAffine, MergePlan, TensorUpdate
 
 

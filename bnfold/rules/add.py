@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import Piece, absorb_piece, split_plan
+from bnfold.rules.base import AbsorbedPiece, Piece, absorb_piece, split_plan
 from bnfold.rules.plan import Affine, FoldPlan, FoldRule, Refusal, RuleSet, TensorUpdate
 from bnfold.rules.sums import is_sum
 
@@ -75,7 +75,7 @@ class AddSplit(FoldRule):
 
     def _shift_carrier(self, affine: Affine, node: onnx.NodeProto, pieces: list[Piece],
                        claimed: dict[int, set[int]], graph: GraphIndex, rules: RuleSet
-                       ) -> tuple[Piece, FoldPlan | TensorUpdate] | Refusal:
+                       ) -> AbsorbedPiece | Refusal:
         """The operand that takes the shift too, and what absorbs its piece then."""
         fallback = None
         constants_first = sorted(pieces, key=lambda piece: graph.constant_value(piece.name) is None)

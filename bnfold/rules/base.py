@@ -346,11 +346,15 @@ def _constant_piece(piece: Piece, constant: np.ndarray, graph: GraphIndex) -> Te
     return cast_tensor(node, piece.slot, values, constant.dtype, "constant")
 
 
+AbsorbedPiece = tuple[Piece, FoldPlan | TensorUpdate]
+"""A piece and what absorbs it: a plan for the layer behind its input, or a constant's new value."""
+
+
 def split_plan(
     rule: str,
     affine: Affine,
     target: onnx.NodeProto,
-    absorbed: Sequence[tuple[Piece, FoldPlan | TensorUpdate]],
+    absorbed: Sequence[AbsorbedPiece],
     inserted: Sequence[tuple[Piece, InsertedAffine]] = (),
 ) -> FoldPlan:
     """One plan that removes ``affine`` from the output of ``target`` (a Concat or an Add) by

@@ -27,11 +27,9 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, attribute, describe, is_standard
-from bnfold.rules.base import Piece, absorb_piece, split_plan
+from bnfold.rules.base import AbsorbedPiece, Piece, absorb_piece, split_plan
 from bnfold.rules.plan import Affine, FoldPlan, FoldRule, InsertedAffine, Refusal, RuleSet, TensorUpdate
 from bnfold.rules.weights import cast_tensor
-
-Absorbed = tuple[Piece, FoldPlan | TensorUpdate]
 
 
 class ConcatSplit(FoldRule):
@@ -51,7 +49,7 @@ class ConcatSplit(FoldRule):
         pieces = _pieces(concat, affine, graph)
         if isinstance(pieces, Refusal):
             return pieces
-        absorbed: list[Absorbed] = []
+        absorbed: list[AbsorbedPiece] = []
         refused: list[tuple[Piece, Refusal]] = []
         claimed = {graph.position_of(concat)}
         for piece in pieces:
