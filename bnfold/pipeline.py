@@ -21,7 +21,7 @@ import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.fold import FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import (
     Trial,
     check_option_values,
@@ -118,6 +118,7 @@ class FoldReport:
     after: ModelStats
     folds: list[FoldRecord]
     left: list[LeftRecord]
+    merges: list[MergeRecord]
     removed_initializers: list[str]
     verification: Verification | None
     problem: str | None
@@ -128,8 +129,9 @@ class FoldReport:
 
     @property
     def batchnorms_folded(self) -> int:
-        """BatchNormalization nodes folded (decomposed Mul/Add affines not counted)."""
-        return sum(fold.kind == "BatchNormalization" for fold in self.folds)
+        """BatchNormalization nodes folded away (decomposed Mul/Add affines not counted, nor a BN
+        folded only partly: it is still in the graph, and listed as left)."""
+        return sum(fold.kind == "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def batchnorms_total(self) -> int:
@@ -138,8 +140,8 @@ class FoldReport:
 
     @property
     def affines_folded(self) -> int:
-        """Decomposed BN forms (per-channel Mul/Add chains) folded."""
-        return len(self.folds) - self.batchnorms_folded
+        """Decomposed BN forms (per-channel Mul/Add chains) folded away."""
+        return sum(fold.kind != "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def status(self) -> str:
@@ -259,13 +261,14 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
                 )
             clock.lap("verify")
         attribution = None
-        if verification is not None and not verification.passed and outcome.folds:
+        if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
             # Before anything is committed: the search reloads the input, which --in-place
             # would otherwise have replaced, and a model found not deterministic
             # (NotDeterministic) must leave nothing behind, --keep-failed or not.
             progress("attribution", None)
             attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules,
+                                            merges=outcome.merges)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
@@ -280,6 +283,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
         after=after,
         folds=outcome.folds,
         left=outcome.left,
+        merges=outcome.merges,
         removed_initializers=outcome.removed_initializers,
         verification=verification,
         problem=problem,

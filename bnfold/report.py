@@ -224,9 +224,18 @@ def render_fold_report(report: FoldReport) -> Group:
     for fold in report.folds:
         # A decomposed BN (e.g. Mul+Add) is named by its first node: say what it was.
         folded = fold.batchnorm if fold.kind == "BatchNormalization" else f"{fold.batchnorm} ({fold.kind})"
+        folded += " (partly)" if fold.partial else ""
         folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
                       _measured(fold.max_rounding_error), "; ".join(fold.notes))
     parts.append(_titled(f"Folded ({len(report.folds)})", folds))
+    if report.merges:
+        merges = Table(box=box.SIMPLE_HEAD)
+        for column in ("merged", "into", "rule", "rounding", "notes"):
+            merges.add_column(column, justify="right" if column == "rounding" else "left")
+        for merge in report.merges:
+            merges.add_row(Text(merge.merged), Text(merge.target), merge.rule, _measured(merge.max_rounding_error),
+                           Text("; ".join(merge.notes)))
+        parts.append(_titled(f"Merged branches ({len(report.merges)})", merges))
     if report.left:
         left = Table(box=box.SIMPLE_HEAD)
         left.add_column("BatchNormalization")
@@ -266,6 +275,11 @@ def _affines(report: FoldReport) -> str:
     return f" (+{count} decomposed affine{'s' if count != 1 else ''})" if count else ""
 
 
+def _merges(report: FoldReport) -> str:
+    count = len(report.merges)
+    return f", merged {count} sibling branch{'es' if count != 1 else ''}" if count else ""
+
+
 def quiet_fold_line(report: FoldReport) -> str:
     if report.dry_run:
         where = "dry run"
@@ -280,7 +294,8 @@ def quiet_fold_line(report: FoldReport) -> str:
         )
     return (
         f"{_name(report.input, '<model>')} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
-        f"BatchNormalization{_affines(report)}, {report.status}{_worst_error(report.verification)}{culprits}"
+        f"BatchNormalization{_affines(report)}{_merges(report)}, {report.status}"
+        f"{_worst_error(report.verification)}{culprits}"
     )
 
 
