@@ -307,12 +307,16 @@ def _fold_graph(
         # add a node after it, which would hide the layer from the BN that follows it.
         # Merges come last: a branch's own BN folds before the branch merges.
         ordered = sorted(candidates, key=lambda candidate: candidate.direction != "backward")
-        for plan in [*ordered, *merges]:
+        changes: list[FoldPlan | MergePlan] = [*ordered, *merges]
+        for plan in changes:
             touched = {graph.position_of(n) for n in plan.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
-            (chosen_merges if isinstance(plan, MergePlan) else plans).append(plan)
+            if isinstance(plan, MergePlan):
+                chosen_merges.append(plan)
+            else:
+                plans.append(plan)
         if not plans and not chosen_merges:
             run.outcome.left += left
             return

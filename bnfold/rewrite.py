@@ -245,7 +245,8 @@ def apply_plans(
     stale_value_info: set[str] = set()
     added_nodes: list[onnx.NodeProto] = []
     copies: list[tuple[FoldPlan | MergePlan, TensorUpdate, str, str]] = []
-    for plan in [*plans, *(merges or [])]:
+    changes: list[FoldPlan | MergePlan] = [*plans, *(merges or [])]
+    for plan in changes:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
             if old_name:

@@ -112,14 +112,17 @@ def _piece(node: onnx.NodeProto, slot: int, affine: Affine, rank: int | None, gr
     constant = graph.constant_value(name)
     operand_rank = constant.ndim if constant is not None else graph.rank_of(name)
     axis = affine.channel_axis
-    if axis >= 0 and rank is None:
+    if axis < 0:
+        axes_after = -axis - 1
+    elif rank is None:
         return Refusal(f"{describe(node)} adds values of unknown rank")
-    axes_after = -axis - 1 if axis < 0 else rank - 1 - axis
+    else:
+        axes_after = rank - 1 - axis
     exact = True  # a constant is scaled in place, whatever its size on the channel axis
     if constant is None:
         if operand_rank is None:
             return Refusal(f"{describe(node)} input {slot} '{name}' has an unknown rank")
-        if axis >= 0 and operand_rank != rank:
+        if axis >= 0 and rank is not None and operand_rank != rank:
             axis -= rank - operand_rank
         shape = graph.static_shape(name)
         size = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None

@@ -98,7 +98,7 @@ def conv_geometry(conv: onnx.NodeProto, weight: np.ndarray, graph: GraphIndex) -
             spatial = (0,) * rank  # with stride 1 the padding does not depend on the size
         if spatial is None or len(spatial) != rank or None in spatial:
             return Refusal(f"{describe(conv)} pads SAME with strides on an input of unknown size")
-        pads = fold_math.same_padding(auto_pad, tuple(spatial), kernel, strides, dilations)
+        pads = fold_math.same_padding(auto_pad, tuple(d for d in spatial if d is not None), kernel, strides, dilations)
     elif auto_pad == "VALID":
         pads = [0] * (2 * rank)
     else:
@@ -156,7 +156,7 @@ def _updates(target: Branch, kernel: Kernel, taps: tuple[np.ndarray, ...], shift
     biases = [np.asarray(part, dtype=np.float64) for part in (own.bias, shift) if part is not None]
     if biases:
         dtype = own.weight.dtype if own.bias is None else own.bias.dtype
-        updates.append(cast_tensor(target.conv, 2, sum(biases), dtype, "bias"))
+        updates.append(cast_tensor(target.conv, 2, np.sum(biases, axis=0), dtype, "bias"))
     refused = next((update for update in updates if isinstance(update, Refusal)), None)
     return refused or updates  # type: ignore[return-value]
 
@@ -183,8 +183,10 @@ class IdentityIntoSibling(FoldRule):
         branches = []
         for sibling, conv in siblings:
             branch = read_branch(sibling, conv, graph)
-            refusal = branch if isinstance(branch, Refusal) else channel_axis_refusal(
-                affine, branch.conv, axis=1, rank=branch.kernel.weight.ndim)
+            if isinstance(branch, Refusal):
+                reasons.append(branch.reason)
+                continue
+            refusal = channel_axis_refusal(affine, branch.conv, axis=1, rank=branch.kernel.weight.ndim)
             if refusal:
                 reasons.append(refusal.reason)
             else:

@@ -116,13 +116,16 @@ def _kept(piece: Piece, affine: Affine, graph: GraphIndex) -> InsertedAffine | N
     """The piece an input keeps in front of the Concat, if that adds no node: one
     BatchNormalization for a BN (on axis 1, from opset 7, where BN needs no training flag),
     else a Mul and/or an Add, no more of them than the affine had."""
-    dtype = graph.constant_value(affine.parameter_names[0]).dtype
+    parameter = graph.constant_value(affine.parameter_names[0])
+    if parameter is None:  # the reader found it constant; only a changed graph gets here
+        return None
+    dtype = parameter.dtype
     rank = graph.rank_of(piece.name)
     batchnorm = (affine.kind == "BatchNormalization" and graph.default_opset() >= 7
                  and (piece.affine.channel_axis == 1 or (rank is not None and piece.affine.channel_axis % rank == 1)))
     if not batchnorm and piece.axes_after is None:
         return None
-    shape = [-1] if batchnorm else [-1] + [1] * piece.axes_after
+    shape = [-1] if batchnorm or piece.axes_after is None else [-1] + [1] * piece.axes_after
     scale = cast_tensor(piece.affine.node, piece.slot, piece.affine.s.reshape(shape), dtype, "scale")
     shift = cast_tensor(piece.affine.node, piece.slot, piece.affine.t.reshape(shape), dtype, "shift")
     if not isinstance(scale, TensorUpdate) or not isinstance(shift, TensorUpdate):
