@@ -147,7 +147,7 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
-        self._shapes: dict[str, tuple[int | None, ...]] | None = None
+        self._shapes: dict[str, tuple[int | str | None, ...]] | None = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -272,6 +272,14 @@ class GraphIndex:
         need a shape), on a weight-less copy so its cost does not grow with the
         weights. A model that cannot be inferred simply has unknown shapes.
         """
+        shape = self.symbolic_shape(name)
+        return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
+
+    def symbolic_shape(self, name: str) -> tuple[int | str | None, ...] | None:
+        """As :meth:`static_shape`, with a symbolic dimension given by its name (``dim_param``):
+        the model's own (``'batch'``) or one shape inference made up for a size it could not
+        compute. Two dimensions of one name have one size, which lets a rule compare sizes it
+        cannot know (``x.view(x.size(0), -1)`` keeps the batch of ``x``). None: not even a name."""
         if self._shapes is None:
             self._shapes = {}
             try:
@@ -281,7 +289,7 @@ class GraphIndex:
             for value in (*inferred.input, *inferred.output, *inferred.value_info):
                 if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
                     self._shapes[value.name] = tuple(
-                        dim.dim_value if dim.HasField("dim_value") else None
+                        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
                         for dim in value.type.tensor_type.shape.dim
                     )
             self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)

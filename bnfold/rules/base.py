@@ -101,6 +101,18 @@ def matmul_output_rank(graph: GraphIndex, matmul: onnx.NodeProto) -> int | None:
     return rank
 
 
+def becomes_gemm(graph: GraphIndex, matmul: onnx.NodeProto, dtype: np.dtype) -> bool:
+    """Whether a MatMul that gains a bias is better turned into a Gemm, whose C holds it, than
+    followed by an Add: when its input is known to be a matrix (Gemm's A is one; a MatMul of
+    higher rank is batched, and stays MatMul + Add) and Gemm takes the dtype at the model's
+    opset (from opset 7, where C broadcasts without an attribute; bfloat16 from opset 13).
+    onnxruntime's own MatMul + BatchNormalization fusion gives the same Gemm."""
+    opset = graph.default_opset()
+    if graph.rank_of(matmul.input[0]) != 2 or opset < 7:
+        return False
+    return np.dtype(dtype).name in ("float16", "float32", "float64") or (np.dtype(dtype).name == "bfloat16" and opset >= 13)
+
+
 @dataclass
 class Absorbed:
     """What a layer needs to absorb an affine: its new tensors, and what else changes."""
@@ -115,6 +127,9 @@ class Absorbed:
     """Op type changes: a rank-2 MatMul with a bias becomes a Gemm."""
     replaced: list[Replaced] = field(default_factory=list)
     """Nodes removed because the layer took them over: the bias Add that Gemm's C now holds."""
+    target: onnx.NodeProto | None = None
+    """Backward: the node that takes the affine's place when it is not the matched producer
+    (a MatMul that takes over the bias Add the rule matched)."""
 
 
 class IntoProducer(FoldRule):
@@ -148,7 +163,7 @@ class IntoProducer(FoldRule):
         return FoldPlan(
             rule=self.name,
             affine=affine,
-            target=producer,
+            target=producer if absorbed.target is None else absorbed.target,
             direction="backward",
             updates=absorbed.updates,
             attributes=absorbed.attributes,

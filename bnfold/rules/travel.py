@@ -24,7 +24,7 @@ from abc import abstractmethod
 import onnx
 
 from bnfold.graph import GraphIndex, describe, is_standard
-from bnfold.rules.base import delegate, value_uses
+from bnfold.rules.base import delegate, reads_only_shape, value_uses
 from bnfold.rules.plan import Affine, FoldPlan, FoldRule, Mover, Refusal, RuleSet
 
 MAX_CROSSED = 8
@@ -194,7 +194,10 @@ class ThroughIntoConsumer(_Travel):
     def cross_next(
         self, affine: Affine, graph: GraphIndex, rules: RuleSet
     ) -> tuple[onnx.NodeProto, list[Affine], list[onnx.NodeProto]] | Refusal | None:
-        readers = graph.consumers_of(affine.output_name)
+        readers: list[onnx.NodeProto] = []
+        shape_readers: list[onnx.NodeProto] = []
+        for node in graph.consumers_of(affine.output_name):
+            (shape_readers if reads_only_shape(node, affine.output_name) else readers).append(node)
         middle = readers[0] if len(readers) == 1 and affine.output_name not in graph.graph_outputs else None
         mover = _mover_for(middle, rules)
         if middle is None or mover is None or middle.input[0] != affine.output_name:
@@ -210,7 +213,7 @@ class ThroughIntoConsumer(_Travel):
         outputs = [middle.output[k] for k in carried if k < len(middle.output) and middle.output[k]]
         return middle, [
             dataclasses.replace(moved, input_name=name, output_name=name) for name in outputs if graph.use_count(name)
-        ], []
+        ], shape_readers
 
     def layer_rules(self, rules: RuleSet) -> tuple[FoldRule, ...]:
         return rules.forward
@@ -218,11 +221,12 @@ class ThroughIntoConsumer(_Travel):
     def wrap(
         self, inner: FoldPlan, affine: Affine, middle: onnx.NodeProto, shape_readers: list[onnx.NodeProto]
     ) -> FoldPlan:
-        # M now reads the affine's input (the rewrite rewires every forward target reading its output).
+        # M now reads the affine's input (the rewrite rewires every forward target reading its
+        # output), and so does a Shape node that read the affine's output.
         return dataclasses.replace(
             inner,
             rule=_renamed(inner.rule, middle.op_type, first=True),
             affine=affine,
-            also_targets=[*inner.also_targets, middle],
+            also_targets=[*inner.also_targets, middle, *shape_readers],
             notes=[f"through {describe(middle)}", *inner.notes],
         )
