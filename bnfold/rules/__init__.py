@@ -31,7 +31,11 @@ from bnfold.rules.matmul import MatMulBn
 from bnfold.rules.matmul_add import MatMulAddBn
 from bnfold.rules.move_average import AverageMover
 from bnfold.rules.move_max import MaxMover
+from bnfold.rules.move_pad import PadMover
 from bnfold.rules.move_reshape import ReshapeMover
+from bnfold.rules.move_resize import ResizeMover
+from bnfold.rules.move_slice import SliceMover
+from bnfold.rules.move_split import SplitMover
 from bnfold.rules.passthrough import PassThroughMover
 from bnfold.rules.plan import (
     Affine,
@@ -58,6 +62,10 @@ MOVERS: tuple[Mover, ...] = (
     AverageMover(),
     MaxMover(),
     ReshapeMover(),
+    ResizeMover(),
+    SliceMover(),
+    SplitMover(),
+    PadMover(),
 )
 
 # Tried when no layer takes the affine: it merges into a BatchNormalization before it.

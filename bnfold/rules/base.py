@@ -199,8 +199,8 @@ class ScaledLayerIntoProducer(IntoProducer):
         weight, bias = found
         attributes_now = attributes(producer)
         refusal = (
-            self.weight_refusal(producer, attributes_now, weight, affine)
-            or channel_axis_refusal(affine, producer, axis=1, rank=self.output_rank(weight))
+            channel_axis_refusal(affine, producer, axis=1, rank=self.output_rank(weight))
+            or self.weight_refusal(producer, attributes_now, weight, affine)
             or self.bias_refusal(producer, bias, affine)
         )
         if refusal:

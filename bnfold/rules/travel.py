@@ -108,6 +108,9 @@ class _Travel(FoldRule):
         for moved in moved_affines:
             inner = _combined([delegate(moved, self.layer_rules(rules), graph, rules),
                                self._cross(moved, graph, rules, budget - 1)], middle)
+            if inner is None and len(moved_affines) > 1:
+                readers = ", ".join(describe(node) for node in graph.consumers_of(moved.output_name))
+                inner = _through(middle, f"its output '{moved.output_name}' feeds {readers}, which cannot absorb it")
             if not isinstance(inner, FoldPlan):
                 return inner
             plans.append(inner)
