@@ -152,3 +152,16 @@ def test_a_reshape_of_a_decomposed_affine_with_a_broadcast_channel_is_refused() 
     model = b.model()
     outcome = fold_batchnorms(model)
     assert outcome.folds == [] and op_count(model, "Mul") == 1 and op_count(model, "Add") == 1
+
+
+def test_resize_to_sizes_computed_from_its_input_keeps_the_channels() -> None:
+    """``interpolate(y, size=(h, w))`` with a symbolic batch: the sizes are
+    ``Concat(Shape(y)[0:2], [h, w])``, whose channel entry is the input's own."""
+    b = GraphBuilder(seed=13)
+    conv = b.conv(b.input("x", ["n", 3, 5, 5]), 3, 4)
+    leading = b.node("Slice", [b.node("Shape", [conv]), b.const("start", np.array([0])), b.const("end", np.array([2]))])
+    sizes = b.node("Concat", [leading, b.const("hw", np.array([7, 3]))], axis=0)
+    b.output(b.batchnorm(b.node("Resize", [conv, "", "", sizes], mode="cubic"), 4))
+    check = fold_and_compare(b.model(), shapes={"x": (2, 3, 5, 5)})
+    (fold,) = check.outcome.folds
+    assert fold.rule == "conv-bn through Resize"

@@ -28,52 +28,12 @@ import dataclasses
 import math
 from collections import Counter
 
-import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, attribute, describe, is_standard
+from bnfold.graph import Dim, GraphIndex, attribute, describe
 from bnfold.rules.layout import channel_axis
 from bnfold.rules.plan import Affine, Mover, Refusal
-
-Dim = int | str | None
-"""A size: a number, a symbolic size by name, or unknown."""
-
-# Ops through which a shape tensor's entries pass unchanged (only the layout of the tensor changes).
-_ENTRY_PRESERVING = frozenset({"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
-_MAX_DEPTH = 16
-
-
-def _shape_entries(name: str, graph: GraphIndex, depth: int = 0) -> list[Dim] | None:
-    """The entries of a 1-D int64 shape tensor: constants, or sizes read by Shape nodes."""
-    value = graph.constant_value(name)
-    if value is not None:
-        return [int(v) for v in np.asarray(value).reshape(-1)]
-    node = graph.producer_of(name)
-    if node is None or not is_standard(node) or depth > _MAX_DEPTH:
-        return None
-    if node.op_type == "Shape":
-        dims = graph.symbolic_shape(node.input[0])
-        if dims is None:
-            return None
-        rank = len(dims)
-        start, end = int(attribute(node, "start", 0)), attribute(node, "end")
-        end = rank if end is None else int(end)
-        return list(dims[slice(*(min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end)))])
-    if node.op_type == "Concat" and int(attribute(node, "axis", 0)) in (0, -1):
-        parts = [_shape_entries(part, graph, depth + 1) for part in node.input]
-        return None if any(part is None for part in parts) else [entry for part in parts for entry in part or []]
-    if node.op_type == "Gather" and int(attribute(node, "axis", 0)) == 0:
-        data = _shape_entries(node.input[0], graph, depth + 1)
-        indices = graph.constant_value(node.input[1])
-        if data is None or indices is None:
-            return None
-        picked = [int(i) for i in np.asarray(indices).reshape(-1)]
-        return None if any(not -len(data) <= i < len(data) for i in picked) else [data[i] for i in picked]
-    if node.op_type in _ENTRY_PRESERVING:
-        return _shape_entries(node.input[0], graph, depth + 1)
-    return None
-
 
 def _product(dims: list[Dim]) -> tuple[int, Counter[str]] | None:
     """A product of sizes as a number times symbolic names; None when a size is unknown."""
@@ -101,7 +61,7 @@ def _resolved_target(node: onnx.NodeProto, source: tuple[Dim, ...], graph: Graph
         axis = int(attribute(node, "axis", 1))
         axis += len(source) if axis < 0 else 0
         return [_quotient(list(source[:axis]), []), _quotient(list(source[axis:]), [])]
-    entries = _shape_entries(node.input[1], graph) if len(node.input) > 1 else None
+    entries = graph.shape_entries(node.input[1]) if len(node.input) > 1 else None
     if entries is None:
         return None
     keep_zeros = bool(attribute(node, "allowzero", 0))

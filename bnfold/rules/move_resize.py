@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, attribute, describe
+from bnfold.graph import Dim, GraphIndex, attribute, describe
 from bnfold.rules.layout import absolute_axis
 from bnfold.rules.plan import Affine, Mover, Refusal
 
@@ -51,17 +51,28 @@ class _NotConstant(Exception):
     """A Resize input that decides which values are combined is computed at run time."""
 
 
-def _factors(node: onnx.NodeProto, graph: GraphIndex, opset: int) -> tuple[str, np.ndarray | None]:
+def _sizes(node: onnx.NodeProto, graph: GraphIndex) -> list[Dim] | None:
+    """Resize's ``sizes`` (input 3): constants, or computed from the input's own sizes
+    (``interpolate(x, size=(h, w))`` writes ``Concat(Shape(x)[:2], [h, w])``)."""
+    if len(node.input) < 4 or not node.input[3]:
+        return None
+    entries = graph.shape_entries(node.input[3])
+    if entries is None:
+        raise _NotConstant(node.input[3])
+    return entries or None
+
+
+def _factors(node: onnx.NodeProto, graph: GraphIndex, opset: int) -> tuple[str, list[float] | list[Dim] | None]:
     """Whether the op is given ``scales`` or ``sizes``, and the values (None: only H and W
     are scaled, as Upsample before opset 7 does)."""
     if node.op_type == "Upsample" and opset < 7:
         return "scales", None
     if node.op_type == "Upsample" and opset < 9:
-        return "scales", np.asarray(attribute(node, "scales", []), dtype=np.float64)
-    if node.op_type == "Upsample" or opset < 11:
-        return "scales", _constant(node, 1, graph)
-    scales = _constant(node, 2, graph)
-    return ("scales", scales) if scales is not None else ("sizes", _constant(node, 3, graph))
+        return "scales", [float(v) for v in attribute(node, "scales", [])]
+    scales = _constant(node, 1 if node.op_type == "Upsample" or opset < 11 else 2, graph)
+    if scales is not None or node.op_type == "Upsample" or opset < 11:
+        return "scales", None if scales is None else [float(v) for v in scales]
+    return "sizes", _sizes(node, graph)
 
 
 class ResizeMover(Mover):
@@ -101,10 +112,11 @@ class ResizeMover(Mover):
         if position is not None and factors is not None:
             if kind == "scales" and factors[position] != 1.0:
                 return Refusal(f"{describe(node)} resizes the channel axis {axis} by {factors[position]:g}")
-            size = shape[axis] if shape is not None else None
+            dims = graph.symbolic_shape(node.input[0])
+            size = dims[axis] if dims is not None else None
             channels = size if size is not None else (affine.channels if affine.exact_channels else None)
-            if kind == "sizes" and factors[position] != channels:
-                return Refusal(f"{describe(node)} resizes the channel axis {axis} to {int(factors[position])} entries")
+            if kind == "sizes" and (factors[position] is None or factors[position] != channels):
+                return Refusal(f"{describe(node)} resizes the channel axis {axis} to {factors[position]} entries")
             policy = _text(attribute(node, "keep_aspect_ratio_policy"), "stretch")
             if kind == "sizes" and policy != "stretch":
                 return Refusal(f"{describe(node)} keeps the aspect ratio ({policy}), which rescales the channel axis too")
