@@ -94,8 +94,12 @@ def _better(inferred: Dim, resolved: Dim) -> Dim:
     return inferred
 
 
-def _moved(node: onnx.NodeProto, affine: Affine, source: tuple[Dim, ...], target: tuple[Dim, ...]) -> Affine | Refusal:
-    """The affine on ``source``'s axis moved onto an axis of ``target`` that holds whole channels."""
+def _moved(
+    node: onnx.NodeProto, affine: Affine, shapes: tuple[tuple[Dim, ...], tuple[Dim, ...]], forward: bool
+) -> Affine | Refusal:
+    """The affine on one side of the reshape (its input when ``forward``) moved onto an axis
+    of the other side that holds whole channels."""
+    source, target = shapes if forward else shapes[::-1]
     rank = len(source)
     if not -rank <= affine.channel_axis < rank:
         return Refusal(f"{describe(node)}: a rank-{rank} tensor has no axis {affine.channel_axis}")
@@ -125,12 +129,10 @@ def _moved(node: onnx.NodeProto, affine: Affine, source: tuple[Dim, ...], target
             if moved is not None:
                 s, t = moved
                 return dataclasses.replace(affine, s=s, t=t, channel_axis=channel_axis(b, count), exact_channels=True)
-    shapes = f"{_listed(source)} to {_listed(target)}"
+    reshaped = f"{describe(node)} reshapes {_listed(shapes[0])} to {_listed(shapes[1])}"
     if unknown:
-        return Refusal(f"{describe(node)} reshapes {shapes}: with sizes unknown, the entries each channel owns are unknown")
-    return Refusal(
-        f"{describe(node)} reshapes {shapes}: no axis holds whole channels, so the scale would vary within a channel"
-    )
+        return Refusal(f"{reshaped}: with sizes unknown, the entries each channel owns are unknown")
+    return Refusal(f"{reshaped}: no axis holds whole channels, so the scale would vary within a channel")
 
 
 def _listed(shape: tuple[Dim, ...]) -> str:
@@ -144,11 +146,11 @@ class ReshapeMover(Mover):
 
     def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
         shapes = self._shapes(node, graph)
-        return shapes if isinstance(shapes, Refusal) else _moved(node, affine, shapes[1], shapes[0])
+        return shapes if isinstance(shapes, Refusal) else _moved(node, affine, shapes, forward=False)
 
     def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
         shapes = self._shapes(node, graph)
-        return shapes if isinstance(shapes, Refusal) else _moved(node, affine, shapes[0], shapes[1])
+        return shapes if isinstance(shapes, Refusal) else _moved(node, affine, shapes, forward=True)
 
     @staticmethod
     def _shapes(node: onnx.NodeProto, graph: GraphIndex) -> tuple[tuple[Dim, ...], tuple[Dim, ...]] | Refusal:
