@@ -316,7 +316,9 @@ class GraphIndex:
         if node.op_type == "Shape":
             dims = self.symbolic_shape(node.input[0])
             end = attribute(node, "end")
-            return None if dims is None else list(dims[int(attribute(node, "start", 0)):None if end is None else int(end)])
+            if dims is None:
+                return None
+            return list(dims[int(attribute(node, "start", 0)):None if end is None else int(end)])
         if node.op_type == "Concat":
             parts = [self.shape_entries(part, depth + 1) for part in node.input]
             return None if any(part is None for part in parts) else [entry for part in parts for entry in part or []]

@@ -128,7 +128,7 @@ def test_max_pool_commutes_with_the_affine_exactly_when_no_scale_is_negative(cas
 
 @SETTINGS
 @given(windows(), st.integers(0, 2**31))
-def test_a_counted_average_keeps_the_shift_exactly_when_no_window_reads_padding(case, seed: int) -> None:  # noqa: ANN001
+def test_counted_average_keeps_the_shift_exactly_when_no_window_reads_padding(case, seed: int) -> None:  # noqa: ANN001
     size, windows_, pad_end = case
     assume(not fold_math.windows_without_values(windows_, size))
     rng = np.random.default_rng(seed)

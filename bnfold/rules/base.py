@@ -110,7 +110,8 @@ def becomes_gemm(graph: GraphIndex, matmul: onnx.NodeProto, dtype: np.dtype) -> 
     opset = graph.default_opset()
     if graph.rank_of(matmul.input[0]) != 2 or opset < 7:
         return False
-    return np.dtype(dtype).name in ("float16", "float32", "float64") or (np.dtype(dtype).name == "bfloat16" and opset >= 13)
+    name = np.dtype(dtype).name
+    return name in ("float16", "float32", "float64") or (name == "bfloat16" and opset >= 13)
 
 
 @dataclass

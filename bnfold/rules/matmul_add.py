@@ -81,7 +81,8 @@ class MatMulAddBn(IntoProducer):
                 return gemm_bias
             return Absorbed(
                 [scaled, gemm_bias], retyped=[OpTypeUpdate(matmul, "Gemm")], replaced=[Replaced(producer, matmul)],
-                target=matmul, notes=[f"{describe(matmul)} becomes a Gemm whose C holds the bias of {describe(producer)}"],
+                target=matmul,
+                notes=[f"{describe(matmul)} becomes a Gemm whose C holds the bias of {describe(producer)}"],
             )
         folded_bias = cast_tensor(producer, bias_slot, exact_bias, bias.dtype, "bias")
         if isinstance(folded_bias, Refusal):

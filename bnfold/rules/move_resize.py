@@ -100,6 +100,8 @@ class ResizeMover(Mover):
         except _NotConstant as error:
             return Refusal(f"{describe(node)} input '{error}' is not a constant")
         resized_axes = [int(a) for a in attribute(node, "axes", [])]
+        if factors is None and node.op_type == "Resize":
+            return Refusal(f"{describe(node)} has neither scales nor sizes")
         if factors is None:  # Upsample-1: height_scale and width_scale of an NCHW input
             axes = [2, 3]
         elif not resized_axes:  # scales or sizes for every axis
@@ -119,7 +121,9 @@ class ResizeMover(Mover):
                 return Refusal(f"{describe(node)} resizes the channel axis {axis} to {factors[position]} entries")
             policy = _text(attribute(node, "keep_aspect_ratio_policy"), "stretch")
             if kind == "sizes" and policy != "stretch":
-                return Refusal(f"{describe(node)} keeps the aspect ratio ({policy}), which rescales the channel axis too")
+                return Refusal(
+                    f"{describe(node)} keeps the aspect ratio ({policy}), which rescales the channel axis too"
+                )
         if _text(attribute(node, "coordinate_transformation_mode"), "half_pixel") == "tf_crop_and_resize":
             value = float(attribute(node, "extrapolation_value", 0.0))
             moved = fold_math.first_changed_pad_value(affine.s, affine.t, value)

@@ -60,7 +60,9 @@ class SliceMover(Mover):
             return affine if kept is None else kept
         indices, length = kept
         if len(indices) != affine.channels:
-            return Refusal(f"{describe(node)} keeps {len(indices)} channels, but the {affine.kind} has {affine.channels}")
+            return Refusal(
+                f"{describe(node)} keeps {len(indices)} channels, but the {affine.kind} has {affine.channels}"
+            )
         s, t = np.ones(length), np.zeros(length)
         s[indices], t[indices] = affine.s, affine.t
         return dataclasses.replace(affine, s=s, t=t, exact_channels=True)

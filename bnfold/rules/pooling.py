@@ -47,7 +47,9 @@ class Pooling:
     def forward(self, node: onnx.NodeProto, affine: Affine) -> Affine | Refusal:
         """The affine on the op's output, given the affine on its input."""
         if not -self.input_rank <= affine.channel_axis < self.input_rank:
-            return Refusal(f"{describe(node)} reads a rank-{self.input_rank} input, which has no axis {affine.channel_axis}")
+            return Refusal(
+                f"{describe(node)} reads a rank-{self.input_rank} input, which has no axis {affine.channel_axis}"
+            )
         axis = affine.channel_axis % self.input_rank
         if axis in self.combined:
             return Refusal(f"{describe(node)} combines values along the affine's axis {affine.channel_axis}")
@@ -113,7 +115,8 @@ def window_facts(node: onnx.NodeProto, graph: GraphIndex) -> WindowFacts:
     auto_pad = settings.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     shape = graph.static_shape(node.input[0])
-    spatial = None if shape is None or len(shape) != count + 2 or None in shape[2:] else [int(d) for d in shape[2:]]  # type: ignore[arg-type]
+    known = shape is not None and len(shape) == count + 2 and None not in shape[2:]
+    spatial = [int(d) for d in shape[2:] if d is not None] if known and shape is not None else None
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         if spatial is None:
             return WindowFacts(True, False)  # SAME pads less than a kernel, so no window is all padding
