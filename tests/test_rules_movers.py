@@ -165,3 +165,14 @@ def test_resize_to_sizes_computed_from_its_input_keeps_the_channels() -> None:
     check = fold_and_compare(b.model(), shapes={"x": (2, 3, 5, 5)})
     (fold,) = check.outcome.folds
     assert fold.rule == "conv-bn through Resize"
+
+
+def test_a_bn_before_global_pooling_and_flatten_folds_into_the_classifier() -> None:
+    """BN → GlobalAveragePool → Flatten → Gemm: forward through two movers, with a symbolic batch."""
+    b = GraphBuilder(seed=14)
+    pooled = b.node("GlobalAveragePool", [b.batchnorm(b.input("x", ["n", 4, 5, 5]), 4)])
+    b.output(b.gemm(b.node("Flatten", [pooled]), 4, 3))
+    check = fold_and_compare(b.model(), shapes={"x": (2, 4, 5, 5)})
+    (fold,) = check.outcome.folds
+    assert (fold.rule, fold.direction) == ("bn-linear through GlobalAveragePool, Flatten", "forward")
+    assert [node.op_type for node in check.folded.graph.node] == ["GlobalAveragePool", "Flatten", "Gemm"]
