@@ -114,6 +114,37 @@ def node_id(node: onnx.NodeProto) -> str:
     return f"→ '{next((name for name in node.output if name), '?')}'"
 
 
+def _evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[Any] | None:
+    """Run one standard-domain node on constant inputs with onnx's reference evaluator, as the
+    version of the op that ``opset`` imports; None when it cannot be evaluated.
+
+    The node is wrapped in a one-node graph: for a bare NodeProto the evaluator ignores
+    ``opsets`` and runs the newest version of the op, which rejects the forms of older opsets
+    (Unsqueeze's ``axes`` attribute before 13, Clip's ``min``/``max`` before 11, Pad's ``pads``
+    before 11...). An op the evaluator implements only from a later version on (DequantizeLinear
+    before 19) falls back to the newest version: it accepts the old form where that is still
+    valid, with the same meaning, and rejects it otherwise.
+    """
+    # Imported on first use: most models never need it, and loading it costs 15 ms.
+    from onnx.reference import ReferenceEvaluator
+
+    untyped = onnx.TypeProto()
+    single = helper.make_graph(
+        [node], "constant", [helper.make_value_info(name, untyped) for name in feeds],
+        [helper.make_value_info(name, untyped) for name in node.output if name],
+    )
+    for version in dict.fromkeys((opset, onnx.defs.onnx_opset_version())):
+        try:
+            evaluator = ReferenceEvaluator(single, opsets={"": version})
+        except Exception:  # noqa: BLE001 - no implementation of the op at this version
+            continue
+        try:
+            return list(evaluator.run(None, feeds))
+        except Exception:  # noqa: BLE001 - any evaluator failure just means "not foldable"
+            return None
+    return None
+
+
 class GraphIndex:
     """Producers, consumers, initializers and constant values of one graph.
 
@@ -241,13 +272,8 @@ class GraphIndex:
             if value is None:
                 return None
             feeds[input_name] = value
-        # Imported on first use: most models never need it, and loading it costs 15 ms.
-        from onnx.reference import ReferenceEvaluator
-
-        try:
-            evaluator = ReferenceEvaluator(node, opsets={"": self.default_opset()})
-            outputs = evaluator.run(None, feeds)
-        except Exception:  # noqa: BLE001 - any evaluator failure just means "not foldable"
+        outputs = _evaluate(node, feeds, self.default_opset())
+        if outputs is None:
             return None
         for output_name, output_value in zip(node.output, outputs):
             if output_name:
