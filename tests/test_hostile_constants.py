@@ -8,19 +8,24 @@ checker run on every folded model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
 from sample_models.modelkit import GraphBuilder
 from tests.hostile_support import (
     assert_same_function,
+    conditions,
     count_ops,
     fold_copy,
     ir_version_for,
     judge_feeds,
+    model_of,
 )
 
 BN = "BatchNormalization"
@@ -134,3 +139,97 @@ def test_every_old_form_is_evaluated_at_the_models_opset(form: str) -> None:
     assert fold.kind == "Mul+Add" and fold.rule == "conv-bn"
     assert [node.op_type for node in folded.graph.node] == ["Conv", "Relu"]
     assert_same_function(model, folded, [judge_feeds(model, 0)])
+
+
+# -- 7. shapes of values created inside If / Loop / Scan bodies ----------------------------------
+
+Block = Callable[[GraphBuilder, str], str]
+
+
+def matmul_bn(b: GraphBuilder, x: str) -> str:
+    """Relu → MatMul → BN on ``[N, 6]``: rank 2, the BN's axis 1 is the MatMul's columns."""
+    return b.batchnorm(b.node("MatMul", [b.node("Relu", [x]), b.random("W", [6, 4])]), 4)
+
+
+def conv_scale(b: GraphBuilder, x: str) -> str:
+    """Relu → Conv → Mul → Add by ``[1, C, 1, 1]`` constants."""
+    conv = b.conv(b.node("Relu", [x]), 6, 4, (1, 1), pads=[0, 0, 0, 0])
+    scaled = b.node("Mul", [conv, b.random("s", [1, 4, 1, 1])])
+    return b.node("Add", [scaled, b.random("t", [1, 4, 1, 1])])
+
+
+def sequence_matmul_bn(b: GraphBuilder, x: str) -> str:
+    """Relu → MatMul → BN on ``[N, T, 6]``: the BN normalizes T, which no column owns (refused)."""
+    return b.batchnorm(b.node("MatMul", [b.node("Relu", [x]), b.random("W", [6, 4])]), 3)
+
+
+# Per block: the data shape it reads, with N symbolic, and what it leaves at top level.
+BLOCKS: dict[str, tuple[Block, list[int | str], int]] = {
+    "matmul_bn": (matmul_bn, ["N", 6], 0),
+    "conv_scale": (conv_scale, ["N", 6, 3, 3], 0),
+    "sequence_matmul_bn": (sequence_matmul_bn, ["N", 3, 6], 1),
+}
+
+
+def _out(name: str, rank: int) -> onnx.ValueInfoProto:
+    """A float value of known rank and unknown sizes (the checker wants a shape on outputs)."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank)
+
+
+def in_place(block: Block, shape: list[int | str], place: str, seed: int) -> onnx.ModelProto:
+    """The block at top level, in both branches of an If, in a Loop body (a scan output of
+    each iteration), or in a Scan body (over slices of a longer input), in a model that
+    declares no shapes of the values inside its bodies (only their outputs' ranks)."""
+    b = GraphBuilder(seed=seed)
+    if place == "top":
+        b.outputs.append(_out(block(b, b.input("x", shape)), len(shape)))
+        return model_of(b.nodes, b.inputs, b.outputs, b.initializers, opset=17, ir_version=8, infer=False)
+    x = b.input("x", ["T", *shape] if place == "scan" else shape)
+    bodies = []
+    for _ in range(2 if place == "if" else 1):
+        with b.collecting() as (nodes, initializers):
+            result = block(b, "x_t" if place == "scan" else x)
+            outputs = [_out(result, len(shape))]
+            if place == "loop":
+                outputs.insert(0, helper.make_tensor_value_info(b.node("Identity", ["cond_in"]), TensorProto.BOOL, []))
+        bodies.append((nodes, initializers, outputs))
+    if place == "if":
+        then_branch, else_branch = (helper.make_graph(*body[:1], name, [], body[2], body[1])
+                                    for body, name in zip(bodies, ("then", "else")))
+        cond = b.input("cond", [], TensorProto.BOOL)
+        b.nodes.append(helper.make_node("If", [cond], ["y"], name="branch",
+                                        then_branch=then_branch, else_branch=else_branch))
+    elif place == "loop":
+        nodes, initializers, outputs = bodies[0]
+        body_inputs = [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                       helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])]
+        body = helper.make_graph(nodes, "body", body_inputs, outputs, initializers)
+        trips, go = b.const("trips", np.array(2)), b.const("go", np.array(True))
+        b.nodes.append(helper.make_node("Loop", [trips, go], ["y"], name="repeat", body=body))
+    else:
+        nodes, initializers, outputs = bodies[0]
+        body = helper.make_graph(nodes, "body", [_out("x_t", len(shape))], outputs, initializers)
+        b.nodes.append(helper.make_node("Scan", [x], ["y"], name="scan", body=body, num_scan_inputs=1))
+    b.outputs.append(_out("y", len(shape) + (place != "if")))
+    model = helper.make_model(helper.make_graph(b.nodes, "bodies", b.inputs, b.outputs, b.initializers),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@settings(max_examples=30)
+@given(block=st.sampled_from(sorted(BLOCKS)), place=st.sampled_from(["if", "loop", "scan"]),
+       seed=st.integers(0, 2**16))
+def test_bodies_fold_what_the_main_graph_folds(block: str, place: str, seed: int) -> None:
+    build, shape, left_at_top = BLOCKS[block]
+    top, top_outcome = fold_copy(in_place(build, shape, "top", seed))
+    assert len(top_outcome.left) == left_at_top
+    model = in_place(build, shape, place, seed)
+    folded, outcome = fold_copy(model)
+    copies = 2 if place == "if" else 1
+    assert len(outcome.folds) == copies * len(top_outcome.folds), outcome
+    assert len(outcome.left) == copies * left_at_top, outcome
+    assert count_ops(folded, BN) == copies * count_ops(top, BN)
+    assert count_ops(folded, "Mul") == copies * count_ops(top, "Mul")
+    fixed = [{}] if place != "if" else list(conditions(["cond"]))
+    assert_same_function(model, folded, [judge_feeds(model, seed, fixed=f) for f in fixed])
