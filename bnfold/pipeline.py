@@ -3,7 +3,9 @@
 The folded model is written to a hidden staging folder first and verified *as
 written* (onnxruntime loads the staged file), so what is checked is exactly what
 lands on disk. It is moved into place only when verification passes (or was
-skipped, or ``keep_failed``); otherwise nothing is left behind.
+skipped, or ``keep_failed``); otherwise nothing is left behind. The move is the last
+step: attribution and the caller's rendering of the report (``before_commit``) run
+while the output is still staged, so that a failure in them leaves no output either.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class FoldOptions:
     report: Path | None = None
     """The ``--json`` file the caller will write: checked with the files the run reads and
     writes before any work, so that it can never overwrite one of them."""
+    before_commit: Callable[[FoldReport], None] | None = None
+    """Called with the finished report while the output is still staged. Whatever shows the
+    report (the CLI renders every view of it here) runs before the output is moved into place,
+    so that an error in it leaves no output behind. Module-level for ``-j`` (it is pickled)."""
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
@@ -271,25 +277,27 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
                                             merges=outcome.merges)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
-        written = not options.dry_run and (equivalent or options.keep_failed)
-        if written:
+        report = FoldReport(
+            input=loaded.path,
+            output=None if options.dry_run else output,
+            written=not options.dry_run and (equivalent or options.keep_failed),
+            dry_run=options.dry_run,
+            before=before,
+            after=after,
+            folds=outcome.folds,
+            left=outcome.left,
+            merges=outcome.merges,
+            removed_initializers=outcome.removed_initializers,
+            verification=verification,
+            problem=problem,
+            attribution=attribution,
+            timings=clock.total(),
+        )
+        if options.before_commit is not None:
+            options.before_commit(report)
+        if report.written:
             staged.commit()
-    return FoldReport(
-        input=loaded.path,
-        output=None if options.dry_run else output,
-        written=written,
-        dry_run=options.dry_run,
-        before=before,
-        after=after,
-        folds=outcome.folds,
-        left=outcome.left,
-        merges=outcome.merges,
-        removed_initializers=outcome.removed_initializers,
-        verification=verification,
-        problem=problem,
-        attribution=attribution,
-        timings=clock.total(),
-    )
+    return report
 
 
 @dataclass

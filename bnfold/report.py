@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,19 +46,20 @@ def dump_json(document: dict[str, Any]) -> str:
 _UNBOUNDED = 1_000_000
 
 
-def print_human(renderable: RenderableType) -> None:
-    """Print a report on stdout: fitted to the window on a terminal; elsewhere (a CI log, a
-    pipe, a file) at its natural width, so that no column is squeezed or cut and no name is
-    wrapped, and without the trailing spaces a fixed width would pad every line with."""
+def human_text(renderable: RenderableType) -> str:
+    """A report as stdout will show it: fitted to the window on a terminal (with its colours);
+    elsewhere (a CI log, a pipe, a file) at its natural width, so that no column is squeezed or
+    cut and no name is wrapped, and without the trailing spaces a fixed width would pad every
+    line with. Rendered apart from printing so that a fold can render before it commits."""
     console = Console(soft_wrap=False)
     if console.is_terminal:
-        console.print(renderable)
-        return
+        with console.capture() as capture:
+            console.print(renderable)
+        return capture.get()
     width = Measurement.get(console, console.options.update_width(_UNBOUNDED), renderable).maximum
     buffer = io.StringIO()
     Console(file=buffer, width=max(width, 1), soft_wrap=False, color_system=None).print(renderable)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
-    sys.stdout.flush()
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
 
 
 def _titled(title: str, table: Table) -> Group:
@@ -94,7 +94,7 @@ def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] =
     table.add_column("Δ", justify="right")
     for op in sorted(set(before.op_counts) | set(after.op_counts)):
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
-        table.add_row(op, str(b), str(a), _delta(b, a))
+        table.add_row(Text(op), str(b), str(a), _delta(b, a))
     table.add_section()
     table.add_row("nodes", f"{before.nodes:,}", f"{after.nodes:,}", _delta(before.nodes, after.nodes))
     table.add_row(
@@ -156,8 +156,8 @@ def _comparison_table(title: str, comparisons: list[OutputComparison], with_tria
         ]
         table.add_row(
             verdict,
-            f"{output.name}\n{_shape(output.dtype, output.shape)}",
-            *([output.trial] if with_trial else []),
+            Text(f"{output.name}\n{_shape(output.dtype, output.shape)}"),
+            *([Text(output.trial)] if with_trial else []),
             *cells,
         )
         if output.problem:
@@ -191,8 +191,8 @@ def attribution_table(attribution: Attribution) -> Group:
         table.add_column(column, justify="right" if column.startswith(("max", "out")) else "left")
     for guilty in attribution.guilty:
         table.add_row(
-            "\n".join(guilty.batchnorms), "\n".join(guilty.targets), "\n".join(guilty.rules), guilty.output,
-            _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
+            Text("\n".join(guilty.batchnorms)), Text("\n".join(guilty.targets)), Text("\n".join(guilty.rules)),
+            Text(guilty.output), _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
         )
     return _titled(f"Broken by ({attribution.verifications} partial folds verified)", table)
 
@@ -225,15 +225,15 @@ def render_fold_report(report: FoldReport) -> Group:
         # A decomposed BN (e.g. Mul+Add) is named by its first node: say what it was.
         folded = fold.batchnorm if fold.kind == "BatchNormalization" else f"{fold.batchnorm} ({fold.kind})"
         folded += " (partly)" if fold.partial else ""
-        folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
-                      _measured(fold.max_rounding_error), "; ".join(fold.notes))
+        folds.add_row(Text(folded), Text(fold.target), Text(fold.rule), _measured(fold.max_relative_weight_change),
+                      _measured(fold.max_rounding_error), Text("; ".join(fold.notes)))
     parts.append(_titled(f"Folded ({len(report.folds)})", folds))
     if report.merges:
         merges = Table(box=box.SIMPLE_HEAD)
         for column in ("merged", "into", "rule", "rounding", "notes"):
             merges.add_column(column, justify="right" if column == "rounding" else "left")
         for merge in report.merges:
-            merges.add_row(Text(merge.merged), Text(merge.target), merge.rule, _measured(merge.max_rounding_error),
+            merges.add_row(Text(merge.merged), Text(merge.target), Text(merge.rule), _measured(merge.max_rounding_error),
                            Text("; ".join(merge.notes)))
         parts.append(_titled(f"Merged branches ({len(report.merges)})", merges))
     if report.left:
@@ -241,7 +241,7 @@ def render_fold_report(report: FoldReport) -> Group:
         left.add_column("BatchNormalization")
         left.add_column("reason")
         for record in report.left:
-            left.add_row(record.batchnorm, record.reason)
+            left.add_row(Text(record.batchnorm), Text(record.reason))
         parts.append(_titled(f"Left in place ({len(report.left)})", left))
     if report.problem:
         parts.append(Text(f"Problem: {report.problem}", style="red"))
@@ -347,7 +347,7 @@ def batch_table(report: BatchReport) -> Group:
             continue
         folded = result.report
         table.add_row(
-            str(result.input),
+            Text(str(result.input)),
             _batchnorm_counts(folded.batchnorms_folded, folded.batchnorms_total, folded.affines_folded),
             _change(f"{folded.before.nodes:,}", f"{folded.after.nodes:,}"),
             _size_change(folded.before.file_bytes, folded.after.file_bytes),
@@ -384,6 +384,16 @@ def quiet_batch_lines(report: BatchReport) -> str:
     return "\n".join(lines)
 
 
+def rehearse_batch_row(report: FoldReport) -> None:
+    """Render everything a batch run shows of one model (its table row, quiet line and JSON)
+    to nowhere, as :attr:`~bnfold.pipeline.FoldOptions.before_commit`: a model whose report
+    cannot be shown fails (an internal error in its row) before its output is moved into place."""
+    alone = BatchReport([ModelResult(report.input, report, None, report.exit_code, 0.0)], jobs=1, seconds=0.0)
+    Console(file=io.StringIO(), width=100).print(batch_table(alone))
+    quiet_batch_lines(alone)
+    dump_json(alone.to_dict())
+
+
 @contextlib.contextmanager
 def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult], None]]:
     """A progress bar on stderr, shown only on a terminal and without ``--quiet``.
@@ -391,7 +401,8 @@ def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult
     Yields the callback that advances it as each model finishes.
     """
     console = Console(stderr=True)
-    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=console,
+    # The file name is shown as it is (markup=False): a name like "[bold]x.onnx" is not markup.
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}", markup=False), console=console,
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task("folding", total=total, last="")
         yield lambda result: progress.update(task, advance=1, last=str(result.input))

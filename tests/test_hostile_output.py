@@ -1,0 +1,155 @@
+"""What bnfold prints and writes for hostile-but-valid models: names that look like rich
+markup are printed as they are, and a failure while showing the report leaves no output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from bnfold import report as render
+from bnfold.pipeline import FoldReport
+from sample_models.modelkit import GraphBuilder
+from tests.hostile_support import assert_same_function, count_ops, judge_feeds
+from tests.support import run_cli
+
+# Strings rich would read as markup (a closing tag with nothing to close, styles, links,
+# emoji codes, an escaped bracket), as exporters may write them into names.
+HOSTILE_NAMES = ["bn[/]", "[bold]x[/bold]", "[link=https://example.com]y", "[/link]", ":smile:[red]", "a\\[b]"]
+
+
+def named_model(name: str) -> onnx.ModelProto:
+    """Conv → BN (folds) → Relu → BN (left) with ``name`` in every name the report shows: the
+    input, both BNs, the Conv, the Relu and the output."""
+    b = GraphBuilder(seed=5)
+    x = b.input(f"in {name}", ["N", 3, 5, 5])
+    conv = b.conv(x, 3, 4)
+    b.nodes[-1].name = f"conv {name}"
+    folded = b.batchnorm(conv, 4)
+    b.nodes[-1].name = f"bn {name}"
+    relu = b.node("Relu", [folded])
+    b.nodes[-1].name = f"relu {name}"
+    b.batchnorm(relu, 4)
+    b.nodes[-1].name = f"left {name}"
+    b.nodes[-1].output[0] = f"out {name}"
+    b.output(f"out {name}")
+    return b.model()
+
+
+def _no_staging_left(folder: Path) -> bool:
+    return not any(path.name.startswith(".bnfold-") for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("view", [[], ["--quiet"], ["--json", "-"]])
+def test_names_like_markup_are_printed_as_they_are(tmp_path: Path, name: str, view: list[str]) -> None:
+    # A file name cannot hold "/", but a path can: "dir [" / "] ..." reads "[/]" once joined.
+    folder = tmp_path / "dir ["
+    folder.mkdir()
+    stem = f"] model {name.replace('/', '')}"
+    model_path = folder / f"{stem}.onnx"
+    model = named_model(name)
+    onnx.save(model, model_path)
+    result = run_cli(model_path, *view, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    output = folder / f"{stem}.folded.onnx"
+    onnx.checker.check_model(str(output), full_check=True)
+    assert_same_function(model_path, output, [judge_feeds(model, seed) for seed in range(2)])
+    if view == ["--json", "-"]:
+        document = json.loads(result.stdout)
+        assert document["folds"][0]["batchnorm"] == f"bn {name}"
+        assert document["left"][0]["batchnorm"] == f"left {name}"
+        return
+    assert str(model_path) in result.stdout and str(output) in result.stdout
+    if not view:
+        for shown in (f"bn {name}", f"conv {name}", f"left {name}", f"relu {name}", f"in {name}", f"out {name}"):
+            assert shown in result.stdout, shown
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_an_op_type_like_markup_is_printed_as_it_is(tmp_path: Path, name: str) -> None:
+    """An op of a custom domain is counted in the before/after table under its own name."""
+    b = GraphBuilder(seed=6)
+    x = b.input("x", [1, 3, 5, 5])
+    folded = b.batchnorm(b.conv(x, 3, 4), 4)
+    b.nodes.append(helper.make_node(name, [folded], ["y"], domain="org.example"))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5]))
+    model = helper.make_model(
+        helper.make_graph(b.nodes, "custom", b.inputs, b.outputs, b.initializers),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)], ir_version=8,
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    result = run_cli(path, "--no-verify", env={"COLUMNS": "400"})
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert name in result.stdout
+    assert count_ops(onnx.load(str(tmp_path / "custom.folded.onnx")), "BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_batch_rows_show_hostile_paths_and_names(tmp_path: Path, jobs: str) -> None:
+    folder = tmp_path / "["
+    folder.mkdir()
+    stems = [f"] {index} {name.replace('/', '')}" for index, name in enumerate(HOSTILE_NAMES[:3])]
+    for stem, name in zip(stems, HOSTILE_NAMES):
+        onnx.save(named_model(name), folder / f"{stem}.onnx")
+    result = run_cli(folder, "-j", jobs, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    for stem in stems:
+        assert str(folder / f"{stem}.onnx") in result.stdout
+        assert (folder / f"{stem}.folded.onnx").is_file()
+
+
+def _broken_renderer(*_args: object) -> None:
+    raise RuntimeError("renderer bug")
+
+
+@pytest.mark.parametrize("view", [[], ["--quiet"], ["--json", "-"]])
+def test_a_report_that_cannot_be_shown_leaves_no_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, view: list[str]
+) -> None:
+    """Every view of the report is rendered before the folded model is moved into place."""
+    path = tmp_path / "model.onnx"
+    onnx.save(named_model("plain"), path)
+    for renderer in ("render_fold_report", "quiet_fold_line"):
+        monkeypatch.setattr(render, renderer, _broken_renderer)
+    monkeypatch.setattr(FoldReport, "to_dict", _broken_renderer)
+    result = run_cli(path, *view)
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "internal error (RuntimeError: renderer bug)" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_json_report_that_cannot_be_written_leaves_no_output(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(named_model("plain"), path)
+    result = run_cli(path, "--json", tmp_path / "missing folder" / "report.json")
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_in_a_batch_a_model_whose_row_cannot_be_shown_is_an_error_row_without_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a", "boom", "c"):
+        onnx.save(named_model(name), tmp_path / f"{name}.onnx")
+    shown = FoldReport.to_dict
+
+    def refuse_boom(report: FoldReport) -> dict[str, object]:
+        if "boom" in str(report.input):
+            raise RuntimeError("renderer bug")
+        return shown(report)
+
+    monkeypatch.setattr(FoldReport, "to_dict", refuse_boom)
+    result = run_cli(tmp_path, "--quiet")
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"{tmp_path / 'boom.onnx'}: error (exit 4): internal error") for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.folded.onnx", "a.onnx", "boom.onnx", "c.folded.onnx", "c.onnx"
+    ]
+    assert _no_staging_left(tmp_path)
