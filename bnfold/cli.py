@@ -235,17 +235,17 @@ def _refuse_clobbering_report(json_path: str | None, models: Iterable[Path], out
 
 
 def _rendered(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> str:
-    """What stdout gets, rendered now: JSON (``--json -``), one line (``--quiet``) or the
-    tables; a JSON report file is written now too.
+    """What stdout gets, rendered now and printable (:func:`bnfold.report.printable`): JSON
+    (``--json -``), one line (``--quiet``) or the tables; a JSON report file is written now too.
 
     A fold does this before its output is moved into place (``FoldOptions.before_commit``),
     so that an error while rendering or writing the report leaves no output behind.
     """
     if json_path == "-":
-        return render.dump_json(document) + "\n"
+        return render.dump_json(document) + "\n"  # ASCII: non-ASCII characters are escaped
     if json_path:
         _write_json(document, json_path)
-    return quiet_line + "\n" if quiet else render.human_text(human)
+    return render.printable(quiet_line + "\n" if quiet else render.human_text(human))
 
 
 def _print(text: str) -> None:
@@ -283,7 +283,7 @@ def _fail(prefix: str, message: str, exit_code: int, json_path: str | None, fail
             _write_json(failure(message, exit_code), json_path)
         except InputError as error:
             line += f" (and {error})"
-    click.echo(line, err=True)
+    click.echo(render.printable(line), err=True)
     sys.exit(exit_code)
 
 

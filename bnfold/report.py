@@ -42,6 +42,19 @@ def dump_json(document: dict[str, Any]) -> str:
 
 # -- human output -------------------------------------------------------------------------------
 
+def printable(text: str) -> str:
+    """``text`` as every terminal and pipe can take it: the bytes of a file name that are not
+    UTF-8 (which Python holds as surrogate escapes) shown as ``\\xe9``, the rest unchanged.
+
+    Used on paths before they are laid out in a table (so columns line up) and by the CLI on
+    everything it prints.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # Wider than any line a report can have: the measuring console never wraps.
 _UNBOUNDED = 1_000_000
 
@@ -203,7 +216,7 @@ def _name(path: Path | None, in_memory: str) -> str:
 
 
 def _headline(source: str, target: str, status: str) -> Text:
-    line = Text.assemble(("bnfold ", "bold"), source, " → ", target, "  ")
+    line = Text.assemble(("bnfold ", "bold"), printable(source), " → ", printable(target), "  ")
     line.append(status, style=STATUS_STYLE[status])
     return line
 
@@ -335,19 +348,19 @@ def batch_table(report: BatchReport) -> Group:
     "BNs" is BatchNormalization nodes folded/present, then "+N" decomposed affines folded.
     """
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    longest_name = max((len(str(result.input)) for result in report.results), default=16)
+    longest_name = max((len(printable(str(result.input))) for result in report.results), default=16)
     table.add_column("model", overflow="fold", min_width=min(max(longest_name, 16), 24))
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for result in report.results:
         seconds = f"{result.seconds:.2f}s"
         if result.report is None:
-            model = Text.assemble(str(result.input), "\n", (_error_message(result), "red"))
+            model = Text.assemble(printable(str(result.input)), "\n", (printable(_error_message(result)), "red"))
             table.add_row(model, "-", "-", "-", _status_cell(result), "-", seconds)
             continue
         folded = result.report
         table.add_row(
-            Text(str(result.input)),
+            Text(printable(str(result.input))),
             _batchnorm_counts(folded.batchnorms_folded, folded.batchnorms_total, folded.affines_folded),
             _change(f"{folded.before.nodes:,}", f"{folded.after.nodes:,}"),
             _size_change(folded.before.file_bytes, folded.after.file_bytes),
@@ -405,7 +418,7 @@ def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult
     with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}", markup=False), console=console,
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task("folding", total=total, last="")
-        yield lambda result: progress.update(task, advance=1, last=str(result.input))
+        yield lambda result: progress.update(task, advance=1, last=printable(str(result.input)))
 
 
 STATUS_AFTER_SECONDS = 0.5

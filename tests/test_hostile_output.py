@@ -4,6 +4,8 @@ markup are printed as they are, and a failure while showing the report leaves no
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import onnx
@@ -153,3 +155,66 @@ def test_in_a_batch_a_model_whose_row_cannot_be_shown_is_an_error_row_without_ou
         "a.folded.onnx", "a.onnx", "boom.onnx", "c.folded.onnx", "c.onnx"
     ]
     assert _no_staging_left(tmp_path)
+
+
+# -- 12. file names that are not UTF-8 ---------------------------------------------------------
+
+NOT_UTF8_FOLDER = os.fsdecode(b"caf\xe9 models")  # Latin-1, as an old archive may hold
+NOT_UTF8_NAME = os.fsdecode(b"r\xe9seau \xff.onnx")
+
+
+def _save_at(model: onnx.ModelProto, path: Path, *, external: bool, scratch: Path) -> None:
+    """Save ``model`` (with its weights in ``weights.bin`` beside it when ``external``) at a
+    path that may not be UTF-8: written under ``scratch`` and moved, because onnx's writer of
+    external data takes UTF-8 paths only."""
+    scratch.mkdir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving with external data moves the weights out of the proto it is given
+    onnx.save(copy, scratch / "model.onnx", save_as_external_data=external, location="weights.bin",
+              size_threshold=0)
+    for written in scratch.iterdir():
+        shutil.move(written, path if written.name == "model.onnx" else path.parent / written.name)
+
+
+def _load_with_data(path: Path, scratch: Path) -> onnx.ModelProto:
+    """Load what bnfold wrote, its external data included, from copies with UTF-8 names: the
+    data file keeps the name the model gives it."""
+    model = onnx.load(path, load_external_data=False)
+    scratch.mkdir()
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    for location in locations:
+        shutil.copy(path.parent / location, scratch / location)
+    shutil.copy(path, scratch / "model.onnx")
+    return onnx.load(scratch / "model.onnx")
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["self-contained", "external-data"])
+@pytest.mark.parametrize("where", ["folder", "name", "both"])
+def test_file_names_that_are_not_utf8_fold_and_verify(tmp_path: Path, external: bool, where: str) -> None:
+    """Fold (one model, then the folder with -j 2) and check, end to end; the folded model is
+    judged by the checker and onnxruntime."""
+    folder = tmp_path / (NOT_UTF8_FOLDER if where != "name" else "models")
+    folder.mkdir()
+    source = folder / (NOT_UTF8_NAME if where != "folder" else "net.onnx")
+    model = named_model("plain")
+    _save_at(model, source, external=external, scratch=tmp_path / "written")
+    result = run_cli(source, "--quiet")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "equivalent" in result.stdout
+    output = source.with_name(source.stem + ".folded.onnx")
+    folded = _load_with_data(output, tmp_path / "judged")
+    onnx.checker.check_model(folded, full_check=True)
+    assert count_ops(folded, "BatchNormalization") == 1
+    assert any(entry.name.endswith(".folded.onnx.data") for entry in folder.iterdir()) == external
+    assert_same_function(model, folded, [judge_feeds(model, seed) for seed in range(2)])
+
+    check = run_cli("check", source, output, "--quiet")
+    assert check.exit_code == 0, (check.stdout, check.stderr)
+    output.unlink()
+    onnx.save(named_model("second"), folder / os.fsdecode(b"second \xfe.onnx"))  # two models: worker processes
+    batch = run_cli(folder, "-j", "2", env={"COLUMNS": "400"})
+    assert batch.exit_code == 0, (batch.stdout, batch.stderr)
+    assert output.is_file() and (folder / os.fsdecode(b"second \xfe.folded.onnx")).is_file()
+    shown = os.fsencode(source).decode("utf-8", "backslashreplace")
+    assert shown in batch.stdout

@@ -76,8 +76,13 @@ def output_folder(folder: Path) -> Iterator[Path]:
 
 
 def output_data_location(output: Path) -> str:
-    """Where a model saved with external data keeps it: ``<output name>.data`` beside it."""
-    return f"{output.name}.data"
+    """Where a model saved with external data keeps it: ``<output name>.data`` beside it.
+
+    The model names the file in UTF-8 (a protobuf string), so bytes of the output's name that
+    are not UTF-8 are written as ``\\xe9`` in the data file's name, as bnfold shows them.
+    """
+    name = output.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"{name}.data"
 
 
 class StagedOutput:
