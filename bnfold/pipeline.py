@@ -132,6 +132,9 @@ class FoldReport:
     attribution: Attribution | None
     """Which fold(s) broke equivalence, found when verification failed."""
     timings: dict[str, float]
+    verification_skipped: str | None = None
+    """Why no verification ran, when none did: ``--no-verify``, or the problem that makes the
+    folded model unusable (then there is nothing to verify)."""
 
     @property
     def batchnorms_folded(self) -> int:
@@ -292,6 +295,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
             problem=problem,
             attribution=attribution,
             timings=clock.total(),
+            verification_skipped=None if verification else ("--no-verify" if not options.verify else problem),
         )
         if options.before_commit is not None:
             options.before_commit(report)

@@ -260,8 +260,9 @@ def render_fold_report(report: FoldReport) -> Group:
         parts.append(Text(f"Problem: {report.problem}", style="red"))
     if report.verification:
         parts.append(verification_table(report.verification))
-    else:
-        parts.append(Text("Verification skipped (--no-verify).", style="yellow"))
+    elif report.verification_skipped:
+        style = "red" if report.problem else "yellow"
+        parts.append(Text(f"Verification skipped ({report.verification_skipped}).", style=style))
     if report.attribution:
         parts.append(attribution_table(report.attribution))
     parts.append(Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"))

@@ -6,14 +6,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from bnfold import report as render
-from bnfold.pipeline import FoldReport
+from bnfold.graph import GraphIndex
+from bnfold.pipeline import FoldOptions, FoldReport
+from bnfold.rules import Affine, Refusal, build_rules
+from bnfold.rules.base import Absorbed
+from bnfold.rules.conv import ConvBn
 from sample_models.modelkit import GraphBuilder
 from tests.hostile_support import assert_same_function, count_ops, judge_feeds
 from tests.support import run_cli
@@ -218,3 +225,52 @@ def test_file_names_that_are_not_utf8_fold_and_verify(tmp_path: Path, external: 
     assert output.is_file() and (folder / os.fsdecode(b"second \xfe.folded.onnx")).is_file()
     shown = os.fsencode(source).decode("utf-8", "backslashreplace")
     assert shown in batch.stdout
+
+
+# -- 15. why verification did not run ----------------------------------------------------------
+
+
+class RankBreakingConvRule(ConvBn):
+    """Folds like the Conv rule but writes the weight with an extra axis: the folded model
+    fails the checker (a stand-in for any rule bug the checker catches)."""
+
+    name = "conv-bn-rank-breaking"
+
+    def absorb(self, producer: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Absorbed | Refusal:
+        absorbed = super().absorb(producer, affine, graph)
+        if isinstance(absorbed, Refusal):
+            return absorbed
+        weight = absorbed.updates[0]
+        broken = replace(weight, values=weight.values[..., np.newaxis])
+        return replace(absorbed, updates=[broken, *absorbed.updates[1:]])
+
+
+@pytest.mark.parametrize("no_verify", [False, True])
+def test_a_folded_model_failing_the_checker_says_why_it_was_not_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_verify: bool
+) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(named_model("plain"), path)
+    rules = build_rules(backward=(RankBreakingConvRule(),))
+    monkeypatch.setattr("bnfold.api.FoldOptions", partial(FoldOptions, rules=rules))
+    flags = ["--no-verify"] if no_verify else []
+    shown = run_cli(path, *flags, env={"COLUMNS": "400"})
+    assert shown.exit_code == 1, (shown.stdout, shown.stderr)
+    assert "Problem: the folded model fails onnx.checker" in shown.stdout
+    if no_verify:
+        assert "Verification skipped (--no-verify)." in shown.stdout
+    else:
+        assert "--no-verify" not in shown.stdout
+        assert "Verification skipped (the folded model fails onnx.checker" in shown.stdout
+    document = json.loads(run_cli(path, *flags, "--json", "-").stdout)
+    assert document["status"] == "not-equivalent" and document["verification"] is None
+    expected = "--no-verify" if no_verify else document["problem"]
+    assert document["verification_skipped"] == expected and document["problem"].startswith("the folded model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_verification_skipped_is_null_when_verification_ran(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(named_model("plain"), path)
+    document = json.loads(run_cli(path, "--json", "-").stdout)
+    assert document["verification_skipped"] is None and document["verification"]["passed"]
