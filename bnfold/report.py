@@ -221,6 +221,10 @@ def _headline(source: str, target: str, status: str) -> Text:
     return line
 
 
+def _warnings(warnings: list[str]) -> list[Text]:
+    return [Text(f"Warning: {printable(warning)}", style="yellow") for warning in warnings]
+
+
 def render_fold_report(report: FoldReport) -> Group:
     """The full human summary of one fold run."""
     if report.dry_run:
@@ -229,7 +233,8 @@ def render_fold_report(report: FoldReport) -> Group:
         target = str(report.output)
     else:
         target = "(in memory)" if report.output is None else f"{report.output} (not written)"
-    parts: list[Any] = [_headline(_name(report.input, "<model>"), target, report.status), ""]
+    parts: list[Any] = [_headline(_name(report.input, "<model>"), target, report.status), *_warnings(report.warnings),
+                        ""]
     parts.append(stats_table(report.before, report.after))
     folds = Table(box=box.SIMPLE_HEAD)
     for column in ("folded", "into", "rule", "max rel Δw", "rounding", "notes"):
@@ -272,6 +277,7 @@ def render_fold_report(report: FoldReport) -> Group:
 def render_check_report(report: CheckReport) -> Group:
     return Group(
         _headline(_name(report.original, "<original>"), _name(report.folded, "<folded>"), report.status),
+        *_warnings(report.warnings),
         "",
         stats_table(report.before, report.after, titles=("original", "folded")),
         verification_table(report.verification),
@@ -294,6 +300,10 @@ def _merges(report: FoldReport) -> str:
     return f", merged {count} sibling branch{'es' if count != 1 else ''}" if count else ""
 
 
+def _quiet_warnings(warnings: list[str]) -> str:
+    return "".join(f"; warning: {warning}" for warning in warnings)
+
+
 def quiet_fold_line(report: FoldReport) -> str:
     if report.dry_run:
         where = "dry run"
@@ -309,13 +319,13 @@ def quiet_fold_line(report: FoldReport) -> str:
     return (
         f"{_name(report.input, '<model>')} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
         f"BatchNormalization{_affines(report)}{_merges(report)}, {report.status}"
-        f"{_worst_error(report.verification)}{culprits}"
+        f"{_worst_error(report.verification)}{culprits}{_quiet_warnings(report.warnings)}"
     )
 
 
 def quiet_check_line(report: CheckReport) -> str:
     original, folded = _name(report.original, "<original>"), _name(report.folded, "<folded>")
-    return f"{original} vs {folded}: {report.status}{_worst_error(report.verification)}"
+    return f"{original} vs {folded}: {report.status}{_worst_error(report.verification)}{_quiet_warnings(report.warnings)}"
 
 
 def _error_message(result: ModelResult) -> str:

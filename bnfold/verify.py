@@ -116,6 +116,15 @@ def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
         raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
 
 
+def loads_in_onnxruntime(path: Path) -> bool:
+    """Whether onnxruntime (CPU) can load the model at ``path``."""
+    try:
+        open_session(path, "input", "CPUExecutionProvider")
+    except RuntimeFailure:
+        return False
+    return True
+
+
 @contextmanager
 def _path_for_onnxruntime(path: Path) -> Iterator[str]:
     """``path`` as onnxruntime can take it: a UTF-8 string.

@@ -23,7 +23,7 @@ from bnfold.rules.base import Absorbed
 from bnfold.rules.conv import ConvBn
 from sample_models.modelkit import GraphBuilder
 from tests.hostile_support import assert_same_function, count_ops, judge_feeds
-from tests.support import run_cli
+from tests.support import assert_one_line_error, run_cli
 
 # Strings rich would read as markup (a closing tag with nothing to close, styles, links,
 # emoji codes, an escaped bracket), as exporters may write them into names.
@@ -274,3 +274,100 @@ def test_verification_skipped_is_null_when_verification_ran(tmp_path: Path) -> N
     onnx.save(named_model("plain"), path)
     document = json.loads(run_cli(path, "--json", "-").stdout)
     assert document["verification_skipped"] is None and document["verification"]["passed"]
+
+
+# -- 13. models the checker rejects for a missing optional field --------------------------------
+
+
+def undeclared_model(layer: str, where: str, missing: str) -> onnx.ModelProto:
+    """A foldable model (Conv → BN, or MatMul → BN) whose graph input or output is declared
+    without a shape or without any type: onnx.checker rejects it, onnxruntime loads it."""
+    b = GraphBuilder(seed=8)
+    if layer == "conv":
+        x = b.input("x", ["N", 3, 5, 5])
+        y = b.batchnorm(b.conv(x, 3, 4), 4)
+    else:
+        x = b.input("x", ["N", 6])
+        y = b.batchnorm(b.node("MatMul", [x, b.random("W", [6, 4])]), 4)
+    b.output(y, ["N", 4, 5, 5] if layer == "conv" else ["N", 4])
+    declared = b.inputs if where == "input" else b.outputs
+    name = declared[0].name
+    if missing == "shape":
+        declared[0] = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    else:
+        declared[0] = helper.make_value_info(name, onnx.TypeProto())
+    return helper.make_model(helper.make_graph(b.nodes, "undeclared", b.inputs, b.outputs, b.initializers),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _complaint(model: onnx.ModelProto) -> str | None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        return str(error)
+    return None
+
+
+UNDECLARED = [(layer, where, missing) for layer in ("conv", "matmul") for where in ("input", "output")
+              for missing in ("shape", "type") if (where, missing) != ("input", "type")]
+
+
+@pytest.mark.parametrize("layer,where,missing", UNDECLARED)
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_model_the_checker_rejects_but_onnxruntime_loads_is_folded_with_a_warning(
+    tmp_path: Path, layer: str, where: str, missing: str, verify: bool
+) -> None:
+    model = undeclared_model(layer, where, missing)
+    complaint = _complaint(model)
+    assert complaint is not None
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    shape = ["--input-shape", "x:2,3,5,5" if layer == "conv" else "x:2,6"] if where == "input" else []
+    flags = [*shape, *([] if verify else ["--no-verify"])]
+    document = json.loads(run_cli(path, *flags, "--json", "-").stdout)
+    assert document["status"] == ("equivalent" if verify else "unverified"), document
+    (warning,) = document["warnings"]
+    assert "fails onnx.checker" in warning and complaint.splitlines()[0] in warning
+    output = tmp_path / "model.folded.onnx"
+    folded = onnx.load(output)
+    # Without the input's rank, a MatMul's channel axis is unknown: that BN is left, with its reason.
+    unknown_rank = layer == "matmul" and where == "input"
+    assert count_ops(folded, "BatchNormalization") == unknown_rank
+    assert [("unknown rank" in left["reason"]) for left in document["left"]] == [True] * unknown_rank
+    assert _complaint(folded) == complaint  # the same flaw, nothing new
+    sizes = {"x": [2, 3, 5, 5] if layer == "conv" else [2, 6]}
+    assert_same_function(model, folded, [judge_feeds(model, seed, shapes=sizes) for seed in range(2)])
+
+    shown = run_cli(path, *flags, env={"COLUMNS": "400"})
+    assert shown.exit_code == 0 and "Warning: " in shown.stdout and complaint.splitlines()[0] in shown.stdout
+    quiet = run_cli(path, *flags, "--quiet")
+    assert quiet.exit_code == 0 and "; warning: " in quiet.stdout
+    compared = run_cli("check", path, output, *shape, "--quiet")
+    assert compared.exit_code == 0 and compared.stdout.count("; warning: ") == 2, compared.stdout
+
+
+def unreadable_model(flaw: str) -> onnx.ModelProto:
+    """A model neither the checker nor onnxruntime accepts: a node reading a value nothing
+    defines, or an op no opset has. (Nodes out of order are not one: onnxruntime sorts them.)"""
+    b = GraphBuilder(seed=9)
+    x = b.input("x", [1, 3, 5, 5])
+    y = b.batchnorm(b.conv(x, 3, 4), 4)
+    b.output(b.node("Relu", [y]), [1, 4, 5, 5])
+    if flaw == "undefined input":
+        b.nodes[-1].input[0] = "ghost"
+    else:
+        b.nodes[-1].op_type = "Rectify"
+    return helper.make_model(helper.make_graph(b.nodes, "unreadable", b.inputs, b.outputs, b.initializers),
+                             opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("flaw", ["undefined input", "unknown op"])
+@pytest.mark.parametrize("flags", [[], ["--no-verify"]])
+def test_a_model_neither_the_checker_nor_onnxruntime_reads_is_refused(
+    tmp_path: Path, flaw: str, flags: list[str]
+) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(unreadable_model(flaw), path)
+    result = run_cli(path, *flags)
+    assert_one_line_error(result, 2, f"{path}: fails onnx.checker (", "onnxruntime cannot load")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
