@@ -23,6 +23,7 @@ from tests.hostile_support import (
     conditions,
     count_ops,
     fold_copy,
+    ir_version_for,
     judge_feeds,
 )
 from tests.support import run_cli
@@ -167,3 +168,86 @@ def test_the_cli_leaves_a_broadcasting_affine_and_the_output_runs_with_any_chann
     feeds = [judge_feeds(model, 0, fixed=f, shapes={"x": shape[:1] + [size] + shape[2:]})
              for size in (1, 3) for f in conditions(["cond"])]
     assert_same_function(model, written, feeds)
+
+
+# -- 3. BatchNormalization in training mode at opsets 7-13 --------------------------------------
+
+
+def constant_nodes(initializers: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """Initializers as Constant nodes: before IR 4 every initializer must be a graph input,
+    which a branch cannot have, so old exporters put a branch's weights in Constant nodes."""
+    return [helper.make_node("Constant", [], [tensor.name], value=tensor, name=f"const_{tensor.name}")
+            for tensor in initializers]
+
+# Statistics outputs declared beside Y (opsets 7-13 allow 1 or 5 outputs; "" is absent).
+# onnxruntime runs the complete sets in training mode and crashes on partial ones, so those
+# are only folded with --no-verify.
+RUNNABLE_STATISTICS = (("m", "v", "", ""), ("m", "v", "sm", "sv"))
+PARTIAL_STATISTICS = (("m", "", "", ""), ("", "", "sm", "sv"), ("", "v", "", ""))
+
+
+def training_model(opset: int, statistics: tuple[str, ...], neighbour: str, placement: str,
+                   seed: int) -> onnx.ModelProto:
+    """A BN whose statistics outputs are declared (and read by nothing), next to a layer it
+    could fold into: Conv or Gemm before it, or an unpadded Conv after it."""
+    b = GraphBuilder(seed=seed)
+    spatial = neighbour != "gemm"
+    x = b.input("x", [2, 3, 4, 4] if spatial else [2, 3])
+
+    def block() -> str:
+        before = x if neighbour == "conv_after" else (b.conv(x, 3, 3) if spatial else b.gemm(x, 3, 3))
+        outputs = [b.fresh("bn_y"), *(f"{b.fresh(name)}" if name else "" for name in statistics)]
+        b.nodes.append(helper.make_node(BN, [before, *b.batchnorm_parameters(3)], outputs, name=b.fresh("bn")))
+        if neighbour == "conv_after":
+            return b.conv(outputs[0], 3, 2, (1, 1), pads=[0, 0, 0, 0])
+        return outputs[0]
+
+    if placement == "top":
+        b.output(block())
+    else:
+        cond = b.input("cond", [], TensorProto.BOOL)
+        branches = []
+        for name in ("then", "else"):
+            with b.collecting() as (nodes, initializers):
+                out = block()
+            declared = helper.make_tensor_value_info(out, TensorProto.FLOAT, [None] * (4 if spatial else 2))
+            if ir_version_for(opset) < 4:
+                nodes[:0], initializers = constant_nodes(initializers), []
+            branches.append(helper.make_graph(nodes, name, [], [declared], initializers))
+        b.nodes.append(helper.make_node("If", [cond], ["y"], then_branch=branches[0], else_branch=branches[1]))
+        b.output("y", [None] * (4 if spatial else 2))
+    return b.model(opset=opset, ir_version=ir_version_for(opset))
+
+
+@st.composite
+def training_cases(draw: st.DrawFn) -> tuple[onnx.ModelProto, bool, str]:
+    runnable = draw(st.booleans())
+    statistics = draw(st.sampled_from(RUNNABLE_STATISTICS if runnable else PARTIAL_STATISTICS))
+    placement = draw(st.sampled_from(["top", "if"]))
+    model = training_model(draw(st.integers(7, 13)), statistics, draw(st.sampled_from(["conv", "gemm", "conv_after"])),
+                           placement, draw(st.integers(0, 2**16)))
+    return model, runnable, placement
+
+
+@settings(max_examples=25)
+@given(training_cases())
+def test_a_bn_with_its_statistics_outputs_declared_is_never_folded(
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[onnx.ModelProto, bool, str]
+) -> None:
+    model, runnable, placement = case
+    folder = tmp_path_factory.mktemp("training")
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    for flags in ([], ["--no-verify"]) if runnable else (["--no-verify"],):
+        result = run_cli(path, "--json", "-", *flags)
+        assert result.exit_code == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["folds"] == []
+        assert len(document["left"]) == count_ops(model, BN)
+        assert all("training mode" in left["reason"] for left in document["left"])
+        written = onnx.load(folder / "model.folded.onnx")
+        assert count_ops(written, BN) == count_ops(model, BN)
+        onnx.checker.check_model(written, full_check=True)
+    if runnable:
+        fixed = list(conditions(["cond"])) if placement == "if" else [{}]
+        assert_same_function(model, written, [judge_feeds(model, 1, fixed=f) for f in fixed])
