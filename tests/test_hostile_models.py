@@ -251,3 +251,59 @@ def test_a_bn_with_its_statistics_outputs_declared_is_never_folded(
     if runnable:
         fixed = list(conditions(["cond"])) if placement == "if" else [{}]
         assert_same_function(model, written, [judge_feeds(model, 1, fixed=f) for f in fixed])
+
+
+# -- 8. IR 3: new tensors are declared as the IR requires ---------------------------------------
+
+IR3_KINDS = ("matmul_bn", "bn_matmul", "conv_without_bias_bn", "shared_weight_conv_bn")
+
+
+def ir3_block(b: GraphBuilder, x: str, kind: str) -> str:
+    """A fold that creates a tensor: MatMul's bias Add (backward and forward) on ``x[2, 6]``, a
+    Conv's missing bias, the copy of a weight another Conv also reads on ``x[2, 6, 1, 1]``."""
+    if kind == "matmul_bn":
+        return b.batchnorm(b.node("MatMul", [b.node("Relu", [x]), b.random("W", [6, 4])]), 4)
+    if kind == "bn_matmul":
+        return b.node("MatMul", [b.batchnorm(b.node("Relu", [x]), 6), b.random("W", [6, 4])])
+    if kind == "conv_without_bias_bn":
+        return b.batchnorm(b.conv(x, 6, 4, (1, 1), pads=[0, 0, 0, 0], bias=False), 4)
+    weight = b.random("W", [4, 6, 1, 1])
+    shared = b.node("Conv", [x, weight])
+    return b.node("Add", [b.batchnorm(b.node("Conv", [x, weight]), 4), shared])
+
+
+@settings(max_examples=20)
+@given(kind=st.sampled_from(IR3_KINDS), opset=st.integers(7, 8), placement=st.sampled_from(["top", "if"]),
+       seed=st.integers(0, 2**16))
+def test_ir3_models_fold_into_models_the_checker_accepts(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, opset: int, placement: str, seed: int
+) -> None:
+    b = GraphBuilder(seed=seed)
+    rank = 2 if kind.startswith(("matmul", "bn_")) else 4
+    x = b.input("x", [2, 6] if rank == 2 else [2, 6, 1, 1])
+    if placement == "top":
+        b.output(ir3_block(b, x, kind))
+    else:
+        cond = b.input("cond", [], TensorProto.BOOL)
+        branches = []
+        for name in ("then", "else"):
+            with b.collecting() as (nodes, initializers):
+                out = ir3_block(b, x, kind)
+            nodes[:0] = constant_nodes(initializers)
+            declared = helper.make_tensor_value_info(out, TensorProto.FLOAT, [None] * rank)
+            branches.append(helper.make_graph(nodes, name, [], [declared]))
+        b.nodes.append(helper.make_node("If", [cond], ["y"], then_branch=branches[0], else_branch=branches[1]))
+        b.output("y", [None] * rank)
+    model = b.model(opset=opset, ir_version=3)
+    folder = tmp_path_factory.mktemp("ir3")
+    onnx.save(model, folder / "model.onnx")
+    result = run_cli(folder / "model.onnx", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert len(document["folds"]) == (2 if placement == "if" else 1) and document["left"] == []
+    written = onnx.load(folder / "model.folded.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    declared = {value.name for value in written.graph.input}
+    assert {tensor.name for tensor in written.graph.initializer} <= declared
+    fixed = list(conditions(["cond"])) if placement == "if" else [{}]
+    assert_same_function(model, written, [judge_feeds(model, seed, fixed=f) for f in fixed])
