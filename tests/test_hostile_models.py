@@ -23,6 +23,7 @@ from tests.hostile_support import (
     conditions,
     count_ops,
     fold_copy,
+    graphs_of,
     ir_version_for,
     judge_feeds,
 )
@@ -307,3 +308,110 @@ def test_ir3_models_fold_into_models_the_checker_accepts(
     assert {tensor.name for tensor in written.graph.initializer} <= declared
     fixed = list(conditions(["cond"])) if placement == "if" else [{}]
     assert_same_function(model, written, [judge_feeds(model, seed, fixed=f) for f in fixed])
+
+
+# -- 9. new names avoid every name in the model -------------------------------------------------
+
+
+def naming_model(planted: dict[str, str]) -> onnx.ModelProto:
+    """Folds that create names (a Conv's missing bias; MatMul → BN's bias, Add node and renamed
+    output), beside which each name of ``planted`` is already used, in the place it maps to: a
+    node's name, an intermediate value (declared in value_info), a graph output, a value_info
+    entry alone, a value inside an If branch, a value inside a model-local function."""
+    b = GraphBuilder(seed=11)
+    x = b.input("x", [2, 3, 4, 4])
+    v = b.input("v", [2, 6])
+    cond = b.input("cond", [], TensorProto.BOOL)
+    image = b.node("Relu", [b.batchnorm(b.conv(x, 3, 4, bias=False), 4)])
+    b.output(b.node("Relu", [b.batchnorm(b.node("MatMul", [v, b.random("W", [6, 5])]), 5)]), [2, 5])
+    value_info = []
+    functions = []
+    for name, place in planted.items():
+        if place == "node":
+            b.nodes.append(helper.make_node("Neg", [image], [b.fresh("neg")], name=name))
+            b.output(b.nodes[-1].output[0], [2, 4, 4, 4])
+        elif place == "value":
+            b.nodes.append(helper.make_node("Neg", [image], [name], name=b.fresh("neg")))
+            value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 4, 4, 4]))
+            b.output(b.node("Relu", [name]), [2, 4, 4, 4])
+        elif place == "output":
+            b.nodes.append(helper.make_node("Identity", [v], [name], name=b.fresh("identity")))
+            b.output(name, [2, 6])
+        elif place == "value_info":
+            value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [7]))
+        elif place == "branch":
+            then_branch = helper.make_graph([helper.make_node("Neg", [v], [name])], "then", [],
+                                            [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 6])])
+            else_branch = helper.make_graph([helper.make_node("Identity", [v], [b.fresh("same")])], "else", [],
+                                            [helper.make_tensor_value_info(f"same{len(functions)}", TensorProto.FLOAT,
+                                                                           [2, 6])])
+            else_branch.output[0].name = else_branch.node[0].output[0]
+            b.nodes.append(helper.make_node("If", [cond], [b.fresh("chosen")], name=b.fresh("if"),
+                                            then_branch=then_branch, else_branch=else_branch))
+            b.output(b.nodes[-1].output[0], [2, 6])
+        else:
+            function = helper.make_function(
+                "org.example", f"Planted{len(functions)}", ["a"], ["c"],
+                [helper.make_node("Neg", ["a"], [name]), helper.make_node("Relu", [name], ["c"])],
+                opset_imports=[helper.make_opsetid("", 17)],
+            )
+            functions.append(function)
+            b.nodes.append(helper.make_node(function.name, [v], [b.fresh("called")], domain="org.example",
+                                            name=b.fresh("call")))
+            b.output(b.nodes[-1].output[0], [2, 6])
+    model = helper.make_model(
+        helper.make_graph(b.nodes, "naming", b.inputs, b.outputs, b.initializers, value_info=value_info),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)],
+        ir_version=8, functions=functions,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def every_name(model: onnx.ModelProto) -> set[str]:
+    """Every name the model uses: values (defined, read, declared), nodes, in every graph,
+    body and function."""
+    names: set[str] = set()
+    for graph in graphs_of(model):
+        names.update(tensor.name for tensor in graph.initializer)
+        names.update(value.name for value in (*graph.input, *graph.output, *graph.value_info))
+    for node in all_nodes(model):
+        names.update((*node.input, *node.output, node.name))
+    for function in model.functions:
+        names.update((*function.input, *function.output))
+    return names - {""}
+
+
+def definitions(model: onnx.ModelProto) -> list[str]:
+    """Every value definition (inputs, initializers, node outputs) of every graph and body."""
+    found: list[str] = []
+    for graph in graphs_of(model):
+        found += [value.name for value in graph.input if value.name not in {t.name for t in graph.initializer}]
+        found += [tensor.name for tensor in graph.initializer]
+        found += [name for node in graph.node for name in node.output if name]
+    return found
+
+
+PLACES = ("node", "value", "output", "value_info", "branch", "function")
+
+
+def _names_a_fold_creates() -> list[str]:
+    model = naming_model({})
+    folded, _outcome = fold_copy(model)
+    return sorted(every_name(folded) - every_name(model))
+
+
+@settings(max_examples=25)
+@given(st.data())
+def test_names_a_fold_creates_avoid_every_name_in_the_model(data: st.DataObject) -> None:
+    created = _names_a_fold_creates()
+    assert created, "the folds create names"
+    planted = {name: data.draw(st.sampled_from(PLACES), label=name) for name in created}
+    model = naming_model(planted)
+    folded, outcome = fold_copy(model)
+    assert len(outcome.folds) == 2 and count_ops(folded, BN) == 0
+    new = set(definitions(folded)) - set(definitions(model))
+    assert new and not new & every_name(model)
+    nodes = [node.name for node in folded.graph.node if node.name]
+    assert len(nodes) == len(set(nodes))
+    assert_same_function(model, folded, [judge_feeds(model, 0, fixed=f) for f in conditions(["cond"])])
