@@ -415,3 +415,65 @@ def test_names_a_fold_creates_avoid_every_name_in_the_model(data: st.DataObject)
     nodes = [node.name for node in folded.graph.node if node.name]
     assert len(nodes) == len(set(nodes))
     assert_same_function(model, folded, [judge_feeds(model, 0, fixed=f) for f in conditions(["cond"])])
+
+
+# -- 10. attributes a model-local function takes from its caller ---------------------------------
+
+# (node, attribute, value the call sets, attribute type): what the function's caller decides.
+REFERENCES = {
+    "bn epsilon": ("bn", "epsilon", 1e-3, onnx.AttributeProto.FLOAT),
+    "bn momentum": ("bn", "momentum", 0.8, onnx.AttributeProto.FLOAT),
+    "conv pads": ("conv", "pads", [0, 0, 0, 0], onnx.AttributeProto.INTS),
+    "conv strides": ("conv", "strides", [1, 1], onnx.AttributeProto.INTS),
+    "conv group": ("conv", "group", 1, onnx.AttributeProto.INT),
+}
+
+
+def function_model(reference: str, calls: int, seed: int) -> onnx.ModelProto:
+    """A function ``Block``: Conv → BN (weights as Constant nodes) → Conv → BN, whose first Conv
+    ('conv0') or BN takes one attribute from the call; the second pair has plain attributes."""
+    b = GraphBuilder(seed=seed)
+    target, attribute, value, kind = REFERENCES[reference]
+    with b.collecting() as (nodes, initializers):
+        first = b.batchnorm(b.conv("a", 3, 3, (1, 1), pads=[0, 0, 0, 0]), 3)
+        b.batchnorm(b.conv(first, 3, 3, (1, 1), pads=[0, 0, 0, 0]), 3)
+    referring = next(node for node in nodes if node.op_type == ("Conv" if target == "conv" else BN))
+    for position, existing in enumerate(referring.attribute):
+        if existing.name == attribute:
+            del referring.attribute[position]
+            break
+    referring.attribute.append(onnx.AttributeProto(name=attribute, ref_attr_name="from_call", type=kind))
+    nodes[-1].output[0] = "c"
+    block = helper.make_function("org.example", "Block", ["a"], ["c"], [*constant_nodes(initializers), *nodes],
+                                 opset_imports=[helper.make_opsetid("", 17)], attributes=["from_call"])
+    x = b.input("x", ["N", 3, 3, 3])
+    for _ in range(calls):
+        x = b.node("Block", [x], domain="org.example", from_call=value)
+    b.output(x, ["N", 3, 3, 3])
+    return helper.make_model(helper.make_graph(b.nodes, "calls", b.inputs, b.outputs, b.initializers),
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)],
+                             ir_version=8, functions=[block])
+
+
+@settings(max_examples=15)
+@given(reference=st.sampled_from(sorted(REFERENCES)), calls=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_a_function_attribute_is_a_refusal_with_its_reason_never_an_internal_error(
+    tmp_path_factory: pytest.TempPathFactory, reference: str, calls: int, seed: int
+) -> None:
+    model = function_model(reference, calls, seed)
+    onnx.checker.check_model(model, full_check=True)
+    folder = tmp_path_factory.mktemp("function")
+    onnx.save(model, folder / "model.onnx")
+    result = run_cli(folder / "model.onnx", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    # Nothing folds into or out of the node whose attribute the call decides: the first BN
+    # is left when it is that node; with the Conv deciding, it folds forward instead.
+    reasons = [left["reason"] for left in document["left"]]
+    assert len(document["folds"]) + len(reasons) == 2
+    assert all("function attribute 'from_call'" in reason for reason in reasons), reasons
+    assert len(reasons) == (reference == "bn epsilon")
+    assert all("'conv0'" not in fold["target"] for fold in document["folds"]) or reference.startswith("bn")
+    written = onnx.load(folder / "model.folded.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    assert_same_function(model, written, [judge_feeds(model, seed)])
