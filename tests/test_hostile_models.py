@@ -477,3 +477,63 @@ def test_a_function_attribute_is_a_refusal_with_its_reason_never_an_internal_err
     written = onnx.load(folder / "model.folded.onnx")
     onnx.checker.check_model(written, full_check=True)
     assert_same_function(model, written, [judge_feeds(model, seed)])
+
+
+# -- 11. external data referenced from subgraph initializers ------------------------------------
+
+
+def branch_weights_model(depth: int, seed: int) -> onnx.ModelProto:
+    """Conv → BN in both branches of an If (of an If nested ``depth`` deep), each branch with its
+    own weights as initializers, after a top-level Conv → BN."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["N", 3, 4, 4])
+    conds = [b.input(f"cond{level}", [], TensorProto.BOOL) for level in range(depth)]
+    top = b.batchnorm(b.conv(x, 3, 8), 8)
+
+    def branch(level: int) -> str:
+        if level == depth:
+            return b.batchnorm(b.conv(top, 8, 8), 8)  # a 2.3 kB weight: written to the data file
+        graphs = []
+        for name in ("then", "else"):
+            with b.collecting() as (nodes, initializers):
+                out = branch(level + 1)
+            declared = helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 8, 4, 4])
+            graphs.append(helper.make_graph(nodes, f"{name}{level}", [], [declared], initializers))
+        return b.node("If", [conds[level]], then_branch=graphs[0], else_branch=graphs[1])
+
+    b.output(branch(0), ["N", 8, 4, 4])
+    return b.model(opset=17)
+
+
+def _digests(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@settings(max_examples=10)
+@given(depth=st.integers(1, 2), one_file=st.booleans(), seed=st.integers(0, 2**16))
+def test_branch_weights_in_external_data_fold_verify_and_get_their_own_data_file(
+    tmp_path_factory: pytest.TempPathFactory, depth: int, one_file: bool, seed: int
+) -> None:
+    model = branch_weights_model(depth, seed)
+    folder = tmp_path_factory.mktemp("external")
+    source = folder / "model.onnx"
+    onnx.save(model, source, save_as_external_data=True, all_tensors_to_one_file=one_file,
+              location="model.weights", size_threshold=0)
+    branch_tensors = [tensor for graph in list(graphs_of(onnx.load(source, load_external_data=False)))[1:]
+                      for tensor in graph.initializer]
+    assert branch_tensors and all(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in branch_tensors)
+    before = _digests(folder)
+    result = run_cli(source, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["status"] == "equivalent" and len(document["folds"]) == 1 + 2**depth
+    assert {name: content for name, content in _digests(folder).items() if name in before} == before
+    output = folder / "model.folded.onnx"
+    locations = {entry.value for graph in graphs_of(onnx.load(output, load_external_data=False))
+                 for tensor in graph.initializer for entry in tensor.external_data if entry.key == "location"}
+    assert locations == {"model.folded.onnx.data"}  # none in the input's data files
+    onnx.checker.check_model(str(output), full_check=True)
+    written = onnx.load(output)
+    assert count_ops(written, BN) == 0
+    feeds = [judge_feeds(model, seed, fixed=f) for f in conditions([f"cond{level}" for level in range(depth)])]
+    assert_same_function(source, output, feeds)
