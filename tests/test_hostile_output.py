@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import report as render
 from bnfold.graph import GraphIndex
@@ -111,6 +111,24 @@ def test_batch_rows_show_hostile_paths_and_names(tmp_path: Path, jobs: str) -> N
     for stem in stems:
         assert str(folder / f"{stem}.onnx") in result.stdout
         assert (folder / f"{stem}.folded.onnx").is_file()
+
+
+def test_data_set_names_like_markup_are_printed_as_they_are(tmp_path: Path) -> None:
+    """Real inputs in ONNX test-data folders: each folder's name labels its trial."""
+    model = named_model("plain")
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    data = tmp_path / "data"
+    labels = ["test_data_set_[bold]a", "test_data_set_[red]b"]
+    for seed, label in enumerate(labels):
+        (data / label).mkdir(parents=True)
+        feeds = judge_feeds(model, seed)
+        for position, (name, value) in enumerate(feeds.items()):
+            tensor = numpy_helper.from_array(value, name)
+            (data / label / f"input_{position}.pb").write_bytes(tensor.SerializeToString())
+    result = run_cli(path, "--inputs", data, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert any(label in result.stdout for label in labels)  # the worst trial's, per output
 
 
 def _broken_renderer(*_args: object) -> None:
