@@ -24,6 +24,7 @@ from bnfold.rules.conv import ConvBn
 from sample_models.modelkit import GraphBuilder
 from tests.hostile_support import assert_same_function, count_ops, judge_feeds
 from tests.support import assert_one_line_error, run_cli
+from tests.test_attribution import CorruptingConvRule
 
 # Strings rich would read as markup (a closing tag with nothing to close, styles, links,
 # emoji codes, an escaped bracket), as exporters may write them into names.
@@ -389,3 +390,22 @@ def test_a_model_neither_the_checker_nor_onnxruntime_reads_is_refused(
     result = run_cli(path, *flags)
     assert_one_line_error(result, 2, f"{path}: fails onnx.checker (", "onnxruntime cannot load")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_broken_fold_is_attributed_under_a_name_that_is_not_utf8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Error attribution re-verifies partial folds against the original: onnxruntime must
+    read it there too."""
+    folder = tmp_path / NOT_UTF8_FOLDER
+    folder.mkdir()
+    source = folder / NOT_UTF8_NAME
+    onnx.save(named_model("plain"), source)
+    rules = build_rules(backward=(CorruptingConvRule({"conv plain"}),))
+    monkeypatch.setattr("bnfold.api.FoldOptions", partial(FoldOptions, rules=rules))
+    result = run_cli(source, "--json", "-")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    document = json.loads(result.stdout)
+    (guilty,) = document["attribution"]["guilty"]
+    assert guilty["batchnorms"] == ["bn plain"] and not document["written"]
+    assert sorted(path.name for path in folder.iterdir()) == [NOT_UTF8_NAME]
