@@ -222,3 +222,25 @@ def test_a_weight_folded_twice_is_held_once_and_small_tensors_stay_in_the_protob
     store.replace(small, np.ones(4, np.float32))
     assert store.held_array(small) is None and small.HasField("raw_data")
     np.testing.assert_array_equal(numpy_helper.to_array(small), np.ones(4, np.float32))
+
+
+def test_staging_left_by_a_process_killed_hard_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A run killed inside onnxruntime leaves its staging folder; the next run writing beside it
+    removes it, and nothing else (a live process's folder, a folder merely named alike)."""
+    import subprocess
+    import sys
+    import uuid
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".bnfold-{dead.pid}-{uuid.uuid4().hex}"
+    alive = tmp_path / f".bnfold-{os.getpid()}-{uuid.uuid4().hex}"
+    lookalike = tmp_path / ".bnfold-keep-me"
+    for folder in (abandoned, alive, lookalike):
+        folder.mkdir()
+        (folder / "net.onnx").write_bytes(b"partial")
+    source = tmp_path / "net.onnx"
+    onnx.save_model(_model(), str(source))
+    report = fold_file(source, FoldOptions(output=tmp_path / "out.onnx"))
+    assert report.written
+    assert not abandoned.exists() and alive.is_dir() and lookalike.is_dir()

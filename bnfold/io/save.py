@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -139,6 +140,7 @@ def stage(model: onnx.ModelProto, target: Path, store: TensorStore, *, external_
     is spent afterwards.
     """
     folder = target.parent if str(target.parent) else Path(".")
+    remove_abandoned_staging(folder)
     # The name is chosen before the folder exists, so that an interrupt landing anywhere
     # (even between mkdir and the return) still finds it to remove.
     # 128 random bits: never an existing folder.
@@ -237,6 +239,37 @@ def remove_staging_of(process_id: int, folder: Path) -> None:
     killed hard (a crash in a native library, the out-of-memory killer) cleans up nothing."""
     for staging in folder.glob(f"{STAGING_PREFIX}{process_id}-*"):
         remove_folder(staging)
+
+
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-[0-9a-f]{32}")
+
+
+def remove_abandoned_staging(folder: Path) -> None:
+    """Remove the staging folders in ``folder`` of bnfold processes that no longer run.
+
+    A run killed hard (a crash inside onnxruntime, the out-of-memory killer, SIGKILL) cannot
+    clean up after itself; the next run writing into the same folder does. Only folders named
+    exactly as :func:`stage` names them are touched, and only when their process is gone.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = _STAGING_NAME.fullmatch(entry.name)
+        if found and entry.is_dir() and not entry.is_symlink() and not _running(int(found.group(1))):
+            remove_folder(entry)
+
+
+def _running(process_id: int) -> bool:
+    """Whether a process with this id exists (a reused id counts: its folder then stays)."""
+    try:
+        os.kill(process_id, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
 
 
 def remove_folder(folder: Path) -> None:
