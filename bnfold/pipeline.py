@@ -4,6 +4,11 @@ The folded model is written to a hidden staging folder first and verified *as
 written* (onnxruntime loads the staged file), so what is checked is exactly what
 lands on disk. It is moved into place only when verification passes (or was
 skipped, or ``keep_failed``); otherwise nothing is left behind.
+
+Folds inside If/Loop/Scan bodies are verified on their own as well
+(:mod:`bnfold.bodies`), since a trial need not execute them. A body that cannot
+be is decided before anything is written: the model is folded again from the
+file without that body's folds, which are reported as left with the reason.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from pathlib import Path
 import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
+from bnfold.bodies import BodyChecks, BodyLayout, prepare_body_checks
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, fold_batchnorms
 from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
 from bnfold.io.load import LoadedModel, check_model, load_model
 from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
@@ -161,7 +167,14 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     clock.lap("load")
 
     rules = options.rule_set()
+    layout = BodyLayout(model) if options.verify else None  # read before folding changes the model
     outcome = fold_batchnorms(model, rules, store=loaded.store)
+    bodies = None
+    if layout is not None and layout.bodies_holding(outcome.folds):
+        with explaining_guessed_shapes(guessed):
+            loaded, outcome, bodies = _withhold_unverifiable_bodies(loaded, layout, outcome, trials, rules,
+                                                                    vo.provider)
+        model = loaded.model
     problem = None
     if not check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
@@ -180,6 +193,8 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
                 )
+                if bodies is not None:
+                    bodies.add_to(verification, staged.staged_path, tolerances=vo.tolerances, provider=vo.provider)
             clock.lap("verify")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
@@ -188,7 +203,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     attribution = None
     if verification is not None and not verification.passed and outcome.folds:
         attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules, bodies=bodies)
         clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
@@ -205,6 +220,35 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         attribution=attribution,
         timings=clock.total(),
     )
+
+
+def _withhold_unverifiable_bodies(
+    loaded: LoadedModel, layout: BodyLayout, outcome: FoldOutcome, trials: list[Trial], rules: RuleSet,
+    provider: str,
+) -> tuple[LoadedModel, FoldOutcome, BodyChecks]:
+    """Prepare the checks of every body holding a fold; when some body cannot be verified on its
+    own, fold the model again from the file without that body's folds.
+
+    Returns the model to write (``loaded`` itself when nothing was withheld), its fold outcome
+    (the withheld BNs listed as left, with the reason) and the checks. Folding again never adds a
+    fold in a body not yet prepared (a body's folds depend only on it and the constants around
+    it), but the loop makes sure of it rather than assume it.
+    """
+    original = load_model(loaded.path)
+    checks = BodyChecks()
+    kinds: dict[str, str] = {}
+    while True:
+        found = prepare_body_checks(original, layout, outcome.folds, trials, provider, skip=checks.prepared)
+        checks.merge(found)
+        if not found.unverified:
+            return loaded, outcome, checks
+        kinds.update((fold.batchnorm, fold.kind) for fold in outcome.folds)
+        withheld = checks.withheld
+        loaded = load_model(loaded.path)
+        outcome = fold_batchnorms(loaded.model, rules, may_fold=lambda label, held=withheld: label not in held,
+                                  store=loaded.store)
+        outcome.left += [LeftRecord(label, reason) for label, reason in withheld.items()
+                         if kinds[label] == "BatchNormalization"]
 
 
 @dataclass

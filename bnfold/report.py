@@ -51,14 +51,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _comparisons_json(documents: list[dict[str, Any]], comparisons: list[OutputComparison]) -> None:
+    for output, comparison in zip(documents, comparisons):
+        output["passed"] = comparison.passed
+
+
 def _verification_json(verification: Verification | None) -> dict[str, Any] | None:
     if verification is None:
         return None
     document = _plain(verification)
     document["passed"] = verification.passed
     for key in ("outputs", "expected"):
-        for output, comparison in zip(document[key], getattr(verification, key)):
-            output["passed"] = comparison.passed
+        _comparisons_json(document[key], getattr(verification, key))
+    for body_document, body in zip(document["bodies"], verification.bodies):
+        body_document["passed"] = body.passed
+        _comparisons_json(body_document["outputs"], body.outputs)
     return document
 
 
@@ -168,7 +175,7 @@ def _inputs_line(verification: Verification) -> str:
     return f"inputs {shapes}, {source}"
 
 
-def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
+def _comparison_table(title: str | Text, comparisons: list[OutputComparison], with_trial: bool) -> Group:
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
     table.add_column("", no_wrap=True)
     table.add_column("output", overflow="fold", min_width=14)
@@ -212,6 +219,15 @@ def verification_table(verification: Verification) -> Group:
     ]
     if verification.expected:
         parts.append(_comparison_table("Folded vs expected outputs", verification.expected, True))
+    for body in verification.bodies:
+        inputs = ", ".join(f"{value.name} {_shape(value.dtype, value.shape)} ({value.source})"
+                           for value in body.inputs) or "none"
+        # Labels and names come from the model: a Text is printed literally, never as markup.
+        parts.append(_comparison_table(Text(f"{body.label}, verified on its own\ninputs {inputs}"),
+                                       body.outputs, several))
+    for unverified in verification.unverified_bodies:
+        parts.append(Text(f"{unverified.label}: not verified on its own ({unverified.reason}); "
+                          f"its {len(unverified.withheld)} fold(s) were not applied", style="yellow"))
     return Group(*parts)
 
 
