@@ -464,11 +464,11 @@ class _Extraction:
         """Build the body's standalone model, run the original on every trial, and record the
         check when the body holds folds: the level of the body, for the bodies nested in it."""
         label = self.layout.body_labels[route]
-        formal_names = [value.name for value in plan.index.graph.input]
+        formal_names = formal_inputs(plan.index.graph)
         feeds: list[dict[str, np.ndarray]] = []
         for trial in range(len(self.trials)):
             resolve = lambda name, trial=trial: self._value(level, trial, name)  # noqa: E731
-            formal = _formal_values(plan.node, plan.index.graph, plan.index.default_opset(), resolve)
+            formal = _formal_values(plan.node, len(formal_names), plan.index.default_opset(), resolve)
             values = dict(zip(formal_names, formal))
             values.update((name, resolve(name)) for name in plan.runtime_reads)
             feeds.append(values)
@@ -519,9 +519,16 @@ def _control_inputs(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def _formal_values(node: onnx.NodeProto, body: onnx.GraphProto, opset: int,
+def formal_inputs(body: onnx.GraphProto) -> list[str]:
+    """The inputs the node holding ``body`` feeds: before IR 4 a body also lists its own
+    initializers as inputs, and those are not fed."""
+    initializers = {tensor.name for tensor in body.initializer}
+    return [value.name for value in body.input if value.name not in initializers]
+
+
+def _formal_values(node: onnx.NodeProto, declared: int, opset: int,
                    resolve: Callable[[str], np.ndarray]) -> list[np.ndarray]:
-    """The values of ``body``'s formal inputs on the first run of ``node``.
+    """The values of the ``declared`` formal inputs of a body of ``node`` on its first run.
 
     Raises:
         _CannotExtract: for a node whose bodies bnfold does not know how to feed.
@@ -535,9 +542,8 @@ def _formal_values(node: onnx.NodeProto, body: onnx.GraphProto, opset: int,
         values = _first_scan_step(node, resolve)
     else:
         raise _CannotExtract(f"bnfold does not know what {describe(node)} feeds its bodies")
-    if len(values) != len(body.input):
-        raise _CannotExtract(f"{describe(node)} gives its body {len(values)} inputs, the body declares "
-                             f"{len(body.input)}")
+    if len(values) != declared:
+        raise _CannotExtract(f"{describe(node)} gives its body {len(values)} inputs, the body declares {declared}")
     return values
 
 

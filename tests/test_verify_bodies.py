@@ -208,6 +208,28 @@ def sequence_branch_model(seed: int, channels: int) -> BodyModel:
     })
 
 
+def ir3_if_model(seed: int, channels: int) -> BodyModel:
+    """IR 3 (opset 8): every initializer is also declared as an input, in the branches too. The
+    then branch, never taken, folds Conv→BN with its own weights on ``x`` plus an outer constant."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["N", channels, 5, 5])
+    offset = b.random("offset", [1, channels, 1, 1])
+    with b.collecting() as (then_nodes, then_initializers):
+        then_out, then_bn, then_conv = _conv_bn(b, b.node("Add", [x, offset]), channels)
+    with b.collecting() as (else_nodes, _):
+        else_out = b.node("Add", [x, offset])
+    declared = [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in then_initializers]
+    b.nodes.append(helper.make_node(
+        "If", [_never(b, x)], ["y"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", declared, [_value(then_out, ["N", channels, 5, 5])],
+                                      then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out, ["N", channels, 5, 5])]),
+    ))
+    b.output("y", ["N", channels, 5, 5])
+    return BodyModel(b.model(opset=8, ir_version=3),
+                     {"If 'branch' then_branch": (f"If 'branch' then_branch / {then_bn}", then_conv)})
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 
@@ -288,6 +310,18 @@ def test_broken_fold_in_an_if_nested_in_a_loop_body_is_named(tmp_path: Path) -> 
     assert report.verification.outputs[0].passed
     [guilty] = report.attribution.guilty
     assert guilty.batchnorms == (bn_label,)
+
+
+@pytest.mark.parametrize("broken", [True, False])
+def test_ir3_branch_declaring_its_initializers_as_inputs_is_verified(tmp_path: Path, broken: bool) -> None:
+    generated = ir3_if_model(seed=10, channels=2)
+    [(bn_label, conv)] = generated.folds.values()
+    report = _fold(_save(generated.model, tmp_path), broken={conv} if broken else set())
+    [body] = report.verification.bodies
+    assert [value.name for value in body.inputs] == ["x"]  # the outer constant is an initializer
+    assert report.exit_code == int(broken) and body.passed is not broken
+    if broken:
+        assert report.attribution.guilty[0].batchnorms == (bn_label,)
 
 
 @pytest.mark.parametrize(("axis", "reverse"), [(0, False), (1, True)])
