@@ -2,13 +2,20 @@
 
 The strategy chains and branches Conv / ConvTranspose / Gemm / MatMul / BatchNormalization /
 Relu / Add / Flatten with random shapes, groups, strides, pads and dilations, in float32 and
-float16, with hostile BN statistics (tiny variance, large mean, zero scale). The property:
-folding keeps the function, and every BatchNormalization left has a reason. The absolute
+float16, with hostile BN statistics (tiny variance, large mean, zero scale); per-channel Mul/Add
+chains (decomposed BNs) before and after layers; Mul/Add constants that *broadcast* one channel
+to many (``x[N,1,H,W]·c[1,C,1,1] + d`` around a Conv, ``x[N,1]·c[C] + d`` around a Gemm), which
+are not per-channel affines; and If nodes whose two branches both hold folds and read outer
+values and outer weights. The property: folding keeps the function, with the If condition
+forced both ways so that both branches run, and every BatchNormalization left has a reason. The absolute
 tolerance scales with the output's magnitude (see tests/support.py): the hostile statistics
 make outputs in the thousands next to elements near zero that come from cancellation, whose
 rounding error (in the original as much as in the folded model) is relative to the large
 terms. Folding bugs (a wrong axis, group or sign) give errors of the order of the values
 themselves and are still caught.
+
+A second property runs the whole pipeline on random models with an If: every body holding a
+fold is verified on its own (none withheld), and the model is equivalent.
 
 CI runs a few hundred cases; ``pytest --hypothesis-profile=long tests/test_fuzz_graphs.py``
 runs the long profile's count.
@@ -17,19 +24,27 @@ runs the long profile's count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
+from bnfold.options import VerifyOptions
+from bnfold.pipeline import FoldOptions, fold_file
 from sample_models.modelkit import GraphBuilder
-from tests.support import fold_and_compare, op_count
+from tests.support import fold_and_compare
 
 CI_EXAMPLES = 300
 # The active profile decides: at least the CI count, more under --hypothesis-profile=long.
 EXAMPLES = max(CI_EXAMPLES, settings().max_examples)
+# Whole-pipeline runs cost several onnxruntime sessions each: a tenth of the cases.
+PIPELINE_EXAMPLES = max(30, EXAMPLES // 10)
 MAX_SPATIAL = 12
+BN = "BatchNormalization"
 
 
 @dataclass
@@ -99,8 +114,50 @@ def random_conv_transpose(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tens
     return Tensor4D(name, out_per_group * group, out)
 
 
+def per_channel(b: GraphBuilder, channels: int, shape: list[int]) -> tuple[str, str]:
+    """A scale and a shift of ``channels`` entries shaped ``shape`` (e.g. [1, C, 1, 1] or [C])."""
+    scale = b.const("scale", b.rng.uniform(0.5, 1.5, channels).reshape(shape).astype(b.dtype))
+    shift = b.const("shift", b.rng.normal(0, 0.5, channels).reshape(shape).astype(b.dtype))
+    return scale, shift
+
+
+def affine(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int, shape: list[int]) -> str:
+    """``x · scale + shift`` (or ``(x + shift) · scale``) by constants shaped ``shape``."""
+    scale, shift = per_channel(b, channels, shape)
+    if draw(st.booleans()):
+        return b.node("Add", [b.node("Mul", [x, scale]), shift])
+    return b.node("Mul", [b.node("Add", [x, shift]), scale])
+
+
+def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """One channel made into many by a broadcasting Mul/Add: ``y[N,1,H,W]·c[1,C,1,1] + d``, next to
+    a Conv before it (one output channel) or after it (C input channels). Not a per-channel affine
+    of ``y``: a fold that reads it as one drops the broadcast."""
+    channels = draw(st.integers(2, 5))
+    shape = draw(st.sampled_from([[1, channels, 1, 1], [channels, 1, 1]]))
+    if draw(st.booleans()):
+        single = b.conv(x.name, x.channels, 1, (1, 1), bias=draw(st.booleans()))
+    else:
+        single = b.node("ReduceMean", [x.name], axes=[1], keepdims=1)
+    spread = affine(draw, b, single, channels, shape)
+    if draw(st.booleans()):
+        return Tensor4D(spread, channels, x.size)
+    return random_conv(draw, b, Tensor4D(spread, channels, x.size))
+
+
 def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
-    kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn"]))
+    kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn",
+                                 "conv_affine", "affine_conv", "broadcast", "if"]))
+    if kind == "if":
+        return random_if(draw, b, x)
+    if kind == "broadcast":
+        return broadcast_block(draw, b, x)
+    if kind == "conv_affine":
+        y = random_conv(draw, b, x)
+        return Tensor4D(affine(draw, b, y.name, y.channels, [y.channels, 1, 1]), y.channels, y.size)
+    if kind == "affine_conv":
+        scaled = affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1])
+        return random_conv(draw, b, Tensor4D(scaled, x.channels, x.size))
     if kind in ("conv_bn", "conv_bn_relu"):
         y = random_conv(draw, b, x)
         y = Tensor4D(hostile_batchnorm(draw, b, y.name, y.channels), y.channels, y.size)
@@ -124,12 +181,82 @@ def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     return Tensor4D(b.node("Add", [branch, x.name]), x.channels, x.size)
 
 
+@dataclass
+class OuterWeights:
+    """A [C, C, 3, 3] Conv weight and C-channel BN parameters of the main graph, read in a branch."""
+
+    channels: int
+    weight: str
+    parameters: list[str]
+
+
+def same_size_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, outer: OuterWeights) -> Tensor4D:
+    """A block that keeps the spatial size (an If's branches must agree on their output's shape)."""
+    kind = draw(st.sampled_from(["conv_bn", "outer_conv_bn", "bn", "bn_bn", "relu", "conv_affine", "affine_conv"]))
+    if kind == "outer_conv_bn" and x.channels == outer.channels:
+        y = b.node("Conv", [x.name, outer.weight], pads=[1, 1, 1, 1])
+        return Tensor4D(b.node(BN, [y, *outer.parameters]), x.channels, x.size)
+    if kind in ("conv_bn", "outer_conv_bn", "conv_affine", "affine_conv"):
+        kernel = draw(st.sampled_from([1, 3]))
+        source = x.name
+        if kind == "affine_conv":
+            source = affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1])
+            kernel = 1  # an unpadded Conv absorbs the affine before it
+        out = draw(st.integers(1, 4))
+        y = b.conv(source, x.channels, out, (kernel, kernel), pads=[kernel // 2] * 4, bias=draw(st.booleans()))
+        if kind == "conv_affine":
+            return Tensor4D(affine(draw, b, y, out, [out, 1, 1]), out, x.size)
+        return Tensor4D(y if kind == "affine_conv" else hostile_batchnorm(draw, b, y, out), out, x.size)
+    if kind == "bn":
+        return Tensor4D(hostile_batchnorm(draw, b, x.name, x.channels), x.channels, x.size)
+    if kind == "bn_bn":
+        y = hostile_batchnorm(draw, b, x.name, x.channels)
+        return Tensor4D(hostile_batchnorm(draw, b, y, x.channels), x.channels, x.size)
+    return Tensor4D(b.node("Relu", [x.name]), x.channels, x.size)
+
+
+def random_branch(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, channels: int, outer: OuterWeights
+                  ) -> onnx.GraphProto:
+    """One If branch on the outer value ``x``: blocks, then Conv→BN to ``channels``."""
+    with b.collecting() as (nodes, initializers):
+        y = x
+        for _ in range(draw(st.integers(0, 2))):
+            y = same_size_block(draw, b, y, outer)
+        # Ends with Conv→BN to the If's channels: every branch holds a fold.
+        y = Tensor4D(hostile_batchnorm(draw, b, b.conv(y.name, y.channels, channels, (1, 1)), channels),
+                     channels, x.size)
+    output = helper.make_tensor_value_info(y.name, b.elem_type, None)
+    return helper.make_graph(nodes, b.fresh("branch"), [], [output], initializers)
+
+
+def random_if(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """An If on the model's ``cond`` input whose two branches both hold folds."""
+    if not any(value.name == "cond" for value in b.inputs):
+        b.input("cond", [], TensorProto.BOOL)
+    channels = draw(st.integers(1, 4))
+    outer = OuterWeights(x.channels, b.random("W_outer", [x.channels, x.channels, 3, 3]),
+                         b.batchnorm_parameters(x.channels))
+    then_branch = random_branch(draw, b, x, channels, outer)
+    else_branch = random_branch(draw, b, x, channels, outer)
+    output = b.fresh("if_out")
+    b.nodes.append(helper.make_node("If", ["cond"], [output], name=b.fresh("if"),
+                                    then_branch=then_branch, else_branch=else_branch))
+    return Tensor4D(output, channels, x.size)
+
+
 def random_head(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
-    kind = draw(st.sampled_from(["none", "gemm_bn", "matmul_bn", "bn_gemm"]))
+    kind = draw(st.sampled_from(["none", "gemm_bn", "matmul_bn", "bn_gemm", "broadcast_gemm", "gemm_broadcast"]))
     if kind == "none":
         return x.name
     flat = b.node("Flatten", [b.node("GlobalAveragePool", [x.name])])
     out = draw(st.integers(1, 5))
+    spread = draw(st.integers(2, 5))
+    shape = draw(st.sampled_from([[spread], [1, spread]]))
+    if kind == "broadcast_gemm":  # x[N,1]·c[C] + d before a Gemm: not a per-channel affine of x
+        single = b.node("ReduceMean", [flat], axes=[1], keepdims=1)
+        return b.gemm(affine(draw, b, single, spread, shape), spread, out)
+    if kind == "gemm_broadcast":  # a one-output Gemm whose output is then broadcast to C
+        return affine(draw, b, b.gemm(flat, x.channels, 1), spread, shape)
     if kind == "gemm_bn":
         return hostile_batchnorm(draw, b, b.gemm(flat, x.channels, out, trans_b=int(draw(st.booleans()))), out)
     if kind == "matmul_bn":
@@ -150,13 +277,59 @@ def random_models(draw: st.DrawFn) -> onnx.ModelProto:
     return b.model(f"fuzz_{np.dtype(dtype).name}")
 
 
+def all_ops(graph: onnx.GraphProto) -> list[str]:
+    """Op types of ``graph`` and of every body nested in it."""
+    ops = []
+    for node in graph.node:
+        ops.append(node.op_type)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                ops += all_ops(attribute.g)
+    return ops
+
+
+def condition_variants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], ...]:
+    """Both values of the If condition when the model has one, so that both branches run."""
+    if any(value.name == "cond" for value in model.graph.input):
+        return ({"cond": np.array(True)}, {"cond": np.array(False)})
+    return ({},)
+
+
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(model=random_models())
 def test_random_graphs_fold_to_equivalent_models(model: onnx.ModelProto) -> None:
-    batchnorms_before = op_count(model, "BatchNormalization")
-    check = fold_and_compare(model, atol_scales_with_output=True)
-    left = op_count(check.folded, "BatchNormalization")
+    batchnorms_before = all_ops(model.graph).count(BN)
+    check = fold_and_compare(model, atol_scales_with_output=True, input_variants=condition_variants(model))
+    left = all_ops(check.folded.graph).count(BN)
     assert len(check.outcome.left) == left
     assert all(record.reason for record in check.outcome.left)
-    folded_batchnorms = sum(record.kind == "BatchNormalization" for record in check.outcome.folds)
+    folded_batchnorms = sum(record.kind == BN for record in check.outcome.folds)
     assert batchnorms_before - folded_batchnorms == left
+
+
+@st.composite
+def random_if_models(draw: st.DrawFn) -> onnx.ModelProto:
+    """float32 models with an If whose branches hold folds, among other blocks."""
+    b = GraphBuilder(seed=draw(st.integers(0, 2**31 - 1)))
+    x = Tensor4D(b.input("x", ["N", draw(st.integers(1, 4)), 6, 6]), 0, 6)
+    x.channels = b.inputs[0].type.tensor_type.shape.dim[1].dim_value
+    if draw(st.booleans()):
+        x = random_block(draw, b, x)
+    x = random_if(draw, b, x)
+    b.output(random_head(draw, b, x))
+    return b.model("fuzz_if")
+
+
+@settings(max_examples=PIPELINE_EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(model=random_if_models(), batch=st.integers(1, 3))
+def test_random_bodies_are_verified_on_their_own(model: onnx.ModelProto, batch: int) -> None:
+    with TemporaryDirectory(prefix="bnfold-fuzz-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, str(path))
+        report = fold_file(path, FoldOptions(dry_run=True, verify_options=VerifyOptions(batch=batch)))
+    assert report.status == "equivalent", report.verification
+    verification = report.verification
+    assert verification.unverified_bodies == []
+    in_bodies = {fold.batchnorm.rsplit(" / ", 1)[0] for fold in report.folds if " / " in fold.batchnorm}
+    assert {body.label for body in verification.bodies} == in_bodies
+    assert all(body.passed for body in verification.bodies)
