@@ -31,6 +31,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +185,19 @@ def _tensor_type(name: str, values: Sequence[np.ndarray]) -> onnx.ValueInfoProto
     """An input declaration that fits every trial's values: dims that differ between trials
     stay symbolic."""
     first = values[0]
+    try:
+        elem_type = helper.np_dtype_to_tensor_dtype(first.dtype)
+    except (KeyError, TypeError, ValueError):
+        raise _CannotExtract(f"'{name}' has a type bnfold cannot declare ({first.dtype})") from None
     if any(value.ndim != first.ndim for value in values):
-        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), None)
+        return helper.make_tensor_value_info(name, elem_type, None)
     dims = [size if all(value.shape[axis] == size for value in values) else f"{name}_{axis}"
             for axis, size in enumerate(first.shape)]
-    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(first.dtype), dims)
+    return helper.make_tensor_value_info(name, elem_type, dims)
+
+
+def _outputs_by_name(reference: Reference) -> list[dict[str, np.ndarray]]:
+    return [dict(zip(reference.output_names, outputs)) for outputs in reference.outputs]
 
 
 def standalone_model(model: onnx.ModelProto, body: GraphIndex, inputs: Sequence[onnx.ValueInfoProto],
@@ -334,8 +343,8 @@ class _Level:
     """Per trial, by name."""
     sources: dict[str, str]
     """Where each value came from, as the report says it."""
-    run_with: Callable[[list[str]], list[list[np.ndarray]]]
-    """Runs the graph again on every trial with the named values as extra outputs."""
+    run_with: Callable[[list[str]], list[dict[str, np.ndarray]]]
+    """Runs the graph again on every trial with the named values as outputs; their values per trial."""
 
 
 @dataclass
@@ -373,26 +382,25 @@ class _Extraction:
                        {name: "input of the model" for name in self.trials[0].feeds}, self._run_model_with)
         self._descend(level)
 
-    def _run_model_with(self, names: list[str]) -> list[list[np.ndarray]]:
-        """The original model on every trial with ``names`` as extra outputs; initializers that
+    def _run_model_with(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        """The original model on every trial with ``names`` among its outputs; initializers that
         a caller may override (IR 4+ graph inputs) are read, not computed."""
         initializers = {tensor.name: tensor for tensor in self.model.graph.initializer}
+        declared = {output.name for output in self.model.graph.output}
         computed = [name for name in names if name not in initializers]
-        results: list[list[np.ndarray]] = [[] for _ in self.trials]
+        results: list[dict[str, np.ndarray]] = [{} for _ in self.trials]
         if computed:
             model = onnx.ModelProto()
             model.CopyFrom(self.model)
-            model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in computed)
+            model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in computed if name not in declared)
             with tempfile.TemporaryDirectory(prefix="bnfold-bodies-") as folder:
                 target = Path(folder) / self.original.path.name
                 external = bool(self.original.external_data_files)
                 with stage(model, target, self.original.store, external_data=external) as staged:
-                    reference = run_reference(staged.staged_path, self.trials, self.provider, "original")
-            first = len(self.model.graph.output)
-            results = [outputs[first:] for outputs in reference.outputs]
-        by_name = [dict(zip(computed, outputs)) for outputs in results]
-        return [[values.get(name) if name in values else self.original.store.read(initializers[name])
-                 for name in names] for values in by_name]
+                    results = _outputs_by_name(run_reference(staged.staged_path, self.trials, self.provider,
+                                                             "original"))
+        return [{name: values[name] if name in values else self.original.store.read(initializers[name])
+                 for name in names} for values in results]
 
     def _children(self, route: Route) -> list[Route]:
         return [inner for inner in self.layout.body_labels
@@ -437,7 +445,7 @@ class _Extraction:
         except _CannotExtract as problem:
             return f"the enclosing {level.label} cannot be extracted ({problem})"
         for values, computed in zip(level.values, outputs):
-            values.update(zip(names, computed))
+            values.update(computed)
         source = "computed by the model" if not level.route else f"computed by {level.label}"
         level.sources.update((name, source) for name in names)
         return None
@@ -467,7 +475,7 @@ class _Extraction:
         formal_names = formal_inputs(plan.index.graph)
         feeds: list[dict[str, np.ndarray]] = []
         for trial in range(len(self.trials)):
-            resolve = lambda name, trial=trial: self._value(level, trial, name)  # noqa: E731
+            resolve = partial(self._value, level, trial)
             formal = _formal_values(plan.node, len(formal_names), plan.index.default_opset(), resolve)
             values = dict(zip(formal_names, formal))
             values.update((name, resolve(name)) for name in plan.runtime_reads)
@@ -488,10 +496,11 @@ class _Extraction:
                          for name in names]
             self.checks.checks.append(_Check(label, route, inputs, described, trials, reference))
 
-        def run_with(extra: list[str]) -> list[list[np.ndarray]]:
+        def run_with(wanted: list[str]) -> list[dict[str, np.ndarray]]:
+            extra = [name for name in wanted if name not in reference.output_names]
             model = _serialized(standalone_model(self.model, plan.index, inputs, extra))
-            outputs = run_reference(model, trials, self.provider, "extracted original body").outputs
-            return [values[len(reference.output_names):] for values in outputs]
+            outputs = _outputs_by_name(run_reference(model, trials, self.provider, "extracted original body"))
+            return [{name: values[name] for name in wanted} for values in outputs]
 
         return _Level(route, label, plan.index, [dict(values) for values in feeds], sources, run_with)
 
@@ -503,7 +512,7 @@ class _Extraction:
                 continue
             label = self.layout.body_labels[inner]
             why = reason if inner == route else (
-                f"the enclosing {self.layout.body_labels[route]} cannot run on its own ({reason})"
+                f"the enclosing {self.layout.body_labels[route]} could not be verified on its own ({reason})"
             )
             self.checks.unverified.append(UnverifiedBody(label, why, tuple(labels)))
 

@@ -67,11 +67,12 @@ def _conv_bn(b: GraphBuilder, x: str, channels: int, *, weight: str | None = Non
     return bn, b.nodes[-1].name, conv_name
 
 
-def if_model(seed: int, channels: int, cond: str, *, outer_weights: bool = True) -> BodyModel:
+def if_model(seed: int, channels: int, cond: str, *, outer_weights: bool = True, expose: bool = False
+             ) -> BodyModel:
     """If whose branches both hold Conv→BN on an outer runtime value. The then branch has its own
     weights; the else branch reads a weight and BN parameters of the main graph (``outer_weights``).
     ``cond``: 'input' (a bool graph input), 'never' or 'always' (computed, so the trials take one
-    branch only)."""
+    branch only). ``expose`` makes the outer value the branches read a graph output too."""
     b = GraphBuilder(seed=seed)
     x = b.input("x", ["N", channels, 6, 6])
     condition = b.input("cond", [], TensorProto.BOOL) if cond == "input" else (
@@ -90,6 +91,8 @@ def if_model(seed: int, channels: int, cond: str, *, outer_weights: bool = True)
         else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out)], else_initializers),
     ))
     b.output("y", ["N", channels, 6, 6])
+    if expose:
+        b.output(top, ["N", channels, 6, 6])
     return BodyModel(b.model(), {
         "If 'branch' then_branch": (f"If 'branch' then_branch / {then_bn}", then_conv),
         "If 'branch' else_branch": (f"If 'branch' else_branch / {else_bn}", else_conv),
@@ -338,10 +341,11 @@ def test_broken_fold_in_a_scan_body_is_not_equivalent(tmp_path: Path, axis: int,
 # -- correct folds: verified on their own, and equivalent whatever runs -------------------------
 
 
-@pytest.mark.parametrize("external", [False, True])
+@pytest.mark.parametrize(("external", "expose"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("seed", [11, 12])
-def test_correct_folds_in_both_branches_hold_for_either_condition(tmp_path: Path, seed: int, external: bool) -> None:
-    generated = if_model(seed, channels=3, cond="input")
+def test_correct_folds_in_both_branches_hold_for_either_condition(tmp_path: Path, seed: int, external: bool,
+                                                                  expose: bool) -> None:
+    generated = if_model(seed, channels=3, cond="input", expose=expose)
     path = _save(generated.model, tmp_path, external=external)
     report = _fold(path, batch=3, trials=2)
     assert report.exit_code == 0 and report.written
