@@ -7,15 +7,17 @@ chains (decomposed BNs) before and after layers; Mul/Add constants that *broadca
 to many (``x[N,1,H,W]·c[1,C,1,1] + d`` around a Conv, ``x[N,1]·c[C] + d`` around a Gemm), which
 are not per-channel affines; and If nodes whose two branches both hold folds and read outer
 values and outer weights. The property: folding keeps the function, with the If condition
-forced both ways so that both branches run, and every BatchNormalization left has a reason. The absolute
+forced both ways so that both branches run, and every BatchNormalization left has a reason.
+Loops run 0 to 2 times over bodies of the same blocks, an If nested in them or not. The absolute
 tolerance scales with the output's magnitude (see tests/support.py): the hostile statistics
 make outputs in the thousands next to elements near zero that come from cancellation, whose
 rounding error (in the original as much as in the folded model) is relative to the large
 terms. Folding bugs (a wrong axis, group or sign) give errors of the order of the values
 themselves and are still caught.
 
-A second property runs the whole pipeline on random models with an If: every body holding a
-fold is verified on its own (none withheld), and the model is equivalent.
+A second property runs the whole pipeline on random models with an If or a Loop (an If nested in
+its body, or not): every body holding a fold is verified on its own (none withheld), and the
+model is equivalent.
 
 CI runs a few hundred cases; ``pytest --hypothesis-profile=long tests/test_fuzz_graphs.py``
 runs the long profile's count.
@@ -42,7 +44,7 @@ CI_EXAMPLES = 300
 # The active profile decides: at least the CI count, more under --hypothesis-profile=long.
 EXAMPLES = max(CI_EXAMPLES, settings().max_examples)
 # Whole-pipeline runs cost several onnxruntime sessions each: a tenth of the cases.
-PIPELINE_EXAMPLES = max(30, EXAMPLES // 10)
+PIPELINE_EXAMPLES = max(20, EXAMPLES // 10)
 MAX_SPATIAL = 12
 BN = "BatchNormalization"
 
@@ -147,9 +149,11 @@ def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
 
 def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn",
-                                 "conv_affine", "affine_conv", "broadcast", "if"]))
+                                 "conv_affine", "affine_conv", "broadcast", "if", "loop"]))
     if kind == "if":
         return random_if(draw, b, x)
+    if kind == "loop":
+        return random_loop(draw, b, x)
     if kind == "broadcast":
         return broadcast_block(draw, b, x)
     if kind == "conv_affine":
@@ -225,7 +229,7 @@ def random_branch(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, channels: int, 
         # Ends with Conv→BN to the If's channels: every branch holds a fold.
         y = Tensor4D(hostile_batchnorm(draw, b, b.conv(y.name, y.channels, channels, (1, 1)), channels),
                      channels, x.size)
-    output = helper.make_tensor_value_info(y.name, b.elem_type, None)
+    output = helper.make_tensor_value_info(y.name, b.elem_type, ["N", channels, x.size, x.size])
     return helper.make_graph(nodes, b.fresh("branch"), [], [output], initializers)
 
 
@@ -242,6 +246,38 @@ def random_if(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     b.nodes.append(helper.make_node("If", ["cond"], [output], name=b.fresh("if"),
                                     then_branch=then_branch, else_branch=else_branch))
     return Tensor4D(output, channels, x.size)
+
+
+def random_loop(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """A Loop run 0 to 2 times whose body adds the outer value ``x`` to its carried value, runs
+    blocks (an If among them, nested in the body) and ends with Conv→BN back to ``x``'s shape."""
+    trips = b.const("trips", np.array(draw(st.integers(0, 2)), dtype=np.int64))
+    keep_going = b.const("keep_going", np.array(True))
+    counter, condition, carried = b.fresh("i"), b.fresh("cond_in"), b.fresh("carried")
+    outer = OuterWeights(x.channels, b.random("W_outer", [x.channels, x.channels, 3, 3]),
+                         b.batchnorm_parameters(x.channels))
+    with b.collecting() as (nodes, initializers):
+        y = Tensor4D(b.node("Add", [carried, x.name]), x.channels, x.size)
+        for _ in range(draw(st.integers(0, 2))):
+            y = random_if(draw, b, y) if draw(st.booleans()) else same_size_block(draw, b, y, outer)
+        y = Tensor4D(hostile_batchnorm(draw, b, b.conv(y.name, y.channels, x.channels, (1, 1)), x.channels),
+                     x.channels, x.size)
+        keep = b.node("Identity", [condition])
+    shape = ["N", x.channels, x.size, x.size]
+    body = helper.make_graph(
+        nodes, b.fresh("body"),
+        [helper.make_tensor_value_info(counter, TensorProto.INT64, []),
+         helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(carried, b.elem_type, shape)],
+        [helper.make_tensor_value_info(keep, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(y.name, b.elem_type, shape)],
+        initializers,
+    )
+    output = b.fresh("loop_out")
+    b.nodes.append(helper.make_node("Loop", [trips, keep_going, x.name], [output], name=b.fresh("loop"), body=body))
+    # Shape inference gives a Loop's carried outputs no shape; this Reshape (to the shape they
+    # have) lets the graph outputs after it declare one, as the checker wants.
+    return Tensor4D(b.node("Reshape", [output, b.node("Shape", [x.name])]), x.channels, x.size)
 
 
 def random_head(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
@@ -308,20 +344,21 @@ def test_random_graphs_fold_to_equivalent_models(model: onnx.ModelProto) -> None
 
 
 @st.composite
-def random_if_models(draw: st.DrawFn) -> onnx.ModelProto:
-    """float32 models with an If whose branches hold folds, among other blocks."""
+def random_body_models(draw: st.DrawFn) -> onnx.ModelProto:
+    """float32 models with an If whose branches hold folds, or a Loop (maybe with an If in its
+    body), among other blocks."""
     b = GraphBuilder(seed=draw(st.integers(0, 2**31 - 1)))
     x = Tensor4D(b.input("x", ["N", draw(st.integers(1, 4)), 6, 6]), 0, 6)
     x.channels = b.inputs[0].type.tensor_type.shape.dim[1].dim_value
     if draw(st.booleans()):
         x = random_block(draw, b, x)
-    x = random_if(draw, b, x)
+    x = random_loop(draw, b, x) if draw(st.booleans()) else random_if(draw, b, x)
     b.output(random_head(draw, b, x))
-    return b.model("fuzz_if")
+    return b.model("fuzz_bodies")
 
 
 @settings(max_examples=PIPELINE_EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(model=random_if_models(), batch=st.integers(1, 3))
+@given(model=random_body_models(), batch=st.integers(1, 3))
 def test_random_bodies_are_verified_on_their_own(model: onnx.ModelProto, batch: int) -> None:
     with TemporaryDirectory(prefix="bnfold-fuzz-") as folder:
         path = Path(folder) / "model.onnx"
