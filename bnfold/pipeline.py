@@ -136,8 +136,9 @@ class _Stopwatch:
         self._start = self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """Time since the last lap, added to ``name`` (a step may come back after another one)."""
         now = time.perf_counter()
-        self.timings[name] = now - self._last
+        self.timings[name] = self.timings.get(name, 0.0) + now - self._last
         self._last = now
 
     def total(self) -> dict[str, float]:
@@ -171,10 +172,12 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     outcome = fold_batchnorms(model, rules, store=loaded.store)
     bodies = None
     if layout is not None and layout.bodies_holding(outcome.folds):
+        clock.lap("fold")
         with explaining_guessed_shapes(guessed):
             loaded, outcome, bodies = _withhold_unverifiable_bodies(loaded, layout, outcome, trials, rules,
                                                                     vo.provider)
         model = loaded.model
+        clock.lap("bodies")
     problem = None
     if not check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
         problem = "the folded model fails onnx.checker"
