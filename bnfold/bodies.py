@@ -491,6 +491,9 @@ class _Extraction:
             reference = run_reference(original, trials, self.provider, "extracted original body")
         except RuntimeFailure as failure:
             raise _CannotExtract(str(failure)) from None
+        for name, value in zip(reference.output_names, reference.outputs[0] if reference.outputs else []):
+            if not isinstance(value, np.ndarray):
+                raise _CannotExtract(f"its output '{name}' is not a tensor (a sequence, map or optional value)")
         if route in self.wanted:
             described = [BodyInput(name, tuple(feeds[0][name].shape), feeds[0][name].dtype.name, sources[name])
                          for name in names]

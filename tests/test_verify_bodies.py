@@ -426,6 +426,27 @@ def test_a_body_that_cannot_run_on_its_own_keeps_its_batchnorms_with_the_reason(
         _assert_same_outputs(path, report.output, {"x": _images(2, 3, 6), "cond": np.array(condition)})
 
 
+def test_a_branch_returning_a_sequence_keeps_its_batchnorms(tmp_path: Path) -> None:
+    """Both branches fold a Conv→BN and return it wrapped in a sequence: their outputs cannot be
+    compared as tensors, so neither is verified on its own and no fold is applied."""
+    b = GraphBuilder(seed=19)
+    x = b.input("x", ["N", 2, 4, 4])
+    condition = b.input("cond", [], TensorProto.BOOL)
+    branches = {}
+    for where in ("then", "else"):
+        with b.collecting() as (nodes, initializers):
+            out, _, _ = _conv_bn(b, x, 2)
+            wrapped = b.node("SequenceConstruct", [out])
+        sequence_type = helper.make_tensor_sequence_value_info(wrapped, TensorProto.FLOAT, None)
+        branches[f"{where}_branch"] = helper.make_graph(nodes, where, [], [sequence_type], initializers)
+    b.nodes.append(helper.make_node("If", [condition], ["wrapped"], name="branch", **branches))
+    b.nodes.append(helper.make_node("SequenceAt", ["wrapped", b.const("at", np.array(0, np.int64))], ["y"]))
+    b.output("y", ["N", 2, 4, 4])
+    report = _fold(_save(b.model(), tmp_path))
+    assert report.exit_code == 0 and report.folds == [] and len(report.left) == 2
+    assert all(UNVERIFIABLE in left.reason and "is not a tensor" in left.reason for left in report.left)
+
+
 def test_no_verify_still_folds_every_body(tmp_path: Path) -> None:
     generated = sequence_branch_model(seed=14, channels=2)
     report = _fold(_save(generated.model, tmp_path), verify=False)
