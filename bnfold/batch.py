@@ -29,10 +29,15 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, InputError, internal_error_message
+from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, internal_error_message
+from bnfold.inputs import check_option_values, files_read_by_inputs
+from bnfold.io.load import external_data_locations
+from bnfold.io.paths import RunFiles
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
+from bnfold.schema import BATCH_SCHEMA, plain
 
 
 def _is_model_file(path: Path, folder: Path) -> bool:
@@ -67,17 +72,27 @@ def output_in(folder: Path, model: Path) -> Path:
     return folder / default_output_path(model).name
 
 
-def check_output_collisions(models: Sequence[Path], output_dir: Path) -> None:
-    """Refuse, before any work, two models that would be written to the same file in ``output_dir``."""
-    claimed: dict[Path, Path] = {}
-    for model in models:
-        target = output_in(output_dir, model)
-        if target in claimed:
-            raise InputError(
-                f"{claimed[target]} and {model} would both be written to {target}; "
-                "rename one or fold them in separate runs"
-            )
-        claimed[target] = model
+def check_batch_files(models: Sequence[Path], per_model: Sequence[FoldOptions], options: FoldOptions) -> None:
+    """Refuse, before any model is folded, a batch where some written path (an output, its
+    data file, the ``--json`` report) is a file that any model of the batch reads (a model,
+    its external data, ``--inputs``) or that another output also writes: folding in order
+    would otherwise overwrite a model before its turn, or keep one of two results.
+
+    A file that cannot even be parsed is still read (so nothing may overwrite it) but writes
+    nothing: it will fail on its own.
+    """
+    files = RunFiles()
+    for model, model_options in zip(models, per_model):
+        if not model.is_file():
+            continue
+        locations = external_data_locations(model)
+        files.read_model(model, locations or ())
+        if locations is not None and not options.dry_run:
+            files.write_output(model, model_options.output or default_output_path(model), in_place=options.in_place)
+    files.read_inputs(files_read_by_inputs(options.verify_options.inputs))
+    if options.report is not None:
+        files.write_report(options.report)
+    files.check()
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,18 @@ class BatchReport:
             seconds=self.seconds,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.batch/1`` document: every model's full ``bnfold.fold/1`` report
+        (null for a model that failed, whose ``error`` says why) and the totals."""
+        models = [
+            {"input": str(result.input), "status": result.status, "exit_code": result.exit_code,
+             "error": result.error, "seconds": result.seconds,
+             "report": result.report.to_dict() if result.report else None}
+            for result in self.results
+        ]
+        return {"schema": BATCH_SCHEMA, "exit_code": self.exit_code, "jobs": self.jobs, "models": models,
+                "totals": plain(self.totals())}
+
 
 def fold_one(model: Path, options: FoldOptions) -> ModelResult:
     """Fold one model of a batch; bnfold's errors become the model's error record."""
@@ -210,13 +237,14 @@ def fold_models(
     ``output_dir``. ``jobs == 1`` folds in this process.
 
     Raises:
-        InputError: before any work, when two models would be written to the same file.
+        InputError: before any work, when a path the batch writes is one it reads or
+            writes twice (:func:`check_batch_files`).
     """
-    if output_dir is not None:
-        check_output_collisions(models, output_dir)
     per_model = [
         dataclasses.replace(options, output=output_in(output_dir, model) if output_dir else None) for model in models
     ]
+    check_option_values(options.verify_options)
+    check_batch_files(models, per_model, options)
     notify = on_result or (lambda _result: None)
     start = time.perf_counter()
     if jobs == 1 or len(models) <= 1:

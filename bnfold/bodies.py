@@ -39,7 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.errors import RuntimeFailure, first_line
-from bnfold.fold import FoldRecord, body_scope, function_scope
+from bnfold.fold import body_scope, function_scope
 from bnfold.graph import GraphIndex, attribute, describe, is_standard, node_id, subgraphs
 from bnfold.inputs import Trial
 from bnfold.io.load import LoadedModel
@@ -54,7 +54,9 @@ from bnfold.verify import (
     Verification,
     broken_outputs,
     compare_to_reference,
+    open_session,
     run_reference,
+    run_session,
 )
 
 Route = tuple[tuple[str, str], ...]
@@ -79,11 +81,14 @@ class BodyLayout:
 
     A fold's label is its scope plus its node's id; the layout maps every such label to the
     body whose own nodes include it, or to None when the model's run covers it for certain
-    (the main graph, and model-local functions the main graph calls).
+    (the main graph, and model-local functions the main graph calls). A node a fold created
+    (a MatMul's new bias Add, folded again later) is unknown to it: it lies in the graph of the
+    fold that created it, found by the longest scope its label starts with.
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self._holders: dict[str, Body | None] = {}
+        self._scopes: dict[str, Body | None] = {}
         self.body_labels: dict[Route, str] = {}
         """Every body of the main graph, outer ones before the bodies nested in them."""
         self._walk(model.graph.node, "", (), None, None)
@@ -94,6 +99,7 @@ class BodyLayout:
             holder = None if key in called else Body(
                 scope.removesuffix(" / "), (), "the main graph itself does not call it, so no trial is sure to run it"
             )
+            self._scopes[scope] = holder
             self._walk(function.node, scope, (), holder, function.name)
 
     def _walk(self, nodes: Iterable[onnx.NodeProto], scope: str, route: Route, holder: Body | None,
@@ -112,20 +118,24 @@ class BodyLayout:
                 else:
                     body = Body(label, (*route, (output, where)))
                     self.body_labels[body.route] = label
+                self._scopes[inner_scope] = body
                 self._walk(graph.node, inner_scope, body.route, body, function)
 
-    def bodies_holding(self, folds: Sequence[FoldRecord]) -> dict[Body, list[str]]:
-        """The bodies that hold some of ``folds`` (and the labels of those), in fold order.
+    def holder(self, label: str) -> Body | None:
+        """The body holding the node labelled ``label`` (None: the model's run covers it)."""
+        if label in self._holders:
+            return self._holders[label]
+        scopes = [scope for scope in self._scopes if label.startswith(scope)]
+        return self._scopes[max(scopes, key=len)] if scopes else None
 
-        Raises:
-            KeyError: for a fold label the model's structure does not have (a layout taken
-                from another model).
-        """
+    def bodies_holding(self, labels: Sequence[str]) -> dict[Body, list[str]]:
+        """The bodies that hold some of the folds (or branch merges) labelled ``labels``, each
+        with the labels it holds, in the order given."""
         found: dict[Body, list[str]] = {}
-        for fold in folds:
-            body = self._holders[fold.batchnorm]
+        for label in labels:
+            body = self.holder(label)
             if body is not None:
-                found.setdefault(body, []).append(fold.batchnorm)
+                found.setdefault(body, []).append(label)
         return found
 
 
@@ -196,8 +206,13 @@ def _tensor_type(name: str, values: Sequence[np.ndarray]) -> onnx.ValueInfoProto
     return helper.make_tensor_value_info(name, elem_type, dims)
 
 
-def _outputs_by_name(reference: Reference) -> list[dict[str, np.ndarray]]:
-    return [dict(zip(reference.output_names, outputs)) for outputs in reference.outputs]
+def _outputs_by_name(model: Path | bytes, trials: Sequence[Trial], provider: str, label: str
+                     ) -> list[dict[str, np.ndarray]]:
+    """A run of ``model`` on every trial that only captures values: each trial's outputs by name,
+    whatever their type (a sequence read by a body is refused where it is fed, with its name)."""
+    session = open_session(model, label, provider)
+    names = [output.name for output in session.get_outputs()]
+    return [dict(zip(names, run_session(session, trial.feeds, label))) for trial in trials]
 
 
 def standalone_model(model: onnx.ModelProto, body: GraphIndex, inputs: Sequence[onnx.ValueInfoProto],
@@ -311,23 +326,24 @@ class BodyChecks:
         verification.unverified_bodies = list(self.unverified)
 
 
-def prepare_body_checks(original: LoadedModel, layout: BodyLayout, folds: Sequence[FoldRecord],
-                        trials: Sequence[Trial], provider: str, *, skip: Iterable[str] = ()) -> BodyChecks:
-    """Extract and run, from the unfolded ``original``, every body that holds some of ``folds``
-    (except the bodies labelled in ``skip``, prepared before).
+def prepare_body_checks(original: LoadedModel, layout: BodyLayout, labels: Sequence[str], trials: Sequence[Trial],
+                        *, tolerances: Tolerances, provider: str, skip: Iterable[str] = ()) -> BodyChecks:
+    """Extract and run, from the unfolded ``original``, every body that holds some of the folds
+    (or branch merges) labelled ``labels``, except the bodies labelled in ``skip`` (prepared
+    before).
 
     Raises:
         RuntimeFailure: onnxruntime cannot run the original model itself.
     """
     skipped = set(skip)
-    holders = {body: labels for body, labels in layout.bodies_holding(folds).items() if body.label not in skipped}
+    holders = {body: held for body, held in layout.bodies_holding(labels).items() if body.label not in skipped}
     checks = BodyChecks()
-    for body, labels in holders.items():
+    for body, held in holders.items():
         if body.reason is not None:
-            checks.unverified.append(UnverifiedBody(body.label, body.reason, tuple(labels)))
-    wanted = {body.route: labels for body, labels in holders.items() if body.reason is None}
+            checks.unverified.append(UnverifiedBody(body.label, body.reason, tuple(held)))
+    wanted = {body.route: held for body, held in holders.items() if body.reason is None}
     if wanted:
-        _Extraction(original, layout, wanted, trials, provider, checks).run()
+        _Extraction(original, layout, wanted, trials, tolerances, provider, checks).run()
     return checks
 
 
@@ -366,12 +382,13 @@ class _Extraction:
     """Walks the bodies to check from the main graph inwards, running each level once."""
 
     def __init__(self, original: LoadedModel, layout: BodyLayout, wanted: dict[Route, list[str]],
-                 trials: Sequence[Trial], provider: str, checks: BodyChecks) -> None:
+                 trials: Sequence[Trial], tolerances: Tolerances, provider: str, checks: BodyChecks) -> None:
         self.model = original.model
         self.original = original
         self.layout = layout
         self.wanted = wanted
         self.trials = list(trials)
+        self.tolerances = tolerances
         self.provider = provider
         self.checks = checks
         self.needed = {route[:depth] for route in wanted for depth in range(1, len(route) + 1)}
@@ -397,8 +414,7 @@ class _Extraction:
                 target = Path(folder) / self.original.path.name
                 external = bool(self.original.external_data_files)
                 with stage(model, target, self.original.store, external_data=external) as staged:
-                    results = _outputs_by_name(run_reference(staged.staged_path, self.trials, self.provider,
-                                                             "original"))
+                    results = _outputs_by_name(staged.staged_path, self.trials, self.provider, "original")
         return [{name: values[name] if name in values else self.original.store.read(initializers[name])
                  for name in names} for values in results]
 
@@ -488,12 +504,12 @@ class _Extraction:
                    for name in names}
         original = _serialized(standalone_model(self.model, plan.index, inputs))
         try:
-            reference = run_reference(original, trials, self.provider, "extracted original body")
-        except RuntimeFailure as failure:
+            # Every trial is run twice: a body's random ops (which no trial of the model may
+            # reach) would make any fold in it look wrong.
+            reference = run_reference(original, trials, self.provider, "extracted original body",
+                                      self.tolerances, rerun=len(trials))
+        except RuntimeFailure as failure:  # NotDeterministic included
             raise _CannotExtract(str(failure)) from None
-        for name, value in zip(reference.output_names, reference.outputs[0] if reference.outputs else []):
-            if not isinstance(value, np.ndarray):
-                raise _CannotExtract(f"its output '{name}' is not a tensor (a sequence, map or optional value)")
         if route in self.wanted:
             described = [BodyInput(name, tuple(feeds[0][name].shape), feeds[0][name].dtype.name, sources[name])
                          for name in names]
@@ -502,7 +518,7 @@ class _Extraction:
         def run_with(wanted: list[str]) -> list[dict[str, np.ndarray]]:
             extra = [name for name in wanted if name not in reference.output_names]
             model = _serialized(standalone_model(self.model, plan.index, inputs, extra))
-            outputs = _outputs_by_name(run_reference(model, trials, self.provider, "extracted original body"))
+            outputs = _outputs_by_name(model, trials, self.provider, "extracted original body")
             return [{name: values[name] for name in wanted} for values in outputs]
 
         return _Level(route, label, plan.index, [dict(values) for values in feeds], sources, run_with)

@@ -21,6 +21,8 @@ traceback. Generated inputs take each input's declared shape, with symbolic dims
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,56 @@ def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [value for value in model.graph.input if value.name not in initializers]
 
 
+def _require_at_least(option: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise InputError(f"{option} must be at least {minimum}, got {value}")
+
+
+def check_option_values(options: VerifyOptions) -> None:
+    """Refuse impossible ``--seed``, ``--trials`` and ``--batch`` values before any work (also
+    with ``--no-verify``: a bad option is a usage error whatever the run would do)."""
+    _require_at_least("--seed", options.seed, 0)
+    _require_at_least("--trials", options.trials, 1)
+    _require_at_least("--batch", options.batch, 1)
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.4g} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_generated_size(specs: list[InputSpec], trials: int, limit: int | None) -> None:
+    """Refuse generated inputs that could not fit in memory, before anything is allocated.
+
+    Every trial's inputs are held at once (elements × item size over all inputs and trials);
+    the model's own activations come on top and cannot be known, so only what the inputs
+    alone need is compared with ``limit`` (the machine's memory). Without this a request
+    like ``--batch 1000000000000`` ends in numpy's MemoryError or the kernel's OOM killer.
+    """
+    per_input = [(spec, math.prod(spec.shape) * np.dtype(spec.dtype).itemsize) for spec in specs]
+    needed = trials * sum(size for _, size in per_input)
+    if limit is None or needed <= limit:
+        return
+    largest, size = max(per_input, key=lambda item: item[1])
+    shape = ",".join(map(str, largest.shape))
+    raise InputError(
+        f"the generated inputs would need {_size(needed)} ({trials} trial{'s' * (trials != 1)}; input '{largest.name}' "
+        f"{largest.dtype}[{shape}] alone is {_size(size)}), more than this machine's {_size(limit)} of memory; "
+        "give smaller --batch / --input-shape or fewer --trials"
+    )
+
+
 def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[str]:
     """Inputs with a symbolic dim that bnfold set to 1 (no ``--input-shape`` for them;
     ``--batch`` only covers the first dim): the first suspects when a model cannot run."""
@@ -72,8 +124,7 @@ def input_specs(
     unknown = set(shapes) - {value.name for value in runtime_inputs(model)}
     if unknown:
         raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
-    if batch is not None and batch < 1:
-        raise InputError(f"--batch must be at least 1, got {batch}")
+    _require_at_least("--batch", batch, 1)
     specs = []
     for value in runtime_inputs(model):
         tensor_type = value.type.tensor_type
@@ -135,8 +186,11 @@ class Trial:
 
 def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
     """The inputs every verification of ``model`` runs, checked before any folding work."""
+    check_option_values(options)
     if options.inputs is None:
-        return generated_trials(input_specs(model, options.shapes, options.batch), options.seed, options.trials)
+        specs = input_specs(model, options.shapes, options.batch)
+        check_generated_size(specs, options.trials, machine_memory())
+        return generated_trials(specs, options.seed, options.trials)
     generation_options = [
         flag for flag, used in (("--input-shape", options.shapes), ("--batch", options.batch is not None),
                                 ("--trials", options.trials != 1)) if used
@@ -168,9 +222,12 @@ def explaining_guessed_shapes(guessed: list[str]) -> Iterator[None]:
 
 def generated_trials(specs: list[InputSpec], seed: int, count: int) -> list[Trial]:
     """``count`` trials of generated inputs with seeds ``seed .. seed + count - 1``."""
-    if count < 1:
-        raise InputError(f"--trials must be at least 1, got {count}")
-    return [Trial(f"seed {s}", generate_inputs(specs, s), seed=s) for s in range(seed, seed + count)]
+    _require_at_least("--trials", count, 1)
+    try:
+        return [Trial(f"seed {s}", generate_inputs(specs, s), seed=s) for s in range(seed, seed + count)]
+    except MemoryError:  # within the machine's memory (checked first) but not free now
+        needed = count * sum(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize for spec in specs)
+        raise InputError(f"not enough free memory for the generated inputs ({_size(needed)})") from None
 
 
 def load_trials(path: Path, model: onnx.ModelProto) -> list[Trial]:
@@ -219,10 +276,27 @@ def _by_name(paths: list[Path], names: list[str], kind: str) -> dict[str, np.nda
     return values
 
 
-def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
+def _data_sets(folder: Path) -> list[Path]:
+    """The data set folders of an ONNX test-data folder (the folder itself when it holds
+    ``input_*.pb``), in name order."""
     data_sets = sorted(p for p in folder.glob("test_data_set_*") if p.is_dir())
     if not data_sets and _numbered(folder, "input"):
         data_sets = [folder]
+    return data_sets
+
+
+def files_read_by_inputs(path: Path | None) -> list[Path]:
+    """Every file ``--inputs PATH`` reads (the .npz, or each data set's ``input_*.pb`` and
+    ``output_*.pb``), so that no output of the run may overwrite one."""
+    if path is None or not path.exists():
+        return []
+    if not path.is_dir():
+        return [path]
+    return [file for data_set in _data_sets(path) for kind in ("input", "output") for file in _numbered(data_set, kind)]
+
+
+def _load_test_data(folder: Path, model: onnx.ModelProto) -> list[Trial]:
+    data_sets = _data_sets(folder)
     if not data_sets:
         raise InputError(f"--inputs {folder}: no test_data_set_* folders or input_*.pb files")
     input_names = [value.name for value in runtime_inputs(model)]

@@ -17,21 +17,43 @@ import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.bodies import BodyChecks, BodyLayout, prepare_body_checks
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, fold_batchnorms
-from bnfold.inputs import Trial, explaining_guessed_shapes, guessed_shapes, prepare_trials, runtime_inputs
+from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
+from bnfold.inputs import (
+    Trial,
+    check_option_values,
+    explaining_guessed_shapes,
+    files_read_by_inputs,
+    guessed_shapes,
+    prepare_trials,
+    runtime_inputs,
+)
 from bnfold.io.load import LoadedModel, check_model, load_model
-from bnfold.io.save import default_output_path, stage, validate_output_data, validate_output_path
+from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleSet, build_rules
+from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
+from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, verify_equivalence
+
+Progress = Callable[[str, int | None], None]
+"""Told as each stage of a run starts ("load", "fold", "bodies", "save", "verify", "attribution"),
+with the bytes that stage works on (None when not known yet): the command shows it as a
+transient status line while one big model is folded."""
+
+
+def _no_progress(_stage: str, _size: int | None) -> None:
+    """The default :data:`Progress`: nobody is watching."""
 
 
 @dataclass
@@ -43,9 +65,14 @@ class FoldOptions:
     keep_failed: bool = False
     exact_padding: bool = False
     """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
+    selection: Selection = field(default_factory=Selection)
+    """``--skip`` / ``--only``: BNs kept out of the fold (reported as left)."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     rules: RuleSet = RULES
     """The registry's rules unless given (tests pass their own to exercise error attribution)."""
+    report: Path | None = None
+    """The ``--json`` file the caller will write: checked with the files the run reads and
+    writes before any work, so that it can never overwrite one of them."""
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
@@ -88,7 +115,8 @@ def model_stats(model: onnx.ModelProto, file_bytes: int | None) -> ModelStats:
 class FoldReport:
     """Everything a fold run found and did; rendered by :mod:`bnfold.report`."""
 
-    input: Path
+    input: Path | None
+    """The model file (None for a model the Python API was given in memory)."""
     output: Path | None
     written: bool
     dry_run: bool
@@ -96,6 +124,7 @@ class FoldReport:
     after: ModelStats
     folds: list[FoldRecord]
     left: list[LeftRecord]
+    merges: list[MergeRecord]
     removed_initializers: list[str]
     verification: Verification | None
     problem: str | None
@@ -106,8 +135,9 @@ class FoldReport:
 
     @property
     def batchnorms_folded(self) -> int:
-        """BatchNormalization nodes folded (decomposed Mul/Add affines not counted)."""
-        return sum(fold.kind == "BatchNormalization" for fold in self.folds)
+        """BatchNormalization nodes folded away (decomposed Mul/Add affines not counted, nor a BN
+        folded only partly: it is still in the graph, and listed as left)."""
+        return sum(fold.kind == "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def batchnorms_total(self) -> int:
@@ -116,8 +146,8 @@ class FoldReport:
 
     @property
     def affines_folded(self) -> int:
-        """Decomposed BN forms (per-channel Mul/Add chains) folded."""
-        return len(self.folds) - self.batchnorms_folded
+        """Decomposed BN forms (per-channel Mul/Add chains) folded away."""
+        return sum(fold.kind != "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def status(self) -> str:
@@ -128,6 +158,15 @@ class FoldReport:
     @property
     def exit_code(self) -> int:
         return EXIT_NOT_EQUIVALENT if self.status == "not-equivalent" else EXIT_OK
+
+    @property
+    def passed(self) -> bool:
+        """Equivalent, or not verified because the run was asked not to (exit code 0)."""
+        return self.exit_code == EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.fold/1`` document (what ``--json`` writes; schema in the README)."""
+        return report_document(FOLD_SCHEMA, self)
 
 
 class _Stopwatch:
@@ -147,19 +186,51 @@ class _Stopwatch:
 
 
 def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
-    """The trials a verification runs, with the provider checked first (before any work)."""
+    """The trials a verification runs (their size checked before anything is generated),
+    then the provider, which loads onnxruntime: a refused option costs neither."""
+    trials = prepare_trials(model, options)
     check_provider(options.provider)
-    return prepare_trials(model, options)
+    return trials
 
 
-def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
+def _require_known_outputs(loaded: LoadedModel, options: VerifyOptions) -> None:
+    """Refuse ``--tol NAME:...`` for a NAME the model does not output: silently applying
+    the default tolerance instead would hide the typo in a CI gate."""
+    outputs = [value.name for value in loaded.model.graph.output]
+    unknown = [name for name in options.tolerances.per_output if name not in outputs]
+    if unknown:
+        raise InputError(
+            f"{loaded.path}: --tol {unknown[0]}: the model has no output of that name "
+            f"(its outputs: {', '.join(outputs) or 'none'})"
+        )
+
+
+def _file_size(path: Path) -> int | None:
+    """Bytes on disk, for the progress display; None for what load_model will refuse anyway."""
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | None = None) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
+    progress = progress or _no_progress
     clock = _Stopwatch()
+    check_option_values(options.verify_options)
+    progress("load", _file_size(input_path))
     loaded = load_model(input_path)
+    _require_known_outputs(loaded, options.verify_options)
     output = options.output or default_output_path(loaded.path)
+    files = RunFiles()
+    files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.verify_options.inputs))
     if not options.dry_run:
-        validate_output_path(output, loaded.path, in_place=options.in_place)
-        validate_output_data(output, loaded.path, loaded.external_data_files, in_place=options.in_place)
+        validate_output_path(output, external_data=bool(loaded.external_data_files))
+        files.write_output(loaded.path, output, in_place=options.in_place)
+    if options.report is not None:
+        files.write_report(options.report)
+    files.check()
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     vo = options.verify_options
@@ -169,29 +240,38 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
 
     rules = options.rule_set()
     layout = BodyLayout(model) if options.verify else None  # read before folding changes the model
-    outcome = fold_batchnorms(model, rules, store=loaded.store)
+    progress("fold", loaded.file_bytes)
+    outcome = fold_batchnorms(model, rules, store=loaded.store, selection=options.selection)
+    options.selection.require_matches(outcome.selectable, str(loaded.path))
     bodies = None
-    if layout is not None and layout.bodies_holding(outcome.folds):
+    if layout is not None and layout.bodies_holding(_rewrite_labels(outcome)):
         clock.lap("fold")
+        progress("bodies", None)
         with explaining_guessed_shapes(guessed):
             loaded, outcome, bodies = _withhold_unverifiable_bodies(loaded, layout, outcome, trials, rules,
-                                                                    vo.provider)
+                                                                    options.selection, vo)
         model = loaded.model
         clock.lap("bodies")
-    problem = None
-    if not check_model(model, loaded.path, full_check=loaded.passes_full_check, raise_error=False):
-        problem = "the folded model fails onnx.checker"
     after = model_stats(model, None)
     clock.lap("fold")
 
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
+    progress("save", None)
     with stage(model, staging_target, loaded.store, external_data=bool(loaded.external_data_files)) as staged:
+        # Checked after writing, on the message the writer just serialized: the staged file
+        # byte for byte, every tensor with the fields it was written with (before, a folded
+        # weight was a stand-in the checker could not see). Reading the file back would
+        # parse every weight of a self-contained model again (0.12 s per 100 MB).
+        problem = None
+        if not check_model(model, staged.staged_path, full_check=loaded.passes_full_check, raise_error=False):
+            problem = "the folded model fails onnx.checker"
         del model
         loaded.release_model()  # before onnxruntime loads two copies of the weights
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
         clock.lap("save")
         if options.verify and problem is None:
+            progress("verify", staged.file_bytes)
             with explaining_guessed_shapes(guessed):
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
@@ -199,15 +279,20 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
                 if bodies is not None:
                     bodies.add_to(verification, staged.staged_path, tolerances=vo.tolerances, provider=vo.provider)
             clock.lap("verify")
+        attribution = None
+        if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
+            # Before anything is committed: the search reloads the input, which --in-place
+            # would otherwise have replaced, and a model found not deterministic
+            # (NotDeterministic) must leave nothing behind, --keep-failed or not.
+            progress("attribution", None)
+            attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
+                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules,
+                                            merges=outcome.merges, bodies=bodies)
+            clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
         if written:
             staged.commit()
-    attribution = None
-    if verification is not None and not verification.passed and outcome.folds:
-        attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                        tolerances=vo.tolerances, provider=vo.provider, rules=rules, bodies=bodies)
-        clock.lap("attribution")
     return FoldReport(
         input=loaded.path,
         output=None if options.dry_run else output,
@@ -217,6 +302,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         after=after,
         folds=outcome.folds,
         left=outcome.left,
+        merges=outcome.merges,
         removed_initializers=outcome.removed_initializers,
         verification=verification,
         problem=problem,
@@ -225,23 +311,29 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     )
 
 
+def _rewrite_labels(outcome: FoldOutcome) -> list[str]:
+    """The labels of every rewrite a fold run made: folded BNs and merged branches."""
+    return [fold.batchnorm for fold in outcome.folds] + [merge.merged for merge in outcome.merges]
+
+
 def _withhold_unverifiable_bodies(
     loaded: LoadedModel, layout: BodyLayout, outcome: FoldOutcome, trials: list[Trial], rules: RuleSet,
-    provider: str,
+    selection: Selection, options: VerifyOptions,
 ) -> tuple[LoadedModel, FoldOutcome, BodyChecks]:
-    """Prepare the checks of every body holding a fold; when some body cannot be verified on its
-    own, fold the model again from the file without that body's folds.
+    """Prepare the checks of every body holding a fold (or a branch merge); when some body cannot
+    be verified on its own, fold the model again from the file without that body's rewrites.
 
     Returns the model to write (``loaded`` itself when nothing was withheld), its fold outcome
     (the withheld BNs listed as left, with the reason) and the checks. Folding again never adds a
-    fold in a body not yet prepared (a body's folds depend only on it and the constants around
+    rewrite in a body not yet prepared (a body's folds depend only on it and the constants around
     it), but the loop makes sure of it rather than assume it.
     """
     original = load_model(loaded.path)
     checks = BodyChecks()
     kinds: dict[str, str] = {}
     while True:
-        found = prepare_body_checks(original, layout, outcome.folds, trials, provider, skip=checks.prepared)
+        found = prepare_body_checks(original, layout, _rewrite_labels(outcome), trials,
+                                    tolerances=options.tolerances, provider=options.provider, skip=checks.prepared)
         checks.merge(found)
         if not found.unverified:
             return loaded, outcome, checks
@@ -249,17 +341,18 @@ def _withhold_unverifiable_bodies(
         withheld = checks.withheld
         loaded = load_model(loaded.path)
         outcome = fold_batchnorms(loaded.model, rules, may_fold=lambda label, held=withheld: label not in held,
-                                  store=loaded.store)
+                                  store=loaded.store, selection=selection)
         outcome.left += [LeftRecord(label, reason) for label, reason in withheld.items()
-                         if kinds[label] == "BatchNormalization"]
+                         if kinds.get(label) == "BatchNormalization"]
 
 
 @dataclass
 class CheckReport:
     """``bnfold check``: two existing models compared."""
 
-    original: Path
-    folded: Path
+    original: Path | None
+    """The original model file (None for a model the Python API was given in memory)."""
+    folded: Path | None
     before: ModelStats
     after: ModelStats
     verification: Verification
@@ -272,6 +365,14 @@ class CheckReport:
     @property
     def exit_code(self) -> int:
         return EXIT_OK if self.verification.passed else EXIT_NOT_EQUIVALENT
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.check/1`` document (what ``bnfold check --json`` writes)."""
+        return report_document(CHECK_SCHEMA, self)
 
 
 def _input_names(loaded: LoadedModel) -> list[str]:
@@ -288,14 +389,30 @@ def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
         )
 
 
-def check_files(original: Path, folded: Path, options: VerifyOptions) -> CheckReport:
-    """Compare two model files; never writes anything."""
+def check_files(
+    original: Path, folded: Path, options: VerifyOptions, *, report: Path | None = None,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Compare two model files; writes nothing but the caller's ``report`` (the ``--json``
+    file), which is checked first against every file the comparison reads."""
+    progress = progress or _no_progress
     clock = _Stopwatch()
+    check_option_values(options)
+    progress("load", _file_size(original))
     original_model = load_model(original)
     folded_model = load_model(folded)
+    files = RunFiles()
+    for loaded in (original_model, folded_model):
+        files.read_model(loaded.path, loaded.external_data_files)
+    files.read_inputs(files_read_by_inputs(options.inputs))
+    if report is not None:
+        files.write_report(report)
+    files.check()
     _require_same_inputs(original_model, folded_model)
+    _require_known_outputs(original_model, options)
     trials = _trials(original_model.model, options)
     clock.lap("load")
+    progress("verify", original_model.file_bytes + folded_model.file_bytes)
     with explaining_guessed_shapes(guessed_shapes(original_model.model, options)):
         verification = verify_equivalence(
             original_model.path, folded_model.path, trials,

@@ -26,10 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import helper
 
-from bnfold.errors import InputError, RuntimeFailure, first_line
+from bnfold.errors import InputError, NotDeterministic, RuntimeFailure, first_line
 from bnfold.inputs import InputSpec, Trial
 from bnfold.options import Tolerances
 
@@ -266,10 +264,14 @@ def verify_equivalence(
     )
     # One session at a time: each holds a copy of the weights, so a multi-GB model
     # would otherwise need two in memory at once. The original's outputs are kept.
-    reference = run_reference(original, trials, provider, "original")
+    reference = run_reference(original, trials, provider, "original", tolerances)
     verification.outputs, verification.expected = compare_to_reference(
         folded, reference, trials, tolerances=tolerances, provider=provider, folded_is_input=folded_is_input
     )
+    if not verification.passed and len(trials) > 1:
+        # A later trial may reach randomness the first did not (a branch only it takes).
+        require_deterministic(open_session(original, "original", provider), trials[1:], reference.output_names,
+                              tolerances)
     return verification
 
 
@@ -282,15 +284,27 @@ class Reference:
     """Per trial, the outputs in ``output_names`` order."""
 
 
-def run_reference(original: Path | bytes, trials: Sequence[Trial], provider: str, label: str) -> Reference:
-    """Run the original on every trial (one session, released before the folded one opens).
+def run_reference(original: Path | bytes, trials: Sequence[Trial], provider: str, label: str,
+                  tolerances: Tolerances, *, rerun: int = 1) -> Reference:
+    """Run the original on every trial (one session, released before the folded one opens),
+    and the first ``rerun`` trials once more: a model that disagrees with itself cannot be
+    judged (see :func:`require_deterministic`). The model's verification reruns one trial (cheap:
+    the session is loaded) and the others only if the comparison fails, before the failure is
+    believed.
 
     Raises:
-        RuntimeFailure: onnxruntime cannot load or run it (``label`` names it in the message).
+        RuntimeFailure: onnxruntime cannot load or run it (``label`` names it in the message), or
+            an output is not a tensor, which no tolerance can compare.
+        NotDeterministic: a rerun differs from the first run.
     """
     session = open_session(original, label, provider)
     output_names = [output.name for output in session.get_outputs()]
     outputs = [run_session(session, trial.feeds, label) for trial in trials]
+    for name, value in zip(output_names, outputs[0] if outputs else []):
+        if not isinstance(value, np.ndarray):
+            raise RuntimeFailure(f"the {label} model's output '{name}' is not a tensor (a sequence, map or "
+                                 "optional value); bnfold compares tensors only")
+    require_deterministic(session, trials[:rerun], output_names, tolerances, outputs[:rerun])
     return Reference(output_names, outputs)
 
 
@@ -351,6 +365,41 @@ def broken_outputs(reference: Reference, problem: str, tolerances: Tolerances) -
     even be built): each element counts as out of tolerance."""
     first = reference.outputs[0] if reference.outputs else []
     return [_broken_output(name, value, problem, tolerances) for name, value in zip(reference.output_names, first)]
+
+
+def require_deterministic(
+    session: ort.InferenceSession, trials: Sequence[Trial], names: Sequence[str], tolerances: Tolerances,
+    first_runs: Sequence[Sequence[np.ndarray]] | None = None,
+) -> None:
+    """Run the original on each trial's inputs a second time (a first time too when
+    ``first_runs`` is not given) in the same session, and refuse to judge it if it
+    disagrees with itself beyond the tolerances.
+
+    Random ops (RandomNormal, RandomUniform, their *Like forms, Bernoulli, Multinomial) and
+    Dropout in training mode make the original differ from itself: compared with it, every
+    fold would look wrong and a correct one would be blamed. It must be the same session:
+    onnxruntime seeds an unseeded random op identically in every new session, so two
+    sessions' first runs agree however random the op is.
+
+    Raises:
+        NotDeterministic: naming the first output that differs and by how much.
+    """
+    for index, trial in enumerate(trials):
+        first = first_runs[index] if first_runs is not None else run_session(session, trial.feeds, "original")
+        second = run_session(session, trial.feeds, "original")
+        for name, once, again in zip(names, first, second):
+            comparison = compare_output(name, once, again, tolerances.for_output(name, once.dtype))
+            if comparison.passed:
+                continue
+            if comparison.problem:  # e.g. NonZero of random values: another shape each run
+                how = f"in shape or type ({once.dtype.name}{list(once.shape)}, then {again.dtype.name}{list(again.shape)})"
+            else:
+                how = (f"by {comparison.max_abs_error:.3g} (max |Δ|; {comparison.mismatches} of "
+                       f"{comparison.elements} elements beyond tolerance)")
+            raise NotDeterministic(
+                f"the original model is not deterministic: output {name} differs between two runs {how} "
+                f"on the same inputs ({trial.label}); no fold can be checked against it (--no-verify folds anyway)"
+            )
 
 
 def _broken_output(name: str, original: np.ndarray, problem: str, tolerances: Tolerances) -> OutputComparison:

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from bnfold.cli import main
 from bnfold.errors import EXIT_OK, EXIT_RUNTIME_FAILURE, RuntimeFailure
 from bnfold.inputs import load_trials
-from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
 from bnfold.options import default_tolerance
+from bnfold.pipeline import FoldOptions, VerifyOptions, fold_file
 from bnfold.verify import compare_output
 from tests.support import run_onnxruntime
 

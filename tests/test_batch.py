@@ -175,10 +175,10 @@ def test_same_named_models_colliding_in_output_dir_are_refused_before_any_work(t
     assert list((tree / "out").iterdir()) == [] and not (tree / "models" / "deep" / "b.folded.onnx").exists()
 
 
-def test_missing_output_dir_is_a_usage_error(tree: Path) -> None:
-    result = run("models", "--output-dir", "nowhere")
-    assert result.exit_code == 2
-    assert "Directory 'nowhere' does not exist" in result.stderr
+def test_missing_output_dir_is_created_with_its_parents(tree: Path) -> None:
+    result = run("models", "--output-dir", "new/folded")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tree / "new" / "folded").iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
 
 
 @pytest.mark.parametrize("models", [["models/a.onnx", "broken.onnx"], ["models"], ["models/deep"]])
@@ -214,15 +214,18 @@ def test_library_folds_without_the_cli_and_reports_in_input_order(tree: Path) ->
 # -- Ctrl-C -------------------------------------------------------------------------------------
 
 
-def interrupt_verifying(model_name: str, others_take: float = 0.0):  # noqa: ANN201
+def interrupt_verifying(model_name: str, others_take: float = 0.0, done: Path | None = None):  # noqa: ANN201
     """A stand-in for verify_equivalence: Ctrl-C while verifying ``model_name`` (its staged file
-    is written by then); the other models verify normally after ``others_take`` seconds."""
+    is written by then); the other models verify normally after ``others_take`` seconds, and
+    then leave a ``<model>.verified`` file in ``done``."""
     verify = pipeline.verify_equivalence
 
     def verify_or_interrupt(original: Path, *args: object, **kwargs: object):  # noqa: ANN202
         if Path(original).name == model_name:
             raise KeyboardInterrupt
         time.sleep(others_take)
+        if done is not None:
+            (done / f"{Path(original).name}.verified").touch()
         return verify(original, *args, **kwargs)
 
     return verify_or_interrupt
@@ -254,11 +257,12 @@ def test_interrupted_workers_are_stopped_and_clean_up(tree: Path, monkeypatch: p
     """One worker is interrupted while the other is verifying its staged file: that one is
     stopped too, removes its staging folder, and the queued model never starts."""
     copy_sample("refused_bn.onnx", tree / "models" / "c.onnx")
-    monkeypatch.setattr(pipeline, "verify_equivalence", interrupt_verifying("a.onnx", others_take=2.0))
-    start = time.perf_counter()
+    done = tree / "done"
+    done.mkdir()
+    monkeypatch.setattr(pipeline, "verify_equivalence", interrupt_verifying("a.onnx", others_take=10.0, done=done))
     result = run("models", "-j", "2")
     assert result.exit_code == 130
-    assert time.perf_counter() - start < 2.0, "the busy worker was stopped, not waited for"
+    assert list(done.iterdir()) == [], "the busy worker was stopped, not waited for"
     assert leftovers(tree) == [tree / "models" / ".bnfold-abc"]
     assert not list((tree / "models").rglob("[abc].folded.onnx"))
 
@@ -287,9 +291,16 @@ def test_ctrl_c_on_the_terminal_group_stops_every_process_cleanly(tree: Path) ->
         [str(Path(sys.executable).with_name("bnfold")), "models", "-j", "2", "--trials", "2000"],
         cwd=tree, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.monotonic() + 30
-    while len(leftovers(tree)) < 3 and time.monotonic() < deadline and process.poll() is None:
+    # Signal only once both workers have staged their model and are verifying it.
+    decoy = tree / "models" / ".bnfold-abc"
+    staged: list[Path] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        staged = [folder for folder in leftovers(tree) if folder != decoy and any(folder.glob("*.onnx"))]
+        if len(staged) == 2:
+            break
         time.sleep(0.05)
+    assert process.poll() is None and len(staged) == 2, "the workers never reached verification"
     os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 130

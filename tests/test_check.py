@@ -14,7 +14,6 @@ from onnx import numpy_helper
 
 from bnfold.cli import main
 from bnfold.fold import fold_batchnorms
-from bnfold.options import default_tolerance
 from bnfold.verify import compare_output
 from sample_models.generate import cnn_residual
 from sample_models.modelkit import GraphBuilder

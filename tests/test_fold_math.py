@@ -65,7 +65,7 @@ def test_conv_fold_equals_conv_then_batchnorm(channels_per_group, inputs_per_gro
 
     s, t = fold_math.batchnorm_affine(gamma, beta, mean, var, eps)
     got = grouped_conv_at_patches(
-        weight * fold_math.axis_factor(s, weight.ndim, axis=0), fold_math.fold_bias(bias, s, t), patches
+        weight * fold_math.axis_factor(s, weight.ndim, axis=0), fold_math.fold_bias(bias, s, t, axis=-1), patches
     )
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * (1 + np.abs(expected).max()))
 
@@ -96,7 +96,7 @@ def test_gemm_fold_equals_gemm_then_batchnorm(m, k, n, trans_b, alpha, beta, bia
     s, t = fold_math.batchnorm_affine(gamma, bn_beta, mean, var, eps)
     folded_b = b * fold_math.axis_factor(s, 2, axis=0 if trans_b else 1)
     effective_beta = beta if c is not None else 1.0
-    folded_c = fold_math.fold_bias(c, s, t / effective_beta)
+    folded_c = fold_math.fold_bias(c, s, t / effective_beta, axis=-1)
     got = alpha * a @ (folded_b.T if trans_b else folded_b) + effective_beta * folded_c
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * (1 + np.abs(expected).max()))
 

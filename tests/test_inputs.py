@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from bnfold.cli import main
-from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from bnfold.inputs import generate_inputs, input_specs
+from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from sample_models.generate import cnn_residual
 from tests.support import run_onnxruntime
 

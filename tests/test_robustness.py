@@ -282,44 +282,6 @@ def test_weight_fed_at_run_time_is_refused(ir_version: int) -> None:
     assert left.reason == "Conv 'conv0' weight 'W0' is not a constant (a graph input)"
 
 
-# -- IR version < 4 -------------------------------------------------------------------------
-
-
-def test_ir3_fold_lists_created_bias_as_input_and_drops_released_ones() -> None:
-    b = GraphBuilder(seed=14)
-    x = b.input("x", [2, 3, 6, 6])
-    y = b.node("Relu", [b.batchnorm(b.conv(x, 3, 4, bias=False), 4)])
-    b.output(b.batchnorm(b.conv(y, 4, 4), 4), [2, 4, 6, 6])
-    model = b.model(opset=9, ir_version=3)
-    check = fold_and_compare(model)  # feeds only "x": every other input is an initializer
-    assert op_count(check.folded, BN) == 0
-    initializers = {t.name for t in check.folded.graph.initializer}
-    assert len(initializers) == 4
-    assert {v.name for v in check.folded.graph.input} == initializers | {"x"}
-    assert not any(name.startswith(("gamma", "beta", "mean", "var")) for name in initializers)
-
-
-# -- shared weights -------------------------------------------------------------------------
-
-
-def test_weight_shared_by_two_folded_convs_and_a_third_user() -> None:
-    b = GraphBuilder(seed=15)
-    x = b.input("x", [1, 4, 6, 6])
-    weight = b.random("W", [4, 4, 3, 3])
-    a = b.batchnorm(b.node("Conv", [x, weight], pads=[1, 1, 1, 1]), 4)
-    c = b.batchnorm(b.node("Conv", [a, weight], pads=[1, 1, 1, 1]), 4)
-    b.output(b.node("Add", [c, b.node("Conv", [x, weight], pads=[1, 1, 1, 1])]))
-    model = b.model()
-    check = fold_and_compare(model)
-    assert op_count(check.folded, BN) == 0 and len(check.outcome.folds) == 2
-    convs = [n for n in check.folded.graph.node if n.op_type == "Conv"]
-    weights = [conv.input[1] for conv in convs]
-    assert weights[2] == weight and len(set(weights)) == 3
-    np.testing.assert_array_equal(_initializer(check.folded, weight), _initializer(model, weight))
-    for fold in check.outcome.folds:
-        assert any(f"weight '{weight}' is shared" in note for note in fold.notes)
-
-
 # -- quantized (QDQ) weights ----------------------------------------------------------------
 
 

@@ -66,40 +66,6 @@ def test_batchnorm_parameters_as_constant_nodes_fold_and_the_constants_go() -> N
     assert [n.op_type for n in check.folded.graph.node] == ["Conv"]
 
 
-def test_unused_initializers_are_removed_and_names_kept() -> None:
-    model = conv_bn_model()
-    weight_name = model.graph.node[0].input[1]
-    check = fold_and_compare(model)
-    names = {t.name for t in check.folded.graph.initializer}
-    assert weight_name in names, "a weight read only by the Conv keeps its name"
-    assert not any(name.startswith(("gamma", "beta", "mean", "var")) for name in names)
-    assert check.folded.graph.output[0].name == model.graph.output[0].name
-    assert check.folded.graph.node[0].output[0] == model.graph.node[-1].output[0]
-
-
-def test_shared_weight_is_cloned_and_its_other_user_keeps_the_original() -> None:
-    """Two Convs read one weight; only one feeds a BN. The other must be unchanged."""
-    b = GraphBuilder(seed=4)
-    x = b.input("x", [1, 4, 6, 6])
-    weight = b.random("W", [4, 4, 3, 3])
-    first = b.node("Conv", [x, weight], pads=[1, 1, 1, 1])
-    second = b.node("Conv", [x, weight], pads=[1, 1, 1, 1])
-    b.output(b.batchnorm(first, 4))
-    b.output(second)
-    model = b.model()
-    original_weight = numpy_helper.to_array(model.graph.initializer[0])
-    check = fold_and_compare(model)
-    assert op_count(check.folded, "BatchNormalization") == 0
-    by_name = {t.name: numpy_helper.to_array(t) for t in check.folded.graph.initializer}
-    convs = [n for n in check.folded.graph.node if n.op_type == "Conv"]
-    assert convs[1].input[1] == weight
-    np.testing.assert_array_equal(by_name[weight], original_weight)
-    assert convs[0].input[1] != weight
-    assert check.outcome.folds[0].notes == (
-        f"weight '{weight}' is shared; Conv 'conv0' got its own copy '{convs[0].input[1]}'",
-    )
-
-
 # -- Gemm → BN -------------------------------------------------------------------------------
 
 

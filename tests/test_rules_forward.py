@@ -13,10 +13,10 @@ from onnx import numpy_helper
 from bnfold.cli import main
 from bnfold.graph import GraphIndex
 from bnfold.rules import RULES, build_rules
-from bnfold.rules.plan import Affine, FoldPlan, Refusal
 from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.forward_conv import BnConv
 from bnfold.rules.forward_linear import BnLinear
+from bnfold.rules.plan import Affine, FoldPlan, Refusal
 from sample_models.generate import classifier_head_bn, input_bn_conv
 from sample_models.modelkit import GraphBuilder
 from tests.support import FoldCheck, fold_and_compare, op_count

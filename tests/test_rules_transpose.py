@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnfold.fold import fold_batchnorms
-from bnfold.rules import RULES, build_rules
+from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
 from tests.support import FoldCheck, fold_and_compare, op_count
 

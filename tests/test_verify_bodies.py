@@ -24,8 +24,8 @@ from onnx import TensorProto, helper
 
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
-from bnfold.report import dump_json, fold_report_json
-from bnfold.rules import build_rules
+from bnfold.report import dump_json
+from bnfold.rules import RULES, build_rules
 from bnfold.rules.gemm import GemmBn
 from sample_models.modelkit import DEFAULT_IR_VERSION, GraphBuilder
 from tests.support import run_cli, run_onnxruntime
@@ -233,6 +233,26 @@ def ir3_if_model(seed: int, channels: int) -> BodyModel:
                      {"If 'branch' then_branch": (f"If 'branch' then_branch / {then_bn}", then_conv)})
 
 
+def linear_if_model(seed: int, features: int) -> onnx.ModelProto:
+    """If never taking its then branch: MatMul → BN → Add(bias). The BN's fold creates a bias Add
+    after the MatMul, which a second fold merges with the bias Add: a fold of a node that was not
+    in the model."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["N", 6])
+    with b.collecting() as (then_nodes, then_initializers):
+        normalized = b.batchnorm(b.node("MatMul", [x, b.random("W", [6, features])]), features)
+        then_out = b.node("Add", [normalized, b.random("bias", [features])])
+    with b.collecting() as (else_nodes, else_initializers):
+        else_out = b.node("MatMul", [x, b.random("W", [6, features])])
+    b.nodes.append(helper.make_node(
+        "If", [_never(b, x)], ["y"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", [], [_value(then_out, ["N", features])], then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out, ["N", features])], else_initializers),
+    ))
+    b.output("y", ["N", features])
+    return b.model()
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 
@@ -244,7 +264,8 @@ def _save(model: onnx.ModelProto, folder: Path, *, external: bool = False) -> Pa
 
 def _fold(path: Path, *, broken: set[str] = frozenset(), batch: int = 3, trials: int = 1, **options: object
           ) -> FoldReport:
-    rules = build_rules(backward=(CorruptingConvRule(set(broken)), GemmBn()))
+    """fold_file with the registry's rules, or with Conv folds into the ``broken`` Convs corrupted."""
+    rules = build_rules(backward=(CorruptingConvRule(set(broken)), GemmBn())) if broken else RULES
     return fold_file(path, FoldOptions(rules=rules, verify_options=VerifyOptions(batch=batch, trials=trials),
                                        **options))
 
@@ -325,6 +346,17 @@ def test_ir3_branch_declaring_its_initializers_as_inputs_is_verified(tmp_path: P
     assert report.exit_code == int(broken) and body.passed is not broken
     if broken:
         assert report.attribution.guilty[0].batchnorms == (bn_label,)
+
+
+@pytest.mark.parametrize("features", [3, 5])
+def test_a_fold_of_a_node_an_earlier_fold_created_is_checked_with_its_body(tmp_path: Path, features: int) -> None:
+    path = _save(linear_if_model(seed=features, features=features), tmp_path)
+    report = _fold(path)
+    assert report.exit_code == 0
+    created = [fold.batchnorm for fold in report.folds if fold.kind != BN]
+    assert created and all(label.startswith("If 'branch' then_branch / ") for label in created)
+    assert [body.label for body in report.verification.bodies] == ["If 'branch' then_branch"]
+    _assert_same_outputs(path, report.output, {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)})
 
 
 @pytest.mark.parametrize(("axis", "reverse"), [(0, False), (1, True)])
@@ -447,6 +479,31 @@ def test_a_branch_returning_a_sequence_keeps_its_batchnorms(tmp_path: Path) -> N
     assert all(UNVERIFIABLE in left.reason and "is not a tensor" in left.reason for left in report.left)
 
 
+def test_a_body_that_differs_from_itself_keeps_its_batchnorms_and_blames_nothing(tmp_path: Path) -> None:
+    """Conv→BN then random noise in the branch a trial may take: run on its own twice, that branch
+    disagrees with itself, so its fold cannot be verified and is not applied; the rest is."""
+    b = GraphBuilder(seed=20)
+    x = b.input("x", ["N", 2, 4, 4])
+    condition = b.input("cond", [], TensorProto.BOOL)
+    top = b.node("Relu", [b.batchnorm(b.conv(x, 2, 2), 2)])
+    with b.collecting() as (then_nodes, then_initializers):
+        noisy_bn = b.batchnorm(b.conv(top, 2, 2), 2)
+        noisy = b.node("Add", [noisy_bn, b.node("RandomNormalLike", [noisy_bn])])
+    with b.collecting() as (else_nodes, _):
+        quiet = b.node("Neg", [top])
+    b.nodes.append(helper.make_node(
+        "If", [condition], ["y"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", [], [_value(noisy, ["N", 2, 4, 4])], then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(quiet, ["N", 2, 4, 4])]),
+    ))
+    b.output("y", ["N", 2, 4, 4])
+    report = _fold(_save(b.model(), tmp_path), trials=3)
+    assert report.exit_code == 0 and report.attribution is None
+    assert [fold.batchnorm for fold in report.folds] == ["batchnormalization0"]
+    [left] = report.left
+    assert left.batchnorm.startswith("If 'branch' then_branch / ") and "not deterministic" in left.reason
+
+
 def test_no_verify_still_folds_every_body(tmp_path: Path) -> None:
     generated = sequence_branch_model(seed=14, channels=2)
     report = _fold(_save(generated.model, tmp_path), verify=False)
@@ -485,7 +542,7 @@ def test_a_function_no_trial_is_sure_to_run_keeps_its_batchnorms(tmp_path: Path)
 
 def test_json_report_lists_the_bodies_verified_and_not(tmp_path: Path) -> None:
     generated = sequence_branch_model(seed=16, channels=2)
-    document = json.loads(dump_json(fold_report_json(_fold(_save(generated.model, tmp_path)))))
+    document = json.loads(dump_json(_fold(_save(generated.model, tmp_path)).to_dict()))
     [body] = document["verification"]["bodies"]
     assert body["label"] == "If 'branch' else_branch" and body["passed"] is True
     assert body["outputs"][0]["passed"] is True

@@ -70,7 +70,10 @@ class MatMulAddBn(IntoProducer):
         scaled = scaled_weight(matmul, 1, weight, fold_math.axis_factor(affine.s, 2, axis=1))
         if isinstance(scaled, Refusal):
             return scaled
-        folded_bias = cast_tensor(producer, bias_slot, fold_math.fold_bias(bias, affine.s, affine.t), bias.dtype, "bias")
+        # The Add's bias broadcasts against MatMul's output, whose channels are last.
+        folded_bias = cast_tensor(
+            producer, bias_slot, fold_math.fold_bias(bias, affine.s, affine.t, axis=-1), bias.dtype, "bias"
+        )
         if isinstance(folded_bias, Refusal):
             return folded_bias
         return Absorbed([scaled, folded_bias])

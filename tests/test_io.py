@@ -1,4 +1,5 @@
-"""Models whose weights live outside the .onnx file: load, fold, verify, save.
+"""Models on disk (bnfold.io): loading and validating, the tensor store, staged writes,
+and models whose weights live outside the .onnx file.
 
 The > 2 GiB path is exercised cheaply by lowering ``PROTOBUF_LIMIT``: the
 code that decides "too big for one protobuf" is the same, only the threshold moves.
