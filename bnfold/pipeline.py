@@ -316,6 +316,11 @@ def _rewrite_labels(outcome: FoldOutcome) -> list[str]:
     return [fold.batchnorm for fold in outcome.folds] + [merge.merged for merge in outcome.merges]
 
 
+def _except(labels: set[str]) -> Callable[[str], bool]:
+    """A ``may_fold`` that allows every label but ``labels``."""
+    return lambda label: label not in labels
+
+
 def _withhold_unverifiable_bodies(
     loaded: LoadedModel, layout: BodyLayout, outcome: FoldOutcome, trials: list[Trial], rules: RuleSet,
     selection: Selection, options: VerifyOptions,
@@ -340,8 +345,8 @@ def _withhold_unverifiable_bodies(
         kinds.update((fold.batchnorm, fold.kind) for fold in outcome.folds)
         withheld = checks.withheld
         loaded = load_model(loaded.path)
-        outcome = fold_batchnorms(loaded.model, rules, may_fold=lambda label, held=withheld: label not in held,
-                                  store=loaded.store, selection=selection)
+        outcome = fold_batchnorms(loaded.model, rules, may_fold=_except(set(withheld)), store=loaded.store,
+                                  selection=selection)
         outcome.left += [LeftRecord(label, reason) for label, reason in withheld.items()
                          if kinds.get(label) == "BatchNormalization"]
 

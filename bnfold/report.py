@@ -171,7 +171,7 @@ def verification_table(verification: Verification) -> Group:
     Expected outputs shipped with real inputs get a second table (folded vs expected).
     """
     several = len(verification.trials) > 1
-    parts = [
+    parts: list[RenderableType] = [
         _comparison_table(
             f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
             f"{_inputs_line(verification)}",

@@ -359,6 +359,34 @@ def test_a_fold_of_a_node_an_earlier_fold_created_is_checked_with_its_body(tmp_p
     _assert_same_outputs(path, report.output, {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("channels", [2, 3])
+def test_a_branch_merge_inside_a_body_is_verified_with_it(tmp_path: Path, channels: int) -> None:
+    """RepVGG's sum Conv3×3(x) + Conv1×1(x) in the then branch merges into one Conv (no BN): that
+    rewrite is checked with its body like a fold."""
+    b = GraphBuilder(seed=channels)
+    x = b.input("x", ["N", channels, 5, 5])
+    condition = b.input("cond", [], TensorProto.BOOL)
+    with b.collecting() as (then_nodes, then_initializers):
+        then_out = b.node("Add", [b.conv(x, channels, channels, (3, 3), pads=[1, 1, 1, 1]),
+                                  b.conv(x, channels, channels, (1, 1))])
+    with b.collecting() as (else_nodes, _):
+        else_out = b.node("Neg", [x])
+    b.nodes.append(helper.make_node(
+        "If", [condition], ["y"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", [], [_value(then_out, ["N", channels, 5, 5])],
+                                      then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out, ["N", channels, 5, 5])]),
+    ))
+    b.output("y", ["N", channels, 5, 5])
+    path = _save(b.model(), tmp_path)
+    report = _fold(path)
+    assert report.exit_code == 0 and report.folds == []
+    assert [merge.merged.split(" / ")[0] for merge in report.merges] == ["If 'branch' then_branch"]
+    assert [body.label for body in report.verification.bodies] == ["If 'branch' then_branch"]
+    for condition_value in (True, False):
+        _assert_same_outputs(path, report.output, {"x": _images(3, channels, 5), "cond": np.array(condition_value)})
+
+
 @pytest.mark.parametrize(("axis", "reverse"), [(0, False), (1, True)])
 def test_broken_fold_in_a_scan_body_is_not_equivalent(tmp_path: Path, axis: int, reverse: bool) -> None:
     generated = scan_model(seed=5, channels=2, axis=axis, reverse=reverse)
