@@ -2,9 +2,9 @@
 
 The whole-model comparison proves only what the trials execute: a fold in the branch of an
 If that no trial takes, or in a Loop that runs zero times, would be claimed on the strength
-of the other branch. So every body that holds a fold is also extracted as a model of its
-own, built the same way from the original body and from the folded one, and the two are
-compared on the model's trials:
+of the other branch. So every body that holds a fold (or a branch merge) is also extracted as
+a model of its own, built the same way from the original body and from the folded one, and the
+two are compared on the model's trials:
 
 * inputs: the body's formal inputs, and every runtime value of the enclosing graphs that it
   (or a body nested in it) reads; initializers: its own, and the constants of the enclosing
@@ -17,6 +17,8 @@ compared on the model's trials:
   for a reversed input). A body nested in another one reads what the enclosing body, itself
   run on its own in the same way, computes. Every value is one the model really produces:
   realistic statistics (what a BatchNormalization sees) and no guessed shapes, at any depth.
+  The original body runs every trial twice: random ops in it (which no trial of the model
+  need reach) would make any fold look wrong, so such a body cannot be verified.
 
 A body that cannot be run on its own (onnxruntime rejects the extracted original, a value it
 reads is a sequence, it lies in a model-local function...) is *unverified*: the pipeline folds
@@ -174,6 +176,7 @@ class _CannotExtract(Exception):
 
 
 def _body_of(node: onnx.NodeProto, where: str) -> onnx.GraphProto:
+    """The body of ``node`` in attribute ``where`` (as :func:`~bnfold.graph.subgraphs` names it)."""
     for name, graph in subgraphs(node):
         if name == where:
             return graph
@@ -257,6 +260,7 @@ def standalone_model(model: onnx.ModelProto, body: GraphIndex, inputs: Sequence[
 
 
 def _serialized(model: onnx.ModelProto) -> bytes:
+    """An extracted body as onnxruntime takes it: one protobuf, which cannot exceed 2 GiB."""
     try:
         return model.SerializeToString()
     except ValueError as error:  # above protobuf's 2 GiB
@@ -419,8 +423,7 @@ class _Extraction:
                  for name in names} for values in results]
 
     def _children(self, route: Route) -> list[Route]:
-        return [inner for inner in self.layout.body_labels
-                if inner in self.needed and inner[:-1] == route and len(inner) == len(route) + 1]
+        return [inner for inner in self.layout.body_labels if inner in self.needed and inner[:-1] == route]
 
     def _descend(self, level: _Level) -> None:
         children = self._children(level.route)
