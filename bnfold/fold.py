@@ -24,7 +24,7 @@ from onnx import helper
 from bnfold.errors import first_line
 from bnfold.graph import AttributeReference, GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
 from bnfold.io.store import TensorStore
-from bnfold.rewrite import apply_plans, remove_unused_constants
+from bnfold.rewrite import apply_plans, initializers_to_constants, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
 from bnfold.rules.plan import MergePlan
 from bnfold.rules.batchnorm import is_batchnorm
@@ -229,6 +229,8 @@ def _fold_scope(
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
     _fold_graph(run, model, graph, parent, scope)
+    if parent is not None and model.ir_version < 4:
+        initializers_to_constants(model, graph, run.store)
     index = GraphIndex(model, graph, parent=parent, store=run.store)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
@@ -261,13 +263,9 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
     _fold_scope(run, view, view.graph, None, function_scope(function))
     if (len(run.outcome.folds), len(run.outcome.merges)) == before:
         return
-    constants = [
-        helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant",
-                         value=run.store.materialize(tensor))
-        for tensor in view.graph.initializer
-    ]
+    initializers_to_constants(view, view.graph, run.store)
     del function.node[:]
-    function.node.extend([*constants, *view.graph.node])
+    function.node.extend(view.graph.node)
 
 
 def _fold_graph(

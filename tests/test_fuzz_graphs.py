@@ -7,8 +7,9 @@ chains (decomposed BNs) before and after layers; Mul/Add constants that *broadca
 to many (``x[N,1,H,W]·c[1,C,1,1] + d`` around a Conv, ``x[N,1]·c[C] + d`` around a Gemm), which
 are not per-channel affines; and If nodes whose two branches both hold folds and read outer
 values and outer weights. The property: folding keeps the function, with the If condition
-forced both ways so that both branches run, and every BatchNormalization left has a reason.
-Loops run 0 to 2 times over bodies of the same blocks, an If nested in them or not. The absolute
+forced both ways so that both branches run, every BatchNormalization left has a reason, and no
+node that broadcasts a channel is folded away. Loops run 0 to 2 times over bodies of the same
+blocks, an If nested in them or not. The absolute
 tolerance scales with the output's magnitude (see tests/support.py): the hostile statistics
 make outputs in the thousands next to elements near zero that come from cancellation, whose
 rounding error (in the original as much as in the folded model) is relative to the large
@@ -116,19 +117,27 @@ def random_conv_transpose(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tens
     return Tensor4D(name, out_per_group * group, out)
 
 
-def per_channel(b: GraphBuilder, channels: int, shape: list[int]) -> tuple[str, str]:
-    """A scale and a shift of ``channels`` entries shaped ``shape`` (e.g. [1, C, 1, 1] or [C])."""
-    scale = b.const("scale", b.rng.uniform(0.5, 1.5, channels).reshape(shape).astype(b.dtype))
-    shift = b.const("shift", b.rng.normal(0, 0.5, channels).reshape(shape).astype(b.dtype))
-    return scale, shift
+SPREAD = "spread"
+"""Name prefix of a constant that broadcasts one channel to many: the node reading it must survive
+folding (it is not a per-channel affine of its data)."""
 
 
-def affine(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int, shape: list[int]) -> str:
-    """``x · scale + shift`` (or ``(x + shift) · scale``) by constants shaped ``shape``."""
-    scale, shift = per_channel(b, channels, shape)
-    if draw(st.booleans()):
-        return b.node("Add", [b.node("Mul", [x, scale]), shift])
-    return b.node("Mul", [b.node("Add", [x, shift]), scale])
+def affine(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int, shape: list[int], *,
+           broadcast: bool = False) -> str:
+    """``x · scale + shift`` or ``(x + shift) · scale`` by constants of ``channels`` entries shaped
+    ``shape`` (e.g. [1, C, 1, 1] or [C]). With ``broadcast`` (``x`` has one channel), the first
+    node's constant is named as broadcasting: only that node spreads the channel; the second one is
+    an ordinary per-channel affine of the spread value."""
+    order = ("Mul", "Add") if draw(st.booleans()) else ("Add", "Mul")
+    y = x
+    for position, op in enumerate(order):
+        base = SPREAD if broadcast and position == 0 else ""
+        if op == "Mul":
+            constant = b.const(f"{base}scale", b.rng.uniform(0.5, 1.5, channels).reshape(shape).astype(b.dtype))
+        else:
+            constant = b.const(f"{base}shift", b.rng.normal(0, 0.5, channels).reshape(shape).astype(b.dtype))
+        y = b.node(op, [y, constant])
+    return y
 
 
 def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
@@ -141,7 +150,7 @@ def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
         single = b.conv(x.name, x.channels, 1, (1, 1), bias=draw(st.booleans()))
     else:
         single = b.node("ReduceMean", [x.name], axes=[1], keepdims=1)
-    spread = affine(draw, b, single, channels, shape)
+    spread = affine(draw, b, single, channels, shape, broadcast=True)
     if draw(st.booleans()):
         return Tensor4D(spread, channels, x.size)
     return random_conv(draw, b, Tensor4D(spread, channels, x.size))
@@ -149,7 +158,10 @@ def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
 
 def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn",
-                                 "conv_affine", "affine_conv", "broadcast", "if", "loop"]))
+                                 "conv_affine", "affine_conv", "scale", "broadcast", "if", "loop"]))
+    if kind == "scale":  # a decomposed BN on its own, folded into whatever follows, if anything
+        shape = [1, x.channels, 1, 1] if draw(st.booleans()) else [x.channels, 1, 1]
+        return Tensor4D(affine(draw, b, x.name, x.channels, shape), x.channels, x.size)
     if kind == "if":
         return random_if(draw, b, x)
     if kind == "loop":
@@ -196,21 +208,23 @@ class OuterWeights:
 
 def same_size_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, outer: OuterWeights) -> Tensor4D:
     """A block that keeps the spatial size (an If's branches must agree on their output's shape)."""
-    kind = draw(st.sampled_from(["conv_bn", "outer_conv_bn", "bn", "bn_bn", "relu", "conv_affine", "affine_conv"]))
+    kind = draw(st.sampled_from(["conv_bn", "outer_conv_bn", "bn", "bn_bn", "relu", "conv_affine", "affine_conv",
+                                 "bn_conv"]))
     if kind == "outer_conv_bn" and x.channels == outer.channels:
         y = b.node("Conv", [x.name, outer.weight], pads=[1, 1, 1, 1])
         return Tensor4D(b.node(BN, [y, *outer.parameters]), x.channels, x.size)
-    if kind in ("conv_bn", "outer_conv_bn", "conv_affine", "affine_conv"):
+    if kind in ("conv_bn", "outer_conv_bn", "conv_affine", "affine_conv", "bn_conv"):
         kernel = draw(st.sampled_from([1, 3]))
         source = x.name
-        if kind == "affine_conv":
-            source = affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1])
+        if kind in ("affine_conv", "bn_conv"):
+            source = (affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1]) if kind == "affine_conv"
+                      else hostile_batchnorm(draw, b, x.name, x.channels))
             kernel = 1  # an unpadded Conv absorbs the affine before it
         out = draw(st.integers(1, 4))
         y = b.conv(source, x.channels, out, (kernel, kernel), pads=[kernel // 2] * 4, bias=draw(st.booleans()))
         if kind == "conv_affine":
             return Tensor4D(affine(draw, b, y, out, [out, 1, 1]), out, x.size)
-        return Tensor4D(y if kind == "affine_conv" else hostile_batchnorm(draw, b, y, out), out, x.size)
+        return Tensor4D(y if kind in ("affine_conv", "bn_conv") else hostile_batchnorm(draw, b, y, out), out, x.size)
     if kind == "bn":
         return Tensor4D(hostile_batchnorm(draw, b, x.name, x.channels), x.channels, x.size)
     if kind == "bn_bn":
@@ -290,9 +304,9 @@ def random_head(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
     shape = draw(st.sampled_from([[spread], [1, spread]]))
     if kind == "broadcast_gemm":  # x[N,1]·c[C] + d before a Gemm: not a per-channel affine of x
         single = b.node("ReduceMean", [flat], axes=[1], keepdims=1)
-        return b.gemm(affine(draw, b, single, spread, shape), spread, out)
+        return b.gemm(affine(draw, b, single, spread, shape, broadcast=True), spread, out)
     if kind == "gemm_broadcast":  # a one-output Gemm whose output is then broadcast to C
-        return affine(draw, b, b.gemm(flat, x.channels, 1), spread, shape)
+        return affine(draw, b, b.gemm(flat, x.channels, 1), spread, shape, broadcast=True)
     if kind == "gemm_bn":
         return hostile_batchnorm(draw, b, b.gemm(flat, x.channels, out, trans_b=int(draw(st.booleans()))), out)
     if kind == "matmul_bn":
@@ -313,15 +327,20 @@ def random_models(draw: st.DrawFn) -> onnx.ModelProto:
     return b.model(f"fuzz_{np.dtype(dtype).name}")
 
 
-def all_ops(graph: onnx.GraphProto) -> list[str]:
-    """Op types of ``graph`` and of every body nested in it."""
-    ops = []
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of every body nested in it."""
+    nodes = []
     for node in graph.node:
-        ops.append(node.op_type)
+        nodes.append(node)
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                ops += all_ops(attribute.g)
-    return ops
+                nodes += all_nodes(attribute.g)
+    return nodes
+
+
+def all_ops(graph: onnx.GraphProto) -> list[str]:
+    """Op types of ``graph`` and of every body nested in it."""
+    return [node.op_type for node in all_nodes(graph)]
 
 
 def condition_variants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], ...]:
@@ -341,6 +360,9 @@ def test_random_graphs_fold_to_equivalent_models(model: onnx.ModelProto) -> None
     assert all(record.reason for record in check.outcome.left)
     folded_batchnorms = sum(record.kind == BN for record in check.outcome.folds)
     assert batchnorms_before - folded_batchnorms == left
+    # The Mul or Add that broadcasts one channel to many is never folded away.
+    broadcasts = {node.name for node in all_nodes(model.graph) if any(n.startswith(SPREAD) for n in node.input)}
+    assert broadcasts <= {node.name for node in all_nodes(check.folded.graph)}
 
 
 @st.composite

@@ -119,6 +119,10 @@ def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: Gr
     offset = fold_math.linear_offset(weight, t, input_axis=0)
     if becomes_gemm(graph, matmul, weight.dtype):
         return _into_gemm_from_matmul(matmul, new_weight, offset, weight.dtype, graph)
+    if not np.any(t):
+        # A pure scale (a Mul): no shift to add. An Add of zeros would be read as an affine
+        # itself and folded back into the MatMul, reported as a fold of a node bnfold made.
+        return Absorbed([new_weight])
     shift = added_bias(matmul, offset, weight.dtype, "bias")
     if isinstance(shift, Refusal):
         return shift
