@@ -249,8 +249,9 @@ class _Worker:
 
 
 def _start(context: BaseContext) -> _Worker:
+    """A worker process waiting for its first model at the other end of a pipe."""
     parent_end, worker_end = context.Pipe()
-    process = context.Process(target=_serve, args=(worker_end,), daemon=True)
+    process = context.Process(target=_serve, args=(worker_end,), daemon=True)  # type: ignore[attr-defined]
     process.start()
     worker_end.close()
     return _Worker(process, parent_end)
@@ -371,6 +372,8 @@ def _fold_in_workers(
                 if isinstance(result, BaseException):
                     raise result
                 index = worker.task
+                if index is None:  # busy workers have a task: only a changed loop gets here
+                    continue
                 if result is None:
                     result = _dead_worker_result(worker, models[index], per_model[index])
                     workers[position] = _start(context)

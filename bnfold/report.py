@@ -419,7 +419,8 @@ def rehearse_batch_row(report: FoldReport) -> None:
     """Render everything a batch run shows of one model (its table row, quiet line and JSON)
     to nowhere, as :attr:`~bnfold.pipeline.FoldOptions.before_commit`: a model whose report
     cannot be shown fails (an internal error in its row) before its output is moved into place."""
-    alone = BatchReport([ModelResult(report.input, report, None, report.exit_code, 0.0)], jobs=1, seconds=0.0)
+    label = report.input if report.input is not None else Path("<model>")
+    alone = BatchReport([ModelResult(label, report, None, report.exit_code, 0.0)], jobs=1, seconds=0.0)
     Console(file=io.StringIO(), width=100).print(batch_table(alone))
     quiet_batch_lines(alone)
     dump_json(alone.to_dict())

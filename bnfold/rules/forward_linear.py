@@ -36,7 +36,14 @@ from bnfold import fold_math
 from bnfold.graph import GraphIndex, attributes, describe
 from bnfold.rules.base import Absorbed, IntoConsumer, becomes_gemm
 from bnfold.rules.matmul_add import matmul_and_bias_slot
-from bnfold.rules.plan import Affine, OpTypeUpdate, Refusal, Replaced, RuleOptions, TensorUpdate
+from bnfold.rules.plan import (
+    Affine,
+    OpTypeUpdate,
+    Refusal,
+    Replaced,
+    RuleOptions,
+    TensorUpdate,
+)
 from bnfold.rules.weights import (
     added_bias,
     cast_tensor,
