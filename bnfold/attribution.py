@@ -11,7 +11,9 @@ among n cost about ``2 k log2 n`` verifications instead of n. A group that fails
 while both its halves pass is reported as a whole: its folds are only wrong
 together (for example errors that add up along a chain). A fold whose error only
 shows next to another, already guilty fold is not separated from it: the search
-names what must be fixed first, not every contributor.
+names what must be fixed first, not every contributor. Partial models are
+verified with the same body checks as the full one (:mod:`bnfold.bodies`), so a
+broken fold in a branch no trial takes is found like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import onnx
 
+from bnfold.bodies import BodyChecks
 from bnfold.fold import FoldRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import Trial
 from bnfold.io.load import LoadedModel
@@ -42,7 +45,8 @@ class GuiltyFold:
     targets: tuple[str, ...]
     rules: tuple[str, ...]
     output: str
-    """The output with the largest error when only these folds are applied."""
+    """The output with the largest error when only these folds are applied (for a body verified
+    on its own, prefixed with the body: ``If 'b' then_branch / y``)."""
     max_abs_error: float
     max_rel_error: float
     mismatches: int
@@ -60,7 +64,8 @@ class _Search:
     """Group testing over the folds of one failed run."""
 
     def __init__(self, original: LoadedModel, folds: Sequence[FoldRecord], merges: Sequence[MergeRecord],
-                 trials: Sequence[Trial], tolerances: Tolerances, provider: str, rules: RuleSet) -> None:
+                 trials: Sequence[Trial], tolerances: Tolerances, provider: str, rules: RuleSet,
+                 bodies: BodyChecks | None) -> None:
         self.original = original
         self.records: dict[str, FoldRecord | MergeRecord] = {
             **{fold.batchnorm: fold for fold in folds}, **{merge.merged: merge for merge in merges}
@@ -69,6 +74,7 @@ class _Search:
         self.tolerances = tolerances
         self.provider = provider
         self.rules = rules
+        self.bodies = bodies
         self.verifications = 0
 
     def verify_partial(self, labels: Sequence[str]) -> Verification:
@@ -83,8 +89,12 @@ class _Search:
         with tempfile.TemporaryDirectory(prefix="bnfold-attribution-") as folder:
             target = Path(folder) / self.original.path.name
             with stage(model, target, store, external_data=bool(self.original.external_data_files)) as staged:
-                return verify_equivalence(self.original.path, staged.staged_path, self.trials,
-                                          tolerances=self.tolerances, provider=self.provider)
+                verification = verify_equivalence(self.original.path, staged.staged_path, self.trials,
+                                                  tolerances=self.tolerances, provider=self.provider)
+                if self.bodies is not None:
+                    self.bodies.add_to(verification, staged.staged_path, tolerances=self.tolerances,
+                                       provider=self.provider)
+                return verification
 
     def guilty_in(self, labels: Sequence[str], failed: Verification) -> list[GuiltyFold]:
         """The smallest failing groups within ``labels``, whose joint fold gave ``failed``."""
@@ -99,15 +109,15 @@ class _Search:
         return found or [self.describe(labels, failed)]
 
     def describe(self, labels: Sequence[str], failed: Verification) -> GuiltyFold:
-        worst = max(
-            (c for c in (*failed.outputs, *failed.expected) if not c.passed), key=_badness
+        where, worst = max(
+            ((where, c) for where, c in failed.comparisons() if not c.passed), key=lambda found: _badness(found[1])
         )
         records = [self.records[label] for label in labels]
         return GuiltyFold(
             batchnorms=tuple(labels),
             targets=tuple(r.target for r in records),
             rules=tuple(r.rule for r in records),
-            output=worst.name,
+            output=where + worst.name,
             max_abs_error=worst.max_abs_error,
             max_rel_error=worst.max_rel_error,
             mismatches=worst.mismatches,
@@ -129,13 +139,15 @@ def attribute_failure(
     provider: str,
     rules: RuleSet,
     merges: Sequence[MergeRecord] = (),
+    bodies: BodyChecks | None = None,
 ) -> Attribution:
     """Find the fold(s) behind ``failed`` (the verification of all ``folds`` and ``merges``
     applied together).
 
-    ``original`` must be the model as loaded, before any folding.
+    ``original`` must be the model as loaded, before any folding; ``bodies`` the body checks
+    the failed verification ran (None when no fold lies in a body).
     """
-    search = _Search(original, folds, merges, trials, tolerances, provider, rules)
+    search = _Search(original, folds, merges, trials, tolerances, provider, rules, bodies)
     labels = list(search.records)
     guilty = search.guilty_in(labels, failed) if labels else []
     return Attribution(guilty=guilty, verifications=search.verifications)

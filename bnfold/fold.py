@@ -181,6 +181,18 @@ class _Run:
     outcome: FoldOutcome
 
 
+def body_scope(enclosing: str, node: onnx.NodeProto, where: str) -> str:
+    """The label prefix of everything in body ``where`` of ``node`` (``If 'branch' then_branch / ``),
+    inside the graph whose prefix is ``enclosing`` ("" for the main graph). Reports name BNs
+    with it, and body verification finds the body a fold sits in by it."""
+    return f"{enclosing}{describe(node)} {where} / "
+
+
+def function_scope(function: onnx.FunctionProto) -> str:
+    """The label prefix of everything in a model-local function (``function 'Block' / ``)."""
+    return f"function '{function.name}' / "
+
+
 def fold_batchnorms(
     model: onnx.ModelProto,
     rules: RuleSet = RULES,
@@ -223,7 +235,7 @@ def _fold_scope(
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
-            _fold_scope(run, model, body, index, f"{scope}{describe(node)} {where} / ")
+            _fold_scope(run, model, body, index, body_scope(scope, node, where))
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
         index = GraphIndex(model, graph, parent=parent, store=run.store)
@@ -248,7 +260,7 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
         ir_version=model.ir_version,
     )
     before = len(run.outcome.folds), len(run.outcome.merges)
-    _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
+    _fold_scope(run, view, view.graph, None, function_scope(function))
     if (len(run.outcome.folds), len(run.outcome.merges)) == before:
         return
     initializers_to_constants(view, view.graph, run.store)

@@ -6,6 +6,11 @@ lands on disk. It is moved into place only when verification passes (or was
 skipped, or ``keep_failed``); otherwise nothing is left behind. The move is the last
 step: attribution and the caller's rendering of the report (``before_commit``) run
 while the output is still staged, so that a failure in them leaves no output either.
+
+Folds inside If/Loop/Scan bodies are verified on their own as well
+(:mod:`bnfold.bodies`), since a trial need not execute them. A body that cannot
+be is decided before anything is written: the model is folded again from the
+file without that body's folds, which are reported as left with the reason.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any
 import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
+from bnfold.bodies import BodyChecks, BodyLayout, prepare_body_checks
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
+from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import (
     Trial,
     check_option_values,
@@ -43,7 +49,7 @@ from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, verify_equivalence
 
 Progress = Callable[[str, int | None], None]
-"""Told as each stage of a run starts ("load", "fold", "save", "verify", "attribution"),
+"""Told as each stage of a run starts ("load", "fold", "bodies", "save", "verify", "attribution"),
 with the bytes that stage works on (None when not known yet): the command shows it as a
 transient status line while one big model is folded."""
 
@@ -181,8 +187,9 @@ class _Stopwatch:
         self._start = self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """Time since the last lap, added to ``name`` (a step may come back after another one)."""
         now = time.perf_counter()
-        self.timings[name] = now - self._last
+        self.timings[name] = self.timings.get(name, 0.0) + now - self._last
         self._last = now
 
     def total(self) -> dict[str, float]:
@@ -261,9 +268,19 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
     clock.lap("load")
 
     rules = options.rule_set()
+    layout = BodyLayout(model) if options.verify else None  # read before folding changes the model
     progress("fold", loaded.file_bytes)
     outcome = fold_batchnorms(model, rules, store=loaded.store, selection=options.selection)
     options.selection.require_matches(outcome.selectable, str(loaded.path))
+    bodies = None
+    if layout is not None and layout.bodies_holding(_rewrite_labels(outcome)):
+        clock.lap("fold")
+        progress("bodies", None)
+        with explaining_guessed_shapes(guessed):
+            loaded, outcome, bodies = _withhold_unverifiable_bodies(loaded, layout, outcome, trials, rules,
+                                                                    options.selection, vo)
+        model = loaded.model
+        clock.lap("bodies")
     after = model_stats(model, None)
     clock.lap("fold")
 
@@ -292,6 +309,8 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
                 )
+                if bodies is not None:
+                    bodies.add_to(verification, staged.staged_path, tolerances=vo.tolerances, provider=vo.provider)
             clock.lap("verify")
         attribution = None
         if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
@@ -301,7 +320,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
             progress("attribution", None)
             attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
                                             tolerances=vo.tolerances, provider=vo.provider, rules=rules,
-                                            merges=outcome.merges)
+                                            merges=outcome.merges, bodies=bodies)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         report = FoldReport(
@@ -327,6 +346,46 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
         if report.written:
             staged.commit()
     return report
+
+
+def _rewrite_labels(outcome: FoldOutcome) -> list[str]:
+    """The labels of every rewrite a fold run made: folded BNs and merged branches."""
+    return [fold.batchnorm for fold in outcome.folds] + [merge.merged for merge in outcome.merges]
+
+
+def _except(labels: set[str]) -> Callable[[str], bool]:
+    """A ``may_fold`` that allows every label but ``labels``."""
+    return lambda label: label not in labels
+
+
+def _withhold_unverifiable_bodies(
+    loaded: LoadedModel, layout: BodyLayout, outcome: FoldOutcome, trials: list[Trial], rules: RuleSet,
+    selection: Selection, options: VerifyOptions,
+) -> tuple[LoadedModel, FoldOutcome, BodyChecks]:
+    """Prepare the checks of every body holding a fold (or a branch merge); when some body cannot
+    be verified on its own, fold the model again from the file without that body's rewrites.
+
+    Returns the model to write (``loaded`` itself when nothing was withheld), its fold outcome
+    (the withheld BNs listed as left, with the reason) and the checks. Folding again never adds a
+    rewrite in a body not yet prepared (a body's folds depend only on it and the constants around
+    it), but the loop makes sure of it rather than assume it.
+    """
+    original = load_model(loaded.path)
+    checks = BodyChecks()
+    kinds: dict[str, str] = {}
+    while True:
+        found = prepare_body_checks(original, layout, _rewrite_labels(outcome), trials,
+                                    tolerances=options.tolerances, provider=options.provider, skip=checks.prepared)
+        checks.merge(found)
+        if not found.unverified:
+            return loaded, outcome, checks
+        kinds.update((fold.batchnorm, fold.kind) for fold in outcome.folds)
+        withheld = checks.withheld
+        loaded = load_model(loaded.path)
+        outcome = fold_batchnorms(loaded.model, rules, may_fold=_except(set(withheld)), store=loaded.store,
+                                  selection=selection)
+        outcome.left += [LeftRecord(label, reason) for label, reason in withheld.items()
+                         if kinds.get(label) == "BatchNormalization"]
 
 
 @dataclass

@@ -184,7 +184,7 @@ def verification_table(verification: Verification) -> Group:
     Expected outputs shipped with real inputs get a second table (folded vs expected).
     """
     several = len(verification.trials) > 1
-    parts = [
+    parts: list[RenderableType] = [
         _comparison_table(
             f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
             f"{_inputs_line(verification)}",
@@ -194,6 +194,13 @@ def verification_table(verification: Verification) -> Group:
     ]
     if verification.expected:
         parts.append(_comparison_table("Folded vs expected outputs", verification.expected, True))
+    for body in verification.bodies:
+        inputs = ", ".join(f"{value.name} {_shape(value.dtype, value.shape)} ({value.source})"
+                           for value in body.inputs) or "none"
+        parts.append(_comparison_table(f"{body.label}, verified on its own\ninputs {inputs}", body.outputs, several))
+    for unverified in verification.unverified_bodies:
+        parts.append(Text(f"{unverified.label}: not verified on its own ({unverified.reason}); "
+                          f"its {len(unverified.withheld)} fold(s) were not applied", style="yellow"))
     return Group(*parts)
 
 
@@ -440,6 +447,7 @@ _STAGES = {
     "fold": "folding",
     "save": "writing",
     "verify": "verifying in onnxruntime",
+    "bodies": "extracting the If/Loop/Scan bodies that hold folds",
     "attribution": "finding the fold that broke equivalence",
 }
 

@@ -67,7 +67,9 @@ def initializers_to_constants(model: onnx.ModelProto, graph: onnx.GraphProto, st
     For the graphs that cannot hold initializers: a model-local function's body, and an
     If/Loop/Scan body of an IR < 4 model (there every initializer must also be an input of its
     graph, which a body's fixed signature cannot have). Folds there create initializers like
-    anywhere else; they are turned into nodes once the body is folded.
+    anywhere else; they are turned into nodes once the body is folded. A body that declared its
+    own initializers as inputs, as IR 3 has it do, no longer declares them: the If, Loop or Scan
+    never fed them, and a name both an input and a Constant's output is not single assignment.
     """
     if not graph.initializer:
         return
@@ -77,10 +79,14 @@ def initializers_to_constants(model: onnx.ModelProto, graph: onnx.GraphProto, st
                          value=store.materialize(tensor))
         for tensor in graph.initializer
     ]
+    converted = {tensor.name for tensor in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in converted]
     nodes = [*constants, *graph.node]
     del graph.initializer[:]
     del graph.node[:]
+    del graph.input[:]
     graph.node.extend(nodes)
+    graph.input.extend(inputs)
 
 
 def _set_attribute(update: AttributeUpdate) -> None:

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-from bnfold.verify import Verification
+from bnfold.verify import OutputComparison, Verification
 
 FOLD_SCHEMA = "bnfold.fold/1"
 CHECK_SCHEMA = "bnfold.check/1"
@@ -44,9 +44,16 @@ def verification_document(verification: Verification | None) -> dict[str, Any] |
     document = plain(verification)
     document["passed"] = verification.passed
     for key in ("outputs", "expected"):
-        for output, comparison in zip(document[key], getattr(verification, key)):
-            output["passed"] = comparison.passed
+        _add_verdicts(document[key], getattr(verification, key))
+    for body_document, body in zip(document["bodies"], verification.bodies):
+        body_document["passed"] = body.passed
+        _add_verdicts(body_document["outputs"], body.outputs)
     return document
+
+
+def _add_verdicts(documents: list[dict[str, Any]], comparisons: list[OutputComparison]) -> None:
+    for output, comparison in zip(documents, comparisons):
+        output["passed"] = comparison.passed
 
 
 class Verdict(Protocol):

@@ -11,6 +11,10 @@ One generated input can miss a difference (a ReLU hiding it, a branch not
 taken), so a verification runs *trials*: several seeds, or every data set of
 real inputs (:mod:`bnfold.inputs`). Per output the worst trial is kept and named.
 Real inputs may ship expected outputs; the folded model is checked against them too.
+
+A body of an If/Loop/Scan that holds a fold is also compared on its own
+(:mod:`bnfold.bodies`); its results are part of the same :class:`Verification`
+and count for ``passed`` like the model's outputs.
 """
 
 from __future__ import annotations
@@ -70,6 +74,43 @@ class TrialInputs:
     inputs: list[InputSpec]
 
 
+@dataclass(frozen=True)
+class BodyInput:
+    """One input of a body verified on its own, as the report states it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: str
+    """Where its values come from, e.g. ``computed by the model`` or ``Loop 'l' iteration 0``."""
+
+
+@dataclass
+class BodyVerification:
+    """A subgraph body compared on its own: the extracted original body against the folded one."""
+
+    label: str
+    """Where the body is, as fold labels start: ``If 'branch' then_branch``."""
+    inputs: list[BodyInput]
+    """The standalone body's inputs (shapes of the first trial)."""
+    outputs: list[OutputComparison]
+    """Per body output, the worst trial (trials are the model's)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(output.passed for output in self.outputs)
+
+
+@dataclass(frozen=True)
+class UnverifiedBody:
+    """A body that holds foldable BNs but cannot be run on its own: its folds are not applied."""
+
+    label: str
+    reason: str
+    withheld: tuple[str, ...]
+    """The folds left out because of it (BNs, which are also reported as left, and decomposed forms)."""
+
+
 @dataclass
 class Verification:
     provider: str
@@ -78,15 +119,29 @@ class Verification:
     """Folded vs original, per output: the worst trial."""
     expected: list[OutputComparison] = field(default_factory=list)
     """Folded vs the expected outputs shipped with real inputs, per trial and output."""
+    bodies: list[BodyVerification] = field(default_factory=list)
+    """Bodies holding folds, each compared on its own (a trial may not execute them)."""
+    unverified_bodies: list[UnverifiedBody] = field(default_factory=list)
+    """Bodies that could not be compared on their own; their folds were not applied."""
+
+    def comparisons(self) -> list[tuple[str, OutputComparison]]:
+        """Every comparison that decides ``passed``, each with the prefix that places its
+        output (``""`` for the model's, ``"If 'b' then_branch / "`` for a body's)."""
+        found = [("", comparison) for comparison in (*self.outputs, *self.expected)]
+        found += [(f"{body.label} / ", comparison) for body in self.bodies for comparison in body.outputs]
+        return found
 
     @property
     def passed(self) -> bool:
-        return all(output.passed for output in (*self.outputs, *self.expected))
+        return all(comparison.passed for _, comparison in self.comparisons())
 
     @property
     def max_abs_error(self) -> float | None:
-        """The largest max |Δ| over the outputs (folded vs original); None with no outputs."""
-        return max((output.max_abs_error for output in self.outputs), default=None)
+        """The largest max |Δ| over the outputs of the model and of the bodies verified on
+        their own (folded vs original); None with no outputs."""
+        errors = [output.max_abs_error for output in self.outputs]
+        errors += [output.max_abs_error for body in self.bodies for output in body.outputs]
+        return max(errors, default=None)
 
 
 def _onnxruntime():  # noqa: ANN202 - the onnxruntime module
@@ -103,14 +158,17 @@ def check_provider(provider: str) -> None:
         raise InputError(f"--provider {provider} is not available; this onnxruntime offers {', '.join(available)}")
 
 
-def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
-    """An onnxruntime session with every graph optimization disabled."""
+def open_session(model: Path | bytes, label: str, provider: str) -> ort.InferenceSession:
+    """An onnxruntime session with every graph optimization disabled, for a model file or a
+    serialized model (a body extracted in memory)."""
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user through the exception, once
     try:
-        with _path_for_onnxruntime(path) as readable:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, sess_options=options, providers=[provider])
+        with _path_for_onnxruntime(model) as readable:
             return ort.InferenceSession(readable, sess_options=options, providers=[provider])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
         raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
@@ -255,25 +313,75 @@ def verify_equivalence(
     )
     # One session at a time: each holds a copy of the weights, so a multi-GB model
     # would otherwise need two in memory at once. The original's outputs are kept.
-    reference_session = open_session(original, "original", provider)
-    output_names = [output.name for output in reference_session.get_outputs()]
-    references = [run_session(reference_session, trial.feeds, "original") for trial in trials]
-    # One more run of the first trial (cheap: the session is loaded); the other trials are
-    # run again only if the comparison fails, before the failure is believed.
-    require_deterministic(reference_session, trials[:1], output_names, tolerances, references[:1])
-    del reference_session
-    worst: dict[str, OutputComparison] = {}
+    reference = run_reference(original, trials, provider, "original", tolerances)
+    verification.outputs, verification.expected = compare_to_reference(
+        folded, reference, trials, tolerances=tolerances, provider=provider, folded_is_input=folded_is_input
+    )
+    if not verification.passed and len(trials) > 1:
+        # A later trial may reach randomness the first did not (a branch only it takes).
+        require_deterministic(open_session(original, "original", provider), trials[1:], reference.output_names,
+                              tolerances)
+    return verification
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the original computed on each trial: the values a folded model must reproduce."""
+
+    output_names: list[str]
+    outputs: list[list[np.ndarray]]
+    """Per trial, the outputs in ``output_names`` order."""
+
+
+def run_reference(original: Path | bytes, trials: Sequence[Trial], provider: str, label: str,
+                  tolerances: Tolerances, *, rerun: int = 1) -> Reference:
+    """Run the original on every trial (one session, released before the folded one opens),
+    and the first ``rerun`` trials once more: a model that disagrees with itself cannot be
+    judged (see :func:`require_deterministic`). The model's verification reruns one trial (cheap:
+    the session is loaded) and the others only if the comparison fails, before the failure is
+    believed.
+
+    Raises:
+        RuntimeFailure: onnxruntime cannot load or run it (``label`` names it in the message), or
+            an output is not a tensor, which no tolerance can compare.
+        NotDeterministic: a rerun differs from the first run.
+    """
+    session = open_session(original, label, provider)
+    output_names = [output.name for output in session.get_outputs()]
+    outputs = [run_session(session, trial.feeds, label) for trial in trials]
+    for name, value in zip(output_names, outputs[0] if outputs else []):
+        if not isinstance(value, np.ndarray):
+            raise RuntimeFailure(f"the {label} model's output '{name}' is not a tensor (a sequence, map or "
+                                 "optional value); bnfold compares tensors only")
+    require_deterministic(session, trials[:rerun], output_names, tolerances, outputs[:rerun])
+    return Reference(output_names, outputs)
+
+
+def compare_to_reference(
+    folded: Path | bytes,
+    reference: Reference,
+    trials: Sequence[Trial],
+    *,
+    tolerances: Tolerances,
+    provider: str,
+    folded_is_input: bool = False,
+) -> tuple[list[OutputComparison], list[OutputComparison]]:
+    """The folded model run on the same trials and compared with ``reference``, output by
+    output (the worst trial of each), and with the trials' expected outputs.
+
+    A folded model that onnxruntime cannot load or run fails every output (see
+    :func:`verify_equivalence`), unless ``folded_is_input``, where that is an error.
+    """
     try:
         folded_session = open_session(folded, "folded", provider)
     except RuntimeFailure as failure:
         if folded_is_input:
             raise
-        verification.outputs = [
-            _broken_output(name, value, str(failure), tolerances) for name, value in zip(output_names, references[0])
-        ]
-        return verification
+        return broken_outputs(reference, str(failure), tolerances), []
     folded_names = [output.name for output in folded_session.get_outputs()]
-    for trial, reference in zip(trials, references):
+    worst: dict[str, OutputComparison] = {}
+    expected: list[OutputComparison] = []
+    for trial, original_outputs in zip(trials, reference.outputs):
         try:
             candidate = dict(zip(folded_names, run_session(folded_session, trial.feeds, "folded")))
         except RuntimeFailure as failure:
@@ -283,7 +391,7 @@ def verify_equivalence(
             missing = str(failure)
         else:
             missing = "output missing from the folded model"
-        for name, value in zip(output_names, reference):
+        for name, value in zip(reference.output_names, original_outputs):
             if name in candidate:
                 tolerance = tolerances.for_output(name, value.dtype)
                 comparison = replace(compare_output(name, value, candidate[name], tolerance), trial=trial.label)
@@ -297,12 +405,15 @@ def verify_equivalence(
                 comparison = compare_output(name, value, candidate[name], tolerance)
             else:
                 comparison = _broken_output(name, value, missing, tolerances)
-            verification.expected.append(replace(comparison, trial=trial.label))
-    verification.outputs = [worst[name] for name in output_names]
-    if not verification.passed and len(trials) > 1:
-        # A later trial may reach randomness the first did not (a branch only it takes).
-        require_deterministic(open_session(original, "original", provider), trials[1:], output_names, tolerances)
-    return verification
+            expected.append(replace(comparison, trial=trial.label))
+    return [worst[name] for name in reference.output_names if name in worst], expected
+
+
+def broken_outputs(reference: Reference, problem: str, tolerances: Tolerances) -> list[OutputComparison]:
+    """Every output of ``reference`` failed for ``problem`` (a folded model that could not
+    even be built): each element counts as out of tolerance."""
+    first = reference.outputs[0] if reference.outputs else []
+    return [_broken_output(name, value, problem, tolerances) for name, value in zip(reference.output_names, first)]
 
 
 def require_deterministic(

@@ -3,6 +3,7 @@ run the CLI in-process and check its one-line errors."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,17 @@ def assert_one_line_error(result: Result, exit_code: int, *fragments: str) -> No
     assert "Traceback" not in result.output and not isinstance(result.exception, AssertionError)
 
 
-def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model with every onnxruntime graph optimization disabled (no built-in BN fusion)."""
+def onnxruntime_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A session with every onnxruntime graph optimization disabled (no built-in BN fusion)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model with every onnxruntime graph optimization disabled (no built-in BN fusion)."""
+    return onnxruntime_session(model).run(None, feeds)
 
 
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
@@ -63,12 +68,15 @@ def fold_and_compare(
     tolerance: tuple[float, float] | None = None,
     atol_scales_with_output: bool = False,
     rules: RuleSet = RULES,
+    input_variants: Sequence[dict[str, np.ndarray]] = ({},),
 ) -> FoldCheck:
     """Fold a copy of ``model``; assert the checker passes and every output matches in onnxruntime.
 
     ``atol_scales_with_output`` multiplies atol by the output's largest magnitude (at
     least 1): in half precision the rounding error of every element is proportional to
     the magnitudes summed into it, which a fixed atol ignores for wide-range outputs.
+    The models are compared once per ``input_variants`` entry, whose values replace
+    generated ones (an If's condition forced each way, so that both branches run).
     """
     original = onnx.ModelProto()
     original.CopyFrom(model)
@@ -76,9 +84,21 @@ def fold_and_compare(
     folded.CopyFrom(model)
     outcome = fold_batchnorms(folded, rules)
     onnx.checker.check_model(folded, full_check=True)
-    feeds = generate_inputs(input_specs(original, shapes or {}), seed)
-    expected = run_onnxruntime(original, feeds)
-    actual = run_onnxruntime(folded, feeds)
+    generated = generate_inputs(input_specs(original, shapes or {}), seed)
+    sessions = onnxruntime_session(original), onnxruntime_session(folded)
+    worst = 0.0
+    for variant in input_variants:
+        feeds = {**generated, **variant}
+        worst = max(worst, _largest_difference(*sessions, feeds, tolerance, atol_scales_with_output))
+    return FoldCheck(original, folded, outcome, worst)
+
+
+def _largest_difference(original: ort.InferenceSession, folded: ort.InferenceSession,
+                        feeds: dict[str, np.ndarray], tolerance: tuple[float, float] | None,
+                        atol_scales_with_output: bool) -> float:
+    """Assert every output of the two models matches on ``feeds``; the largest |Δ| over finite elements."""
+    expected = original.run(None, feeds)
+    actual = folded.run(None, feeds)
     worst = 0.0
     for reference, candidate in zip(expected, actual, strict=True):
         assert reference.shape == candidate.shape and reference.dtype == candidate.dtype
@@ -91,7 +111,7 @@ def fold_and_compare(
         if both_finite.any():
             difference = candidate.astype(np.float64)[both_finite] - reference.astype(np.float64)[both_finite]
             worst = max(worst, float(np.max(np.abs(difference))))
-    return FoldCheck(original, folded, outcome, worst)
+    return worst
 
 
 def write_model_onnxruntime_cannot_run(path: Path) -> Path:

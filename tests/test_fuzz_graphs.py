@@ -2,15 +2,23 @@
 
 The strategy chains and branches Conv / ConvTranspose / Gemm / MatMul / BatchNormalization /
 Relu / Add / Flatten with random shapes, groups, strides, pads and dilations, in float32 and
-float16, with hostile BN statistics (tiny variance, large mean, zero scale), decomposed BNs
-(Mul → Add by per-channel constants), constants that broadcast one channel to several, and If
-nodes whose two branches both hold folds. The property: folding keeps the function (every If
-branch taken), every BatchNormalization left has a reason, a broadcasting Mul is never folded. The absolute
+float16, with hostile BN statistics (tiny variance, large mean, zero scale); per-channel Mul/Add
+chains (decomposed BNs) before and after layers; Mul/Add constants that *broadcast* one channel
+to many (``x[N,1,H,W]·c[1,C,1,1] + d`` around a Conv, ``x[N,1]·c[C] + d`` around a Gemm), which
+are not per-channel affines; and If nodes whose two branches both hold folds and read outer
+values and outer weights. The property: folding keeps the function, with the If condition
+forced both ways so that both branches run, every BatchNormalization left has a reason, and no
+node that broadcasts a channel is folded away. Loops run 0 to 2 times over bodies of the same
+blocks, an If nested in them or not. The absolute
 tolerance scales with the output's magnitude (see tests/support.py): the hostile statistics
 make outputs in the thousands next to elements near zero that come from cancellation, whose
 rounding error (in the original as much as in the folded model) is relative to the large
 terms. Folding bugs (a wrong axis, group or sign) give errors of the order of the values
 themselves and are still caught.
+
+A second property runs the whole pipeline on random models with an If or a Loop (an If nested in
+its body, or not): every body holding a fold is verified on its own (none withheld), and the
+model is equivalent.
 
 CI runs a few hundred cases; ``pytest --hypothesis-profile=long tests/test_fuzz_graphs.py``
 runs the long profile's count.
@@ -19,6 +27,8 @@ runs the long profile's count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnx
@@ -26,14 +36,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from bnfold.inputs import generate_inputs, input_specs
+from bnfold.options import VerifyOptions
+from bnfold.pipeline import FoldOptions, fold_file
 from sample_models.modelkit import GraphBuilder
-from tests.support import fold_and_compare, op_count
+from tests.support import fold_and_compare
 
 CI_EXAMPLES = 300
 # The active profile decides: at least the CI count, more under --hypothesis-profile=long.
 EXAMPLES = max(CI_EXAMPLES, settings().max_examples)
+# Whole-pipeline runs cost several onnxruntime sessions each: a tenth of the cases.
+PIPELINE_EXAMPLES = max(20, EXAMPLES // 10)
 MAX_SPATIAL = 12
+BN = "BatchNormalization"
 
 
 @dataclass
@@ -45,6 +59,13 @@ class Tensor4D:
     size: int
 
 
+class RealisticBuilder(GraphBuilder):
+    """A builder whose BNs get realistic statistics only, for the pipeline property: it checks that
+    bodies are extracted and verified with the command's default tolerances, which cannot judge
+    outputs in the thousands next to elements near zero that come from cancellation. Hostile
+    statistics are the first property's, whose tolerance scales with the output."""
+
+
 def hostile_batchnorm(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int) -> str:
     """A BN whose statistics include the numerically awkward cases real models have."""
     rng = b.rng
@@ -54,7 +75,8 @@ def hostile_batchnorm(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int) -
     # In half precision, amplifying statistics make the *original* model's own rounding
     # error (cancellation between large terms) larger than any fixed tolerance, so float16
     # graphs get realistic statistics; the overflow refusal has its own tests.
-    quirks = ["plain", "zero_gamma"] if b.dtype == np.float16 else ["plain", "tiny_var", "large_mean", "zero_gamma"]
+    realistic = b.dtype == np.float16 or isinstance(b, RealisticBuilder)
+    quirks = ["plain", "zero_gamma"] if realistic else ["plain", "tiny_var", "large_mean", "zero_gamma"]
     quirk = draw(st.sampled_from(quirks))
     if quirk == "tiny_var":
         var[rng.integers(channels)] = 1e-6
@@ -103,54 +125,63 @@ def random_conv_transpose(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tens
     return Tensor4D(name, out_per_group * group, out)
 
 
-def per_channel_scale(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int) -> str:
-    """``x * c + d`` by per-channel constants (``[1, C, 1, 1]`` or ``[C, 1, 1]``): a decomposed BN."""
-    shape = [1, channels, 1, 1] if draw(st.booleans()) else [channels, 1, 1]
-    scaled = b.node("Mul", [x, b.const("c", b.rng.uniform(0.5, 1.5, shape).astype(b.dtype))])
-    return b.node("Add", [scaled, b.random("d", shape)])
+SPREAD = "spread"
+"""Name prefix of a constant that broadcasts one channel to many: the node reading it must survive
+folding (it is not a per-channel affine of its data)."""
 
 
-def same_shape_fold(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
-    """A foldable block that keeps ``x``'s shape: Conv → BN, BN → Conv or Mul → Add → Conv."""
-    kind = draw(st.sampled_from(["conv_bn", "bn_conv", "scale_conv"]))
-    if kind == "conv_bn":
-        return hostile_batchnorm(draw, b, b.conv(x.name, x.channels, x.channels, (3, 3)), x.channels)
-    normalized = (hostile_batchnorm(draw, b, x.name, x.channels) if kind == "bn_conv"
-                  else per_channel_scale(draw, b, x.name, x.channels))
-    return b.conv(normalized, x.channels, x.channels, (1, 1), pads=[0, 0, 0, 0])
-
-
-def if_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
-    """An If whose two branches both hold folds, with their own weights (the condition is a
-    new graph input, which the property sets both ways)."""
-    cond = b.input(b.fresh("cond"), [], TensorProto.BOOL)
-    branches = []
-    for name in ("then", "else"):
-        with b.collecting() as (nodes, initializers):
-            y = same_shape_fold(draw, b, x)
-        declared = helper.make_tensor_value_info(y, b.elem_type, [2, x.channels, x.size, x.size])
-        branches.append(helper.make_graph(nodes, name, [], [declared], initializers))
-    return Tensor4D(b.node("If", [cond], then_branch=branches[0], else_branch=branches[1]), x.channels, x.size)
+def affine(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int, shape: list[int], *,
+           broadcast: bool = False) -> str:
+    """``x · scale + shift`` or ``(x + shift) · scale`` by constants of ``channels`` entries shaped
+    ``shape`` (e.g. [1, C, 1, 1] or [C]). With ``broadcast`` (``x`` has one channel), the first
+    node's constant is named as broadcasting: only that node spreads the channel; the second one is
+    an ordinary per-channel affine of the spread value."""
+    order = ("Mul", "Add") if draw(st.booleans()) else ("Add", "Mul")
+    y = x
+    for position, op in enumerate(order):
+        base = SPREAD if broadcast and position == 0 else ""
+        if op == "Mul":
+            constant = b.const(f"{base}scale", b.rng.uniform(0.5, 1.5, channels).reshape(shape).astype(b.dtype))
+        else:
+            constant = b.const(f"{base}shift", b.rng.normal(0, 0.5, channels).reshape(shape).astype(b.dtype))
+        y = b.node(op, [y, constant])
+    return y
 
 
 def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
-    """The channel mean times ``c[1, K, 1, 1]`` plus ``d``: constants that broadcast one
-    channel to K, which must never be folded as a per-channel affine."""
-    channels = draw(st.integers(2, 4))
-    mean = b.node("ReduceMean", [x.name], axes=[1], keepdims=1)
-    spread = b.node("Mul", [mean, b.random("c", [1, channels, 1, 1])])
-    return Tensor4D(b.node("Add", [spread, b.random("d", [1, channels, 1, 1])]), channels, x.size)
+    """One channel made into many by a broadcasting Mul/Add: ``y[N,1,H,W]·c[1,C,1,1] + d``, next to
+    a Conv before it (one output channel) or after it (C input channels). Not a per-channel affine
+    of ``y``: a fold that reads it as one drops the broadcast."""
+    channels = draw(st.integers(2, 5))
+    shape = draw(st.sampled_from([[1, channels, 1, 1], [channels, 1, 1]]))
+    if draw(st.booleans()):
+        single = b.conv(x.name, x.channels, 1, (1, 1), bias=draw(st.booleans()))
+    else:
+        single = b.node("ReduceMean", [x.name], axes=[1], keepdims=1)
+    spread = affine(draw, b, single, channels, shape, broadcast=True)
+    if draw(st.booleans()):
+        return Tensor4D(spread, channels, x.size)
+    return random_conv(draw, b, Tensor4D(spread, channels, x.size))
 
 
 def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn",
-                                 "if", "broadcast", "scale"]))
+                                 "conv_affine", "affine_conv", "scale", "broadcast", "if", "loop"]))
+    if kind == "scale":  # a decomposed BN on its own, folded into whatever follows, if anything
+        shape = [1, x.channels, 1, 1] if draw(st.booleans()) else [x.channels, 1, 1]
+        return Tensor4D(affine(draw, b, x.name, x.channels, shape), x.channels, x.size)
     if kind == "if":
-        return if_block(draw, b, x)
+        return random_if(draw, b, x)
+    if kind == "loop":
+        return random_loop(draw, b, x)
     if kind == "broadcast":
         return broadcast_block(draw, b, x)
-    if kind == "scale":
-        return Tensor4D(per_channel_scale(draw, b, x.name, x.channels), x.channels, x.size)
+    if kind == "conv_affine":
+        y = random_conv(draw, b, x)
+        return Tensor4D(affine(draw, b, y.name, y.channels, [y.channels, 1, 1]), y.channels, y.size)
+    if kind == "affine_conv":
+        scaled = affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1])
+        return random_conv(draw, b, Tensor4D(scaled, x.channels, x.size))
     if kind in ("conv_bn", "conv_bn_relu"):
         y = random_conv(draw, b, x)
         y = Tensor4D(hostile_batchnorm(draw, b, y.name, y.channels), y.channels, y.size)
@@ -174,12 +205,116 @@ def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
     return Tensor4D(b.node("Add", [branch, x.name]), x.channels, x.size)
 
 
+@dataclass
+class OuterWeights:
+    """A [C, C, 3, 3] Conv weight and C-channel BN parameters of the main graph, read in a branch."""
+
+    channels: int
+    weight: str
+    parameters: list[str]
+
+
+def same_size_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, outer: OuterWeights) -> Tensor4D:
+    """A block that keeps the spatial size (an If's branches must agree on their output's shape)."""
+    kind = draw(st.sampled_from(["conv_bn", "outer_conv_bn", "bn", "bn_bn", "relu", "conv_affine", "affine_conv",
+                                 "bn_conv"]))
+    if kind == "outer_conv_bn" and x.channels == outer.channels:
+        y = b.node("Conv", [x.name, outer.weight], pads=[1, 1, 1, 1])
+        return Tensor4D(b.node(BN, [y, *outer.parameters]), x.channels, x.size)
+    if kind in ("conv_bn", "outer_conv_bn", "conv_affine", "affine_conv", "bn_conv"):
+        kernel = draw(st.sampled_from([1, 3]))
+        source = x.name
+        if kind in ("affine_conv", "bn_conv"):
+            source = (affine(draw, b, x.name, x.channels, [1, x.channels, 1, 1]) if kind == "affine_conv"
+                      else hostile_batchnorm(draw, b, x.name, x.channels))
+            kernel = 1  # an unpadded Conv absorbs the affine before it
+        out = draw(st.integers(1, 4))
+        y = b.conv(source, x.channels, out, (kernel, kernel), pads=[kernel // 2] * 4, bias=draw(st.booleans()))
+        if kind == "conv_affine":
+            return Tensor4D(affine(draw, b, y, out, [out, 1, 1]), out, x.size)
+        return Tensor4D(y if kind in ("affine_conv", "bn_conv") else hostile_batchnorm(draw, b, y, out), out, x.size)
+    if kind == "bn":
+        return Tensor4D(hostile_batchnorm(draw, b, x.name, x.channels), x.channels, x.size)
+    if kind == "bn_bn":
+        y = hostile_batchnorm(draw, b, x.name, x.channels)
+        return Tensor4D(hostile_batchnorm(draw, b, y, x.channels), x.channels, x.size)
+    return Tensor4D(b.node("Relu", [x.name]), x.channels, x.size)
+
+
+def random_branch(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D, channels: int, outer: OuterWeights
+                  ) -> onnx.GraphProto:
+    """One If branch on the outer value ``x``: blocks, then Conv→BN to ``channels``."""
+    with b.collecting() as (nodes, initializers):
+        y = x
+        for _ in range(draw(st.integers(0, 2))):
+            y = same_size_block(draw, b, y, outer)
+        # Ends with Conv→BN to the If's channels: every branch holds a fold.
+        y = Tensor4D(hostile_batchnorm(draw, b, b.conv(y.name, y.channels, channels, (1, 1)), channels),
+                     channels, x.size)
+    output = helper.make_tensor_value_info(y.name, b.elem_type, ["N", channels, x.size, x.size])
+    return helper.make_graph(nodes, b.fresh("branch"), [], [output], initializers)
+
+
+def random_if(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """An If on the model's ``cond`` input whose two branches both hold folds."""
+    if not any(value.name == "cond" for value in b.inputs):
+        b.input("cond", [], TensorProto.BOOL)
+    channels = draw(st.integers(1, 4))
+    outer = OuterWeights(x.channels, b.random("W_outer", [x.channels, x.channels, 3, 3]),
+                         b.batchnorm_parameters(x.channels))
+    then_branch = random_branch(draw, b, x, channels, outer)
+    else_branch = random_branch(draw, b, x, channels, outer)
+    output = b.fresh("if_out")
+    b.nodes.append(helper.make_node("If", ["cond"], [output], name=b.fresh("if"),
+                                    then_branch=then_branch, else_branch=else_branch))
+    return Tensor4D(output, channels, x.size)
+
+
+def random_loop(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """A Loop run 0 to 2 times whose body adds the outer value ``x`` to its carried value, runs
+    blocks (an If among them, nested in the body) and ends with Conv→BN back to ``x``'s shape."""
+    trips = b.const("trips", np.array(draw(st.integers(0, 2)), dtype=np.int64))
+    keep_going = b.const("keep_going", np.array(True))
+    counter, condition, carried = b.fresh("i"), b.fresh("cond_in"), b.fresh("carried")
+    outer = OuterWeights(x.channels, b.random("W_outer", [x.channels, x.channels, 3, 3]),
+                         b.batchnorm_parameters(x.channels))
+    with b.collecting() as (nodes, initializers):
+        y = Tensor4D(b.node("Add", [carried, x.name]), x.channels, x.size)
+        for _ in range(draw(st.integers(0, 2))):
+            y = random_if(draw, b, y) if draw(st.booleans()) else same_size_block(draw, b, y, outer)
+        y = Tensor4D(hostile_batchnorm(draw, b, b.conv(y.name, y.channels, x.channels, (1, 1)), x.channels),
+                     x.channels, x.size)
+        keep = b.node("Identity", [condition])
+    shape = ["N", x.channels, x.size, x.size]
+    body = helper.make_graph(
+        nodes, b.fresh("body"),
+        [helper.make_tensor_value_info(counter, TensorProto.INT64, []),
+         helper.make_tensor_value_info(condition, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(carried, b.elem_type, shape)],
+        [helper.make_tensor_value_info(keep, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(y.name, b.elem_type, shape)],
+        initializers,
+    )
+    output = b.fresh("loop_out")
+    b.nodes.append(helper.make_node("Loop", [trips, keep_going, x.name], [output], name=b.fresh("loop"), body=body))
+    # Shape inference gives a Loop's carried outputs no shape; this Reshape (to the shape they
+    # have) lets the graph outputs after it declare one, as the checker wants.
+    return Tensor4D(b.node("Reshape", [output, b.node("Shape", [x.name])]), x.channels, x.size)
+
+
 def random_head(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
-    kind = draw(st.sampled_from(["none", "gemm_bn", "matmul_bn", "bn_gemm"]))
+    kind = draw(st.sampled_from(["none", "gemm_bn", "matmul_bn", "bn_gemm", "broadcast_gemm", "gemm_broadcast"]))
     if kind == "none":
         return x.name
     flat = b.node("Flatten", [b.node("GlobalAveragePool", [x.name])])
     out = draw(st.integers(1, 5))
+    spread = draw(st.integers(2, 5))
+    shape = draw(st.sampled_from([[spread], [1, spread]]))
+    if kind == "broadcast_gemm":  # x[N,1]·c[C] + d before a Gemm: not a per-channel affine of x
+        single = b.node("ReduceMean", [flat], axes=[1], keepdims=1)
+        return b.gemm(affine(draw, b, single, spread, shape, broadcast=True), spread, out)
+    if kind == "gemm_broadcast":  # a one-output Gemm whose output is then broadcast to C
+        return affine(draw, b, b.gemm(flat, x.channels, 1), spread, shape, broadcast=True)
     if kind == "gemm_bn":
         return hostile_batchnorm(draw, b, b.gemm(flat, x.channels, out, trans_b=int(draw(st.booleans()))), out)
     if kind == "matmul_bn":
@@ -200,43 +335,68 @@ def random_models(draw: st.DrawFn) -> onnx.ModelProto:
     return b.model(f"fuzz_{np.dtype(dtype).name}")
 
 
-def seeds_taking_every_branch(model: onnx.ModelProto) -> list[int]:
-    """Input seeds under which every If condition is seen both true and false (one seed when
-    the model has no If): each branch, and so each fold in it, is compared in onnxruntime."""
-    specs = input_specs(model, {})
-    conditions = [spec.name for spec in specs if spec.dtype == "bool"]
-    seen: dict[str, set[bool]] = {name: set() for name in conditions}
-    seeds = [0]
-    for seed in range(64):
-        feeds = generate_inputs(specs, seed)
-        if any(bool(feeds[name]) not in seen[name] for name in conditions):
-            seeds.append(seed)
-            for name in conditions:
-                seen[name].add(bool(feeds[name]))
-        if all(len(values) == 2 for values in seen.values()):
-            break
-    return sorted(set(seeds))
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of every body nested in it."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                nodes += all_nodes(attribute.g)
+    return nodes
 
 
-def all_op_count(model: onnx.ModelProto, op_type: str) -> int:
-    """How many ``op_type`` nodes the main graph and the If branches in it hold."""
-    branches = [attribute.g for node in model.graph.node for attribute in node.attribute
-                if attribute.type == onnx.AttributeProto.GRAPH]
-    return op_count(model, op_type) + sum(node.op_type == op_type for graph in branches for node in graph.node)
+def all_ops(graph: onnx.GraphProto) -> list[str]:
+    """Op types of ``graph`` and of every body nested in it."""
+    return [node.op_type for node in all_nodes(graph)]
+
+
+def condition_variants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], ...]:
+    """Both values of the If condition when the model has one, so that both branches run."""
+    if any(value.name == "cond" for value in model.graph.input):
+        return ({"cond": np.array(True)}, {"cond": np.array(False)})
+    return ({},)
 
 
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(model=random_models())
 def test_random_graphs_fold_to_equivalent_models(model: onnx.ModelProto) -> None:
-    batchnorms_before = all_op_count(model, "BatchNormalization")
-    for seed in seeds_taking_every_branch(model):
-        check = fold_and_compare(model, seed=seed, atol_scales_with_output=True)
-    left = all_op_count(check.folded, "BatchNormalization")
+    batchnorms_before = all_ops(model.graph).count(BN)
+    check = fold_and_compare(model, atol_scales_with_output=True, input_variants=condition_variants(model))
+    left = all_ops(check.folded.graph).count(BN)
     assert len(check.outcome.left) == left
     assert all(record.reason for record in check.outcome.left)
-    folded_batchnorms = sum(record.kind == "BatchNormalization" for record in check.outcome.folds)
+    folded_batchnorms = sum(record.kind == BN for record in check.outcome.folds)
     assert batchnorms_before - folded_batchnorms == left
-    # A Mul that broadcasts one channel to K is never folded away.
-    means = {node.output[0] for node in model.graph.node if node.op_type == "ReduceMean"}
-    broadcasts = {node.name for node in model.graph.node if node.op_type == "Mul" and node.input[0] in means}
-    assert broadcasts <= {node.name for node in check.folded.graph.node}
+    # The Mul or Add that broadcasts one channel to many is never folded away.
+    broadcasts = {node.name for node in all_nodes(model.graph) if any(n.startswith(SPREAD) for n in node.input)}
+    assert broadcasts <= {node.name for node in all_nodes(check.folded.graph)}
+
+
+@st.composite
+def random_body_models(draw: st.DrawFn) -> onnx.ModelProto:
+    """float32 models with an If whose branches hold folds, or a Loop (maybe with an If in its
+    body), among other blocks."""
+    b = RealisticBuilder(seed=draw(st.integers(0, 2**31 - 1)))
+    x = Tensor4D(b.input("x", ["N", draw(st.integers(1, 4)), 6, 6]), 0, 6)
+    x.channels = b.inputs[0].type.tensor_type.shape.dim[1].dim_value
+    if draw(st.booleans()):
+        x = random_block(draw, b, x)
+    x = random_loop(draw, b, x) if draw(st.booleans()) else random_if(draw, b, x)
+    b.output(random_head(draw, b, x))
+    return b.model("fuzz_bodies")
+
+
+@settings(max_examples=PIPELINE_EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(model=random_body_models(), batch=st.integers(1, 3))
+def test_random_bodies_are_verified_on_their_own(model: onnx.ModelProto, batch: int) -> None:
+    with TemporaryDirectory(prefix="bnfold-fuzz-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, str(path))
+        report = fold_file(path, FoldOptions(dry_run=True, verify_options=VerifyOptions(batch=batch)))
+    assert report.status == "equivalent", report.verification
+    verification = report.verification
+    assert verification.unverified_bodies == []
+    in_bodies = {fold.batchnorm.rsplit(" / ", 1)[0] for fold in report.folds if " / " in fold.batchnorm}
+    assert {body.label for body in verification.bodies} == in_bodies
+    assert all(body.passed for body in verification.bodies)

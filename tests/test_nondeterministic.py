@@ -141,22 +141,22 @@ def test_dropout_in_inference_mode_is_deterministic_and_folds_through(tmp_path: 
 
 
 def _randomness_in_a_branch_only_positive_inputs_take() -> onnx.ModelProto:
-    """If(sum(x) > 0): then Conv → BN → Add(RandomNormalLike), else Identity.
+    """Conv → BN, then noise from RandomNormalLike; If(sum(x) > 0): then BN + noise, else BN.
 
     onnxruntime seeds an unseeded random op the same way in every session of a process, but
-    not at every position in a graph: the BN folded out of the branch moves the random op,
-    so the original and the folded model draw different values only on the noisy branch.
+    not at every position in a graph: the BN folded before it moves the random op, so the
+    original and the folded model draw different values, which only the noisy branch adds.
+    The fold is in the main graph: a fold inside the noisy branch would not be applied at
+    all, since that branch, verified on its own, differs from itself.
     """
     b = GraphBuilder(seed=5)
     x = b.input("x", SHAPE)
     cond = b.node("Greater", [b.node("ReduceSum", [x], keepdims=0), b.const("zero", np.array(0.0, np.float32))])
-    with b.collecting() as (nodes, initializers):
-        y = b.batchnorm(b.conv(x, 4, 4), 4)
-        b.node("Add", [y, b.node("RandomNormalLike", [y])])
-    noisy = helper.make_graph(nodes, "then", [], [helper.make_tensor_value_info(nodes[-1].output[0],
-                                                                                TensorProto.FLOAT, SHAPE)],
-                              initializers)
-    quiet = helper.make_graph([helper.make_node("Identity", [x], ["else_out"])], "else", [],
+    y = b.batchnorm(b.conv(x, 4, 4), 4)
+    noise = b.node("RandomNormalLike", [y])
+    noisy = helper.make_graph([helper.make_node("Add", [y, noise], ["then_out"])], "then", [],
+                              [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, SHAPE)])
+    quiet = helper.make_graph([helper.make_node("Identity", [y], ["else_out"])], "else", [],
                               [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, SHAPE)])
     b.output(b.node("If", [cond], then_branch=noisy, else_branch=quiet))
     return b.model(opset=15)
