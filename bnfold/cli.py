@@ -184,10 +184,13 @@ def main() -> None:
 @click.option("--keep-failed", is_flag=True, help="Write the folded model even if verification fails.")
 @click.option("--exact-padding", is_flag=True,
               help="Also fold a BN into a following padded Conv, adding a per-position bias (static shapes only).")
+@click.option("--keep-overridable", is_flag=True,
+              help="Treat initializers also listed as graph inputs (IR 4+) as fed at run time and fold nothing "
+              "that reads them (by default they fold and leave the inputs).")
 @verification_options
 def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None, jobs: int, in_place: bool,
-         no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, json_path: str | None,
-         quiet: bool, **comparison: Any) -> None:
+         no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, keep_overridable: bool,
+         json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Fold every foldable BatchNormalization of each MODEL, verify, and write the result.
 
     A MODEL may be a folder: its *.onnx files are folded (recursively, skipping
@@ -201,7 +204,7 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
         raise click.UsageError("-o/--output and --output-dir cannot be combined")
     found = find_models(models)
     options = FoldOptions(in_place=in_place, verify=not no_verify, dry_run=dry_run,
-                          keep_failed=keep_failed, exact_padding=exact_padding,
+                          keep_failed=keep_failed, exact_padding=exact_padding, keep_overridable=keep_overridable,
                           verify_options=_verify_options(**comparison), report=_report_path(json_path))
     if len(models) == 1 and found == list(models):
         _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,

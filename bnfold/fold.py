@@ -57,6 +57,9 @@ class FoldOutcome:
     folds: list[FoldRecord] = field(default_factory=list)
     left: list[LeftRecord] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
+    overridable_inputs_removed: list[str] = field(default_factory=list)
+    """Initializers that were also graph inputs (IR 4+) and that folds replaced or removed, so
+    that they are no longer graph inputs: feeding them would not do what it did."""
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -154,12 +157,26 @@ def fold_batchnorms(
     model holds its new values itself.
     """
     run = _Run(rules, may_fold or (lambda _label: True), store or TensorStore(), FoldOutcome())
+    top = _index(run, model, model.graph)
+    overridable = [name for name in _input_names(model) if top.is_overridable(name)]
     _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
         _fold_function(run, model, function)
+    still_inputs = set(_input_names(model))
+    run.outcome.overridable_inputs_removed = [name for name in overridable if name not in still_inputs]
     if store is None:
         run.store.embed(model)
     return run.outcome
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    return [value.name for value in model.graph.input]
+
+
+def _index(run: _Run, model: onnx.ModelProto, graph: onnx.GraphProto, parent: GraphIndex | None = None) -> GraphIndex:
+    """An index of ``graph`` as this run sees it (its store, and its view of overridable inputs)."""
+    return GraphIndex(model, graph, parent=parent, store=run.store,
+                      keep_overridable=run.rules.options.keep_overridable)
 
 
 def _fold_scope(
@@ -168,14 +185,14 @@ def _fold_scope(
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
     _fold_graph(run, model, graph, parent, scope)
-    index = GraphIndex(model, graph, parent=parent, store=run.store)
+    index = _index(run, model, graph, parent)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
             _fold_scope(run, model, body, index, f"{scope}{describe(node)} {where} / ")
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
-        index = GraphIndex(model, graph, parent=parent, store=run.store)
+        index = _index(run, model, graph, parent)
         run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
 
 
@@ -219,7 +236,7 @@ def _fold_graph(
     would hold a second copy of every weight. The next pass picks up the rest.
     """
     while True:
-        graph = GraphIndex(model, graph_proto, parent=parent, store=run.store)
+        graph = _index(run, model, graph_proto, parent)
         candidates: list[FoldPlan] = []
         left: list[LeftRecord] = []
         planned_bytes = 0

@@ -123,12 +123,16 @@ class GraphIndex:
         *,
         parent: GraphIndex | None = None,
         store: TensorStore | None = None,
+        keep_overridable: bool = False,
     ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
         self.store: TensorStore = parent.store if parent is not None else (store or TensorStore())
         """Where the model's tensor values are read from and rewritten to."""
+        self.keep_overridable = parent.keep_overridable if parent is not None else keep_overridable
+        """Whether initializers that are also graph inputs count as fed at run time
+        (:meth:`is_runtime_input`); the user's ``--keep-overridable``."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -181,17 +185,35 @@ class GraphIndex:
     # -- constants ---------------------------------------------------------------------------
 
     def is_runtime_input(self, name: str) -> bool:
-        """True for a graph input the caller may feed at run time.
+        """True for a graph input the caller feeds at run time, which is therefore no constant.
 
-        From IR version 4 on, an initializer that is also listed as a graph input is
-        only a default and may be overridden, so it is not a constant. Before IR 4
-        every initializer had to be listed as an input and they were all constants.
+        An initializer that is also listed as a graph input is, from IR version 4 on, only a
+        default the caller may override (:meth:`is_overridable`). Older exporters (PyTorch 1.x)
+        list every weight that way without meaning it, so it counts as the constant it is in
+        practice; the rewrite then drops each one it replaces from the inputs. With
+        ``keep_overridable`` it counts as fed at run time. Before IR 4 every initializer had
+        to be listed as an input and they were all constants. A body's inputs are fed by the op
+        that runs it, whatever initializer shares their name.
         """
         if self.parent is not None and self.is_outer(name):
             return self.parent.is_runtime_input(name)
         if name not in self.graph_inputs:
             return False
-        return not (name in self.initializers and self.model.ir_version < 4)
+        if name not in self.initializers:
+            return True
+        if self.model.ir_version < 4:
+            return False
+        return self.parent is not None or self.keep_overridable
+
+    def is_overridable(self, name: str) -> bool:
+        """True for an initializer of the main graph that is also a graph input from IR 4 on:
+        a default value that a caller may replace by feeding the input."""
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.is_overridable(name)
+        return (
+            self.parent is None and self.model.ir_version >= 4
+            and name in self.initializers and name in self.graph_inputs
+        )
 
     def is_outer(self, name: str) -> bool:
         """True for a name this graph reads but does not define (an outer-scope value)."""
@@ -200,7 +222,7 @@ class GraphIndex:
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is fixed at export time, else ``None``.
 
-        Constant means: a (non-overridable) initializer, a Constant node, or a
+        Constant means: an initializer (see :meth:`is_runtime_input`), a Constant node, or a
         deterministic standard-domain node whose inputs are all constant (Identity,
         Cast, Reshape, Unsqueeze... as exporters emit around weights), evaluated
         with onnx's reference evaluator.

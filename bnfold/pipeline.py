@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -33,7 +33,7 @@ from bnfold.io.load import LoadedModel, check_model, load_model
 from bnfold.io.paths import RunFiles, validate_output_path
 from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
-from bnfold.rules import RULES, RuleSet, build_rules
+from bnfold.rules import RULES, RuleOptions, RuleSet
 from bnfold.verify import Verification, check_provider, verify_equivalence
 
 
@@ -46,6 +46,9 @@ class FoldOptions:
     keep_failed: bool = False
     exact_padding: bool = False
     """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
+    keep_overridable: bool = False
+    """Refuse folds that would replace an initializer also listed as a graph input (IR 4+), for
+    callers that really feed those inputs; by default they fold and leave the inputs."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     rules: RuleSet = RULES
     """The registry's rules unless given (tests pass their own to exercise error attribution)."""
@@ -55,10 +58,8 @@ class FoldOptions:
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
-        if self.exact_padding == self.rules.options.exact_padding:
-            return self.rules
-        return build_rules(exact_padding=self.exact_padding, backward=self.rules.backward,
-                           forward=self.rules.forward, movers=self.rules.movers)
+        wanted = RuleOptions(exact_padding=self.exact_padding, keep_overridable=self.keep_overridable)
+        return self.rules if wanted == self.rules.options else replace(self.rules, options=wanted)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class FoldReport:
     folds: list[FoldRecord]
     left: list[LeftRecord]
     removed_initializers: list[str]
+    overridable_inputs_removed: list[str]
+    """Initializers also listed as graph inputs that folds replaced or removed: they are no
+    longer inputs (``--keep-overridable`` refuses such folds instead)."""
     verification: Verification | None
     problem: str | None
     """A reason the folded model is unusable that is not a numeric mismatch."""
@@ -228,6 +232,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         folds=outcome.folds,
         left=outcome.left,
         removed_initializers=outcome.removed_initializers,
+        overridable_inputs_removed=outcome.overridable_inputs_removed,
         verification=verification,
         problem=problem,
         attribution=attribution,

@@ -238,6 +238,22 @@ def _headline(source: str, target: str, status: str) -> Text:
     return line
 
 
+NAMES_SHOWN = 5
+"""Names listed in a one-line summary of many (the JSON report has them all)."""
+
+
+def overridable_line(names: list[str]) -> Text:
+    """``3 overridable initializers folded and removed from the inputs: a, b, c``."""
+    shown = ", ".join(f"'{name}'" for name in names[:NAMES_SHOWN])
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    plural = "s" if len(names) != 1 else ""
+    return Text(
+        f"{len(names)} overridable initializer{plural} (also graph inputs) folded and removed from the inputs: "
+        f"{shown}{more} (--keep-overridable refuses such folds)",
+        style="yellow",
+    )
+
+
 def render_fold_report(report: FoldReport) -> Group:
     """The full human summary of one fold run."""
     if report.dry_run:
@@ -257,6 +273,8 @@ def render_fold_report(report: FoldReport) -> Group:
         folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
                       _measured(fold.max_rounding_error), "; ".join(fold.notes))
     parts.append(folds)
+    if report.overridable_inputs_removed:
+        parts.append(overridable_line(report.overridable_inputs_removed))
     if report.left:
         left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
         left.add_column("BatchNormalization")
@@ -303,9 +321,11 @@ def quiet_fold_line(report: FoldReport) -> str:
         culprits = "; broken by " + ", ".join(
             f"{'+'.join(g.batchnorms)} → {'+'.join(g.targets)}" for g in report.attribution.guilty
         )
+    removed = len(report.overridable_inputs_removed)
+    inputs = f"; {removed} overridable initializer{'s' * (removed != 1)} removed from the inputs" if removed else ""
     return (
         f"{report.input} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
-        f"BatchNormalization{_affines(report)}, {report.status}{_worst_error(report.verification)}{culprits}"
+        f"BatchNormalization{_affines(report)}, {report.status}{_worst_error(report.verification)}{inputs}{culprits}"
     )
 
 

@@ -4,7 +4,8 @@ The rewrite never overwrites a tensor that anything else reads. A weight used
 only by the folded node is replaced under its own name (the diff stays readable);
 a shared one is left intact for its other users and the folded node gets a new
 tensor, which is noted in the report. Initializers and constant-producing nodes
-that the folds left unused are removed; nothing else is.
+that the folds left unused are removed; nothing else is. An initializer that was also a graph
+input (IR 4+, an overridable default) leaves the inputs once a fold replaces or removes it.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def _apply_update(
     )
     if existing is not None and sole_reader:
         index.store.replace(existing, update.values)
+        if index.is_overridable(old_name):
+            # Fed at run time, the input would now replace the folded values: it is no longer one.
+            _delete_where(graph.input, lambda value: value.name == old_name)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor = _add_initializer(index, names.fresh(base), update.values)

@@ -58,6 +58,7 @@ LAST_RESORT: tuple[FoldRule, ...] = (BnMerge(),)
 def build_rules(
     *,
     exact_padding: bool = False,
+    keep_overridable: bool = False,
     backward: tuple[FoldRule, ...] = BACKWARD_RULES,
     forward: tuple[FoldRule, ...] = FORWARD_RULES,
     movers: tuple[Mover, ...] = MOVERS,
@@ -68,7 +69,8 @@ def build_rules(
         *forward, ThroughIntoConsumer(),
         *LAST_RESORT,
     )
-    return RuleSet(backward, forward, movers, order, RuleOptions(exact_padding=exact_padding))
+    return RuleSet(backward, forward, movers, order,
+                   RuleOptions(exact_padding=exact_padding, keep_overridable=keep_overridable))
 
 
 RULES = build_rules()

@@ -170,6 +170,10 @@ class RuleOptions:
 
     exact_padding: bool = False
     """Fold into a following padded Conv too, adding a per-position bias (``--exact-padding``)."""
+    keep_overridable: bool = False
+    """Initializers that are also graph inputs (IR 4+) count as fed at run time, so nothing that
+    reads them folds (``--keep-overridable``); by default they are the constants they are in
+    practice, and those a fold replaces leave the graph inputs."""
 
 
 class FoldRule(ABC):

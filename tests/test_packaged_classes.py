@@ -1,0 +1,120 @@
+"""Classes of models that real packages ship, one generator each, folded and checked in onnxruntime.
+
+Each generator builds random models of one class from a seed (the pattern as an exporter
+writes it, with random sizes, opsets and neighbours); the tests fold them and require every
+output to match in onnxruntime, exact counts of what is left, and the kind of reason for
+anything refused. The real models of each class are in tests/test_packaged_models.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from bnfold.rules import build_rules
+from sample_models.modelkit import GraphBuilder
+from tests.support import fold_and_compare, op_count, run_cli
+
+BN = "BatchNormalization"
+EXAMPLES = 15
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+@dataclass
+class Generated:
+    """A generated model and what an ideal fold leaves of it."""
+
+    model: onnx.ModelProto
+    batchnorms_left: int = 0
+    shapes: dict[str, tuple[int, ...]] | None = None
+
+
+# -- initializers that are also graph inputs (IR 4+; PyTorch 1.x lists every weight) -----------
+
+
+def overridable_weights(seed: int) -> Generated:
+    """Conv / ConvTranspose → BN blocks, every initializer also listed as a graph input (as
+    PyTorch 1.2 exports), sometimes a weight shared by two layers and a constant no fold reads."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 6))
+    x = b.input("x", [1, channels, 6, 6])
+    shared = b.random("W", [channels, channels, 1, 1]) if rng.random() < 0.5 else None
+    for _ in range(int(rng.integers(1, 4))):
+        if rng.random() < 0.5:
+            weight = shared or b.random("W", [channels, channels, 3, 3], scale=0.3)
+            x = b.node("Conv", [x, weight], pads=[0] * 4 if shared else [1] * 4)
+        else:
+            x = b.conv_transpose(x, channels, channels, (2, 2), strides=[1, 1], pads=[0, 0, 1, 1],
+                                 bias=bool(rng.random() < 0.5))
+        x = b.node("Relu", [b.batchnorm(x, channels)])
+    if rng.random() < 0.5:
+        x = b.node("Add", [x, b.random("offset", [1, channels, 1, 1])])
+    b.output(x)
+    model = b.model(opset=int(rng.choice([9, 11, 13])), ir_version=int(rng.integers(4, 9)))
+    declared = {value.name for value in model.graph.input}
+    model.graph.input.extend(
+        helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        for tensor in model.graph.initializer if tensor.name not in declared
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return Generated(model)
+
+
+def initializer_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_overridable_initializers_fold_and_only_the_replaced_ones_leave_the_inputs(seed: int) -> None:
+    generated = overridable_weights(seed)
+    check = fold_and_compare(generated.model)
+    assert op_count(check.folded, BN) == 0 and not check.outcome.left
+    before, after = initializer_values(check.original), initializer_values(check.folded)
+    inputs_before = [value.name for value in check.original.graph.input]
+    inputs_after = {value.name for value in check.folded.graph.input}
+    removed = [name for name in inputs_before if name not in inputs_after]
+    assert check.outcome.overridable_inputs_removed == removed
+    assert removed and all(name in before for name in removed)
+    # Every initializer still listed as an input holds its original value: feeding it still
+    # means what it meant. Each one removed was replaced or dropped.
+    for name in inputs_after & set(after):
+        np.testing.assert_array_equal(after[name], before[name])
+    for name in removed:
+        assert name not in after or after[name].shape != before[name].shape or not np.array_equal(
+            after[name], before[name])
+
+
+@settings(max_examples=5)
+@given(seed=seeds)
+def test_keep_overridable_refuses_every_fold_that_reads_them(seed: int) -> None:
+    generated = overridable_weights(seed)
+    check = fold_and_compare(generated.model, rules=build_rules(keep_overridable=True))
+    assert not check.outcome.folds and not check.outcome.overridable_inputs_removed
+    assert check.folded.SerializeToString() == check.original.SerializeToString()
+    assert all("--keep-overridable" in left.reason for left in check.outcome.left)
+
+
+def test_cli_reports_the_overridable_inputs_removed_and_check_compares_the_two_models(tmp_path: Path) -> None:
+    original = tmp_path / "exported.onnx"
+    onnx.save(overridable_weights(3).model, str(original))
+    report = tmp_path / "report.json"
+    result = run_cli(original, "--json", report)
+    assert result.exit_code == 0, result.output
+    document = json.loads(report.read_text())
+    removed = document["overridable_inputs_removed"]
+    folded = onnx.load(str(tmp_path / "exported.folded.onnx"))
+    assert removed and not set(removed) & {value.name for value in folded.graph.input}
+    assert "overridable initializer" in result.stdout
+    assert run_cli("check", original, tmp_path / "exported.folded.onnx").exit_code == 0
+    kept = run_cli(original, "--keep-overridable", "-o", tmp_path / "kept.onnx", "-q")
+    assert kept.exit_code == 0 and "folded 0 of" in kept.stdout and "overridable" not in kept.stdout
+
