@@ -118,3 +118,49 @@ def test_cli_reports_the_overridable_inputs_removed_and_check_compares_the_two_m
     kept = run_cli(original, "--keep-overridable", "-o", tmp_path / "kept.onnx", "-q")
     assert kept.exit_code == 0 and "folded 0 of" in kept.stdout and "overridable" not in kept.stdout
 
+
+
+# -- BN → 1×1 Conv with auto_pad=SAME_* on symbolic sizes ---------------------------------------
+
+
+def same_padded_pointwise(seed: int) -> Generated:
+    """A BN (or a Mul/Add by [C, 1, 1]) before a Conv whose kernel is 1 on every axis, with
+    ``auto_pad`` SAME_UPPER or SAME_LOWER and any strides, on symbolic spatial sizes (dilations
+    stay 1: onnxruntime runs no dilated SAME Conv, and a size-1 kernel never dilates)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels, out_channels = int(rng.integers(2, 6)), int(rng.integers(1, 5))
+    rank = int(rng.choice([3, 4]))
+    x = b.input("x", ["N", channels, *(f"D{axis}" for axis in range(rank - 2))])
+    y = b.node("Relu", [x])
+    if rng.random() < 0.5:
+        y = b.batchnorm(y, channels)
+    else:
+        shape = [channels] + [1] * (rank - 2)
+        y = b.node("Add", [b.node("Mul", [y, b.random("m", shape)]), b.random("a", shape)])
+    group = channels if rng.random() < 0.3 else 1
+    out_channels = channels if group > 1 else out_channels
+    kernel = [1] * (rank - 2)
+    auto_pad = str(rng.choice(["SAME_UPPER", "SAME_LOWER"]))
+    b.output(b.conv(y, channels, out_channels, kernel, group=group, auto_pad=auto_pad,
+                    strides=[int(s) for s in rng.integers(1, 4, rank - 2)]))
+    sizes = tuple(int(n) for n in rng.integers(1, 12, rank - 2))
+    return Generated(b.model(), shapes={"x": (int(rng.integers(1, 3)), channels, *sizes)})
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_affine_before_a_pointwise_same_conv_folds_on_symbolic_sizes(seed: int) -> None:
+    generated = same_padded_pointwise(seed)
+    check = fold_and_compare(generated.model, shapes=generated.shapes)
+    assert [fold.rule for fold in check.outcome.folds] == ["bn-conv"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Relu", "Conv"]
+
+
+def test_a_same_conv_with_a_wider_kernel_on_symbolic_sizes_stays_refused() -> None:
+    b = GraphBuilder(seed=1)
+    y = b.batchnorm(b.node("Relu", [b.input("x", ["N", 3, "H", "W"])]), 3)
+    b.output(b.conv(y, 3, 4, (1, 3), auto_pad="SAME_UPPER"))
+    check = fold_and_compare(b.model(), shapes={"x": (1, 3, 5, 7)})
+    (left,) = check.outcome.left
+    assert "pads its input" in left.reason
