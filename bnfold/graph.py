@@ -148,6 +148,11 @@ class GraphIndex:
         self.initializers: dict[str, onnx.TensorProto] = {
             tensor.name: tensor for tensor in self.graph.initializer
         }
+        self.sparse_initializers: dict[str, onnx.SparseTensorProto] = {
+            sparse.values.name: sparse for sparse in self.graph.sparse_initializer
+        }
+        """Initializers stored sparse (named by their values tensor): constants like the others,
+        read dense (:meth:`~bnfold.io.store.TensorStore.read_sparse`)."""
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
@@ -199,7 +204,7 @@ class GraphIndex:
             return self.parent.is_runtime_input(name)
         if name not in self.graph_inputs:
             return False
-        if name not in self.initializers:
+        if not self.has_initializer(name):
             return True
         if self.model.ir_version < 4:
             return False
@@ -212,12 +217,16 @@ class GraphIndex:
             return self.parent.is_overridable(name)
         return (
             self.parent is None and self.model.ir_version >= 4
-            and name in self.initializers and name in self.graph_inputs
+            and self.has_initializer(name) and name in self.graph_inputs
         )
+
+    def has_initializer(self, name: str) -> bool:
+        """Whether this graph stores a value for ``name``, dense or sparse."""
+        return name in self.initializers or name in self.sparse_initializers
 
     def is_outer(self, name: str) -> bool:
         """True for a name this graph reads but does not define (an outer-scope value)."""
-        return name not in self._producer and name not in self.initializers and name not in self.graph_inputs
+        return name not in self._producer and not self.has_initializer(name) and name not in self.graph_inputs
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is fixed at export time, else ``None``.
@@ -230,7 +239,7 @@ class GraphIndex:
         if name in self._constants:
             return self._constants[name]
         value = self._compute_constant(name)
-        if name not in self.initializers:  # weights are re-read rather than held
+        if not self.has_initializer(name):  # weights are re-read rather than held
             self._constants[name] = value
         return value
 
@@ -241,6 +250,8 @@ class GraphIndex:
             return self.parent.constant_value(name)
         if name in self.initializers:
             return self.store.read(self.initializers[name])
+        if name in self.sparse_initializers:
+            return self.store.read_sparse(self.sparse_initializers[name])
         node = self.producer_of(name)
         if node is None or not is_standard(node) or node.op_type in NONDETERMINISTIC_OPS:
             return None
@@ -297,7 +308,7 @@ class GraphIndex:
         if self._shapes is None:
             self._shapes = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model)).graph
+                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model, dense_sparse=True)).graph
             except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
                 inferred = self.graph
             for value in (*inferred.input, *inferred.output, *inferred.value_info):
@@ -307,6 +318,7 @@ class GraphIndex:
                         for dim in value.type.tensor_type.shape.dim
                     )
             self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
+            self._shapes.update((name, tuple(sparse.dims)) for name, sparse in self.sparse_initializers.items())
         return self._shapes.get(name)
 
     def rank_of(self, name: str) -> int | None:

@@ -164,3 +164,69 @@ def test_a_same_conv_with_a_wider_kernel_on_symbolic_sizes_stays_refused() -> No
     check = fold_and_compare(b.model(), shapes={"x": (1, 3, 5, 7)})
     (left,) = check.outcome.left
     assert "pads its input" in left.reason
+
+
+# -- weights stored as sparse initializers ------------------------------------------------------
+
+
+def as_sparse(model: onnx.ModelProto, name: str, coordinates: bool) -> None:
+    """Move initializer ``name`` to ``sparse_initializer``, with linear or coordinate indices."""
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    dense = numpy_helper.to_array(tensor)
+    flat = np.flatnonzero(dense)
+    indices = np.stack(np.unravel_index(flat, dense.shape), axis=1) if coordinates else flat
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.reshape(-1)[flat], name),
+                                       numpy_helper.from_array(indices.astype(np.int64), f"{name}_indices"),
+                                       list(dense.shape))
+    model.graph.initializer.remove(tensor)
+    model.graph.sparse_initializer.append(sparse)
+
+
+def sparse_weights(seed: int) -> Generated:
+    """Conv / Gemm / MatMul → BN whose weight (and sometimes a BN parameter) is a sparse
+    initializer, pruned to a random density; sometimes the weight is shared by two layers, and
+    sometimes a Conv's BN is a Mul/Add by [C, 1, 1] (read only when shapes are inferred)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 6))
+    kind = str(rng.choice(["Conv", "Gemm", "MatMul"]))
+    shared = rng.random() < 0.3
+    if kind == "Conv":
+        x = b.input("x", [1, channels, 5, 5])
+        weight = b.random("W", [channels, channels, 3, 3], scale=0.3)
+        layers = [b.node("Conv", [x, weight], pads=[1] * 4) for _ in range(1 + shared)]
+    else:
+        x = b.input("x", [3, channels])
+        weight = b.random("W", [channels, channels])
+        layers = [b.node(kind, [x, weight]) for _ in range(1 + shared)]
+    decomposed = kind == "Conv" and rng.random() < 0.5
+    for layer in layers:
+        if decomposed:
+            shape = [channels, 1, 1]
+            b.output(b.node("Add", [b.node("Mul", [layer, b.random("m", shape)]), b.random("a", shape)]))
+        else:
+            b.output(b.batchnorm(layer, channels))
+    model = b.model(ir_version=int(rng.integers(6, 9)))
+    pruned = next(t for t in model.graph.initializer if t.name == weight)
+    values = numpy_helper.to_array(pruned).copy()
+    values[rng.random(values.shape) < rng.uniform(0.2, 0.9)] = 0
+    pruned.CopyFrom(numpy_helper.from_array(values, weight))
+    as_sparse(model, weight, coordinates=bool(rng.random() < 0.5))
+    if rng.random() < 0.5:
+        as_sparse(model, model.graph.node[-1].input[1], coordinates=False)  # the last BN's scale, or Add's
+    del model.graph.value_info[:]  # as exporters write it: shapes come from inference
+    onnx.checker.check_model(model)  # shape inference (full_check) types a sparse initializer as sparse
+    return Generated(model)
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_sparse_weights_fold_and_are_written_dense(seed: int) -> None:
+    generated = sparse_weights(seed)
+    check = fold_and_compare(generated.model)
+    assert op_count(check.folded, BN) == op_count(check.folded, "Mul") == 0 and not check.outcome.left
+    assert len(check.outcome.folds) == sum(node.op_type in (BN, "Mul") for node in check.original.graph.node)
+    layers = [node for node in check.folded.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    dense = {tensor.name for tensor in check.folded.graph.initializer}
+    assert all(layer.input[1] in dense for layer in layers)
+    assert not check.folded.graph.sparse_initializer
