@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
+from bnfold.graph import GraphIndex
 from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count, run_cli
@@ -230,3 +231,124 @@ def test_sparse_weights_fold_and_are_written_dense(seed: int) -> None:
     dense = {tensor.name for tensor in check.folded.graph.initializer}
     assert all(layer.input[1] in dense for layer in layers)
     assert not check.folded.graph.sparse_initializer
+
+
+# -- scalar Mul/Add/Sub/Div next to a layer (PP-LCNetV3's learnable affine, the DB head's bias) ---
+
+SCALAR_SHAPES = ([], [1], [1, 1], [1, 1, 1, 1])
+
+
+def scalar(b: GraphBuilder, rng: np.random.Generator, rank: int) -> str:
+    """A one-element constant of a random shape no longer than ``rank``, away from zero."""
+    shape = [s for s in SCALAR_SHAPES if len(s) <= rank][int(rng.integers(0, 2 + (rank >= 4)))]
+    value = rng.uniform(0.3, 1.5) * rng.choice([-1.0, 1.0])
+    return b.const("k", np.full(shape, value, np.float32), as_node=bool(rng.random() < 0.3))
+
+
+def scalar_chain(b: GraphBuilder, rng: np.random.Generator, x: str, rank: int) -> str:
+    """One to three scalar Mul/Add/Sub/Div in a row, the constant on either side (``c / x`` excluded)."""
+    for _ in range(int(rng.integers(1, 4))):
+        op = str(rng.choice(["Mul", "Add", "Sub", "Div"]))
+        c = scalar(b, rng, rank)
+        x = b.node(op, [c, x] if op != "Div" and rng.random() < 0.5 else [x, c])
+    return x
+
+
+def learnable_affine(seed: int) -> Generated:
+    """A layer followed by scalar arithmetic (PP-LCNetV3: ``Conv → Mul(s) → Add(t) → act``), or
+    scalar arithmetic on the input of an unpadded layer (``x / 255 - 0.5 → Conv``), sometimes with
+    a BN between the layer and the scalars."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(1, 6))
+    kind = str(rng.choice(["Conv", "ConvTranspose", "Gemm", "MatMul", "forward-Conv", "forward-MatMul"]))
+    if kind.startswith("forward"):
+        rank = 4 if kind == "forward-Conv" else int(rng.choice([2, 3]))
+        x = b.input("x", [1, channels, 5, 5] if rank == 4 else [2, 3, channels][-rank:])
+        y = scalar_chain(b, rng, b.node("Relu", [x]), rank)
+        if kind == "forward-Conv":
+            y = b.conv(y, channels, 3, (1, 1), pads=[0] * 4)
+        else:
+            y = b.node("MatMul", [y, b.random("W", [channels, 3])])
+        b.output(b.node("Relu", [y]))
+        return Generated(b.model())
+    rank = 4 if kind.startswith("Conv") else int(rng.choice([2, 3])) if kind == "MatMul" else 2
+    if kind == "Conv":
+        x = b.input("x", ["N", 3, "H", "W"])
+        y = b.conv(x, 3, channels, (3, 3), bias=bool(rng.random() < 0.5))
+    elif kind == "ConvTranspose":
+        x = b.input("x", ["N", 3, "H", "W"])
+        y = b.conv_transpose(x, 3, channels, (2, 2), strides=[2, 2], bias=bool(rng.random() < 0.5))
+    elif kind == "Gemm":
+        y = b.gemm(b.input("x", ["N", 4]), 4, channels, bias=bool(rng.random() < 0.5))
+    else:
+        x = b.input("x", ["N", 4] if rank == 2 else ["N", "T", 4])
+        y = b.node("MatMul", [x, b.random("W", [4, channels])])
+        if rng.random() < 0.5:
+            y = b.node("Add", [y, b.random("bias", [channels])])
+    if rng.random() < 0.3 and rank in (2, 4):
+        y = b.batchnorm(y, channels)
+    b.output(b.node(str(rng.choice(["Relu", "Sigmoid", "HardSigmoid"])), [scalar_chain(b, rng, y, rank)]))
+    shapes = {"x": (2, 3, 4, 6)} if kind.startswith("Conv") else {"x": (2, 4) if rank == 2 else (2, 3, 4)}
+    return Generated(b.model(), shapes=shapes)
+
+
+def arithmetic_count(model: onnx.ModelProto) -> int:
+    return sum(op_count(model, op) for op in ("Mul", "Add", "Sub", "Div"))
+
+
+@settings(max_examples=40)
+@given(seed=seeds)
+def test_scalar_arithmetic_next_to_a_layer_folds_into_it(seed: int) -> None:
+    generated = learnable_affine(seed)
+    check = fold_and_compare(generated.model, shapes=generated.shapes)
+    assert op_count(check.folded, BN) == 0
+    # What may stay: one bias Add (or Sub) right after a MatMul, which has no bias input.
+    graph = GraphIndex(check.folded)
+    left = [node for node in graph.nodes if node.op_type in ("Mul", "Add", "Sub", "Div")]
+    after = [[graph.producer_of(name) for name in node.input if graph.producer_of(name)] for node in left]
+    assert all(node.op_type in ("Add", "Sub") for node in left)
+    assert all(len(producers) == 1 and producers[0].op_type == "MatMul" for producers in after)
+    assert len({producers[0].output[0] for producers in after}) == len(left)
+    scalar_folds = [fold for fold in check.outcome.folds if fold.kind != BN]
+    assert all(fold.notes[0].startswith("scalar ") for fold in scalar_folds)
+    assert scalar_folds or arithmetic_count(check.original) == 1  # a lone bias of a MatMul stays as it is
+
+
+def db_head(seed: int) -> Generated:
+    """paddle2onnx's DB head output: ``ConvTranspose(W [C, 1, 2, 2], no bias) → Add([1, 1, 1, 1]) →
+    Sigmoid``, the one output channel's bias as a scalar-shaped constant."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 9))
+    x = b.node("Relu", [b.input("x", ["N", channels, "H", "W"])])
+    y = b.conv_transpose(x, channels, 1, (2, 2), strides=[2, 2], bias=False)
+    b.output(b.node("Sigmoid", [b.node("Add", [y, b.random("bias", [1, 1, 1, 1])])]))
+    return Generated(b.model(), shapes={"x": (1, channels, 3, 5)})
+
+
+@settings(max_examples=5)
+@given(seed=seeds)
+def test_the_bias_of_a_one_channel_output_folds_into_its_layer(seed: int) -> None:
+    generated = db_head(seed)
+    check = fold_and_compare(generated.model, shapes=generated.shapes)
+    assert [node.op_type for node in check.folded.graph.node] == ["Relu", "ConvTranspose", "Sigmoid"]
+    assert [fold.rule for fold in check.outcome.folds] == ["convtranspose-bn"]
+
+
+def test_scalar_arithmetic_nothing_can_absorb_is_left_alone() -> None:
+    """A scalar whose layer output has other readers, between two activations, of higher rank
+    than the data, or on data whose channel count is unknown: the model is unchanged."""
+    b = GraphBuilder(seed=1)
+    x = b.input("x", ["N", "C", 4, 4])
+    conv = b.conv(b.input("y", [1, 3, 4, 4]), 3, 4)
+    b.output(b.node("Mul", [conv, b.const("k", np.float32(0.5))]))
+    b.output(b.node("Sigmoid", [conv]))
+    b.output(b.node("Relu", [b.node("Add", [b.node("Relu", [conv]), b.const("k", np.float32(0.1))])]))
+    b.output(b.node("Mul", [b.node("MatMul", [b.input("v", [2, 3]), b.random("W", [3, 4])]),
+                            b.const("k", np.ones([1, 1, 1], np.float32))]))
+    b.output(b.conv(b.node("Mul", [b.node("Relu", [x]), b.const("k", np.float32(2.0))]), 3, 3, (1, 1), pads=[0] * 4))
+    model = b.model()
+    check = fold_and_compare(model, shapes={"x": (1, 3, 4, 4)})
+    assert not check.outcome.folds
+    assert check.folded.SerializeToString() == model.SerializeToString()

@@ -10,7 +10,8 @@ A new pattern is one module and one line here:
   ``MOVERS``; the travelling rules then cross it in both directions, in chains, for every
   layer rule;
 * another form of affine map (like the Mul/Add chains tf2onnx writes): a reader in
-  ``AFFINE_READERS``.
+  ``AFFINE_READERS``; if the rules need it restated first (a scalar affine repeated over a
+  layer's channels), a rule in ``RESTATING``.
 
 Backward folds come first, so that an affine between two layers folds into the one before it;
 forward folds follow; merging into an earlier BatchNormalization is the last resort.
@@ -41,9 +42,13 @@ from bnfold.rules.plan import (
     TensorUpdate,
 )
 from bnfold.rules.travel import ThroughIntoConsumer, ThroughIntoProducer
+from bnfold.rules.uniform import UniformAffine, read_uniform_affine
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
-AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
+AFFINE_READERS = (read_batchnorm, read_decomposed_affine, read_uniform_affine)
+
+# Tried first: they restate an affine (a scalar one, over a layer's channels) for the other rules.
+RESTATING: tuple[FoldRule, ...] = (UniformAffine(),)
 
 BACKWARD_RULES: tuple[FoldRule, ...] = (ConvBn(), GemmBn(), ConvTransposeBn(), MatMulBn(), MatMulAddBn())
 
@@ -65,6 +70,7 @@ def build_rules(
 ) -> RuleSet:
     """The rule set of a run, with the user's options; the registry's rules unless given."""
     order = (
+        *RESTATING,
         *backward, ThroughIntoProducer(),
         *forward, ThroughIntoConsumer(),
         *LAST_RESORT,
@@ -77,6 +83,6 @@ RULES = build_rules()
 """The default rule set."""
 
 __all__ = [
-    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MOVERS", "RULES", "Affine", "FoldPlan",
-    "FoldRule", "Mover", "Refusal", "RuleOptions", "RuleSet", "TensorUpdate", "build_rules",
+    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MOVERS", "RESTATING", "RULES", "Affine",
+    "FoldPlan", "FoldRule", "Mover", "Refusal", "RuleOptions", "RuleSet", "TensorUpdate", "build_rules",
 ]

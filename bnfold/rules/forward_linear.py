@@ -85,6 +85,8 @@ def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: Gr
     new_weight = scaled_weight(matmul, 1, weight, fold_math.axis_factor(s, 2, axis=0))
     if isinstance(new_weight, Refusal):
         return new_weight
+    if not np.any(t):
+        return Absorbed([new_weight])  # a scale alone (a Mul): nothing to add after the MatMul
     shift = added_bias(matmul, fold_math.linear_offset(weight, t, input_axis=0), weight.dtype, "bias")
     if isinstance(shift, Refusal):
         return shift
