@@ -281,7 +281,7 @@ def _fold_graph(
                     target_label,
                     plan.rule,
                     plan.direction,
-                    tuple(plan.notes),
+                    tuple(note for note in (plan.affine.note, *plan.notes) if note),
                     _largest([update.relative_change for update in plan.updates]),
                     _largest([update.rounding_error for update in plan.updates]
                              + [added.rounding_error for added in plan.added_biases]),

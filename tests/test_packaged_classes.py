@@ -303,13 +303,7 @@ def test_scalar_arithmetic_next_to_a_layer_folds_into_it(seed: int) -> None:
     generated = learnable_affine(seed)
     check = fold_and_compare(generated.model, shapes=generated.shapes)
     assert op_count(check.folded, BN) == 0
-    # What may stay: one bias Add (or Sub) right after a MatMul, which has no bias input.
-    graph = GraphIndex(check.folded)
-    left = [node for node in graph.nodes if node.op_type in ("Mul", "Add", "Sub", "Div")]
-    after = [[graph.producer_of(name) for name in node.input if graph.producer_of(name)] for node in left]
-    assert all(node.op_type in ("Add", "Sub") for node in left)
-    assert all(len(producers) == 1 and producers[0].op_type == "MatMul" for producers in after)
-    assert len({producers[0].output[0] for producers in after}) == len(left)
+    assert_only_matmul_biases_left(check.folded)
     scalar_folds = [fold for fold in check.outcome.folds if fold.kind != BN]
     assert all(fold.notes[0].startswith("scalar ") for fold in scalar_folds)
     assert scalar_folds or arithmetic_count(check.original) == 1  # a lone bias of a MatMul stays as it is
@@ -352,3 +346,221 @@ def test_scalar_arithmetic_nothing_can_absorb_is_left_alone() -> None:
     check = fold_and_compare(model, shapes={"x": (1, 3, 4, 4)})
     assert not check.outcome.folds
     assert check.folded.SerializeToString() == model.SerializeToString()
+
+
+# -- chains of pass-through nodes, in either direction -------------------------------------------
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def assert_only_matmul_biases_left(model: onnx.ModelProto) -> None:
+    """No BN and no arithmetic left, but one bias Add (or Sub) right after a MatMul, which has
+    no bias input of its own."""
+    graph = GraphIndex(model)
+    assert op_count(model, BN) == 0
+    left = [node for node in graph.nodes if node.op_type in ("Mul", "Add", "Sub", "Div")]
+    after = [[graph.producer_of(name) for name in node.input if graph.constant_value(name) is None] for node in left]
+    assert all(node.op_type in ("Add", "Sub") for node in left)
+    assert all(len(producers) == 1 and producers[0] and producers[0].op_type == "MatMul" for producers in after)
+    assert len({producers[0].output[0] for producers in after}) == len(left)
+
+
+def db_head_identities(seed: int) -> Generated:
+    """paddle2onnx 2.x's DB head: ``ConvTranspose → Identity → Add(bias [1, C, 1, 1]) → Identity →
+    BN → Relu``, with one to three Identity / inference Dropout nodes at each place."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 6))
+    opset = int(rng.choice([11, 14, 17]))
+
+    def passes(y: str) -> str:
+        for _ in range(int(rng.integers(1, 4))):
+            y = b.node(str(rng.choice(["Identity", "Dropout"])), [y])
+        return y
+
+    y = b.conv_transpose(b.input("x", ["N", 3, "H", "W"]), 3, channels, (2, 2), strides=[2, 2], bias=False)
+    y = passes(b.node("Add", [passes(y), b.random("bias", [1, channels, 1, 1])]))
+    b.output(b.node("Relu", [b.batchnorm(y, channels)]))
+    return Generated(b.model(opset=opset), shapes={"x": (1, 3, 3, 4)})
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_db_head_bias_and_batchnorm_fold_through_identities(seed: int) -> None:
+    generated = db_head_identities(seed)
+    check = fold_and_compare(generated.model, shapes=generated.shapes)
+    assert op_count(check.folded, BN) == op_count(check.folded, "Add") == 0
+    assert [fold.kind for fold in check.outcome.folds] == ["Add", BN]
+    assert all(fold.target.startswith(("Identity", "Dropout")) for fold in check.outcome.folds)
+
+
+def squeezed_conv1d(seed: int) -> Generated:
+    """``Conv(2-D, H = 1) → Squeeze(H) → Transpose(NCL → NLC) → Mul([C]) → Add([C])``, a Conv1D
+    as exporters write it with a decomposed BN on the channels-last side."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels, opset = int(rng.integers(2, 6)), int(rng.choice([11, 13, 17]))
+    y = b.conv(b.input("x", [1, 3, 1, 7]), 3, channels, (1, 3), pads=[0, 1, 0, 1])
+    axes = {"axes": [2]} if opset < 13 else {}
+    inputs = [y] if opset < 13 else [y, b.const("axes", np.array([2], np.int64))]
+    y = b.node("Transpose", [b.node("Squeeze", inputs, **axes)], perm=[0, 2, 1])
+    y = b.node("Add", [b.node("Mul", [y, b.random("m", [channels])]), b.random("a", [channels])])
+    b.output(b.node("Relu", [y]))
+    return Generated(b.model(opset=opset))
+
+
+@settings(max_examples=5)
+@given(seed=seeds)
+def test_channels_last_affine_after_squeeze_and_transpose_folds_into_the_conv(seed: int) -> None:
+    check = fold_and_compare(squeezed_conv1d(seed).model)
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Squeeze", "Transpose", "Relu"]
+    assert [fold.rule for fold in check.outcome.folds] == ["conv-bn through Squeeze, Transpose"]
+    assert not any("LayerNorm" in note for note in check.outcome.folds[0].notes)
+
+
+class Layout:
+    """A value's shape as a chain is built, and which of its axes holds the channels."""
+
+    def __init__(self, shape: list[int], axis: int) -> None:
+        self.shape, self.axis = shape, axis
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+def pass_through(b: GraphBuilder, rng: np.random.Generator, y: str, layout: Layout, opset: int) -> str:
+    """One node that moves or passes values: Identity, inference Dropout, Transpose, Unsqueeze, or
+    Squeeze of a size-1 axis other than the channels'."""
+    ones = [axis for axis, size in enumerate(layout.shape) if size == 1 and axis != layout.axis]
+    kinds = ["Identity", "Dropout", "Transpose"] + (["Unsqueeze"] if layout.rank < 5 else []) + (
+        ["Squeeze"] if ones and layout.rank > 2 else [])
+    kind = str(rng.choice(kinds))
+    if kind in ("Identity", "Dropout"):
+        return b.node(kind, [y])
+    if kind == "Transpose":
+        perm = [int(axis) for axis in rng.permutation(layout.rank)]
+        layout.shape, layout.axis = [layout.shape[axis] for axis in perm], perm.index(layout.axis)
+        return b.node("Transpose", [y], perm=perm)
+    if kind == "Unsqueeze":
+        where = int(rng.integers(0, layout.rank + 1))
+        layout.shape.insert(where, 1)
+        layout.axis += where <= layout.axis
+    else:
+        where = int(rng.choice(ones))
+        del layout.shape[where]
+        layout.axis -= where < layout.axis
+    if opset < 13:
+        return b.node(kind, [y], axes=[where])
+    return b.node(kind, [y, b.const("axes", np.array([where], np.int64))])
+
+
+def channel_affine(b: GraphBuilder, rng: np.random.Generator, y: str, layout: Layout, channels: int) -> str:
+    """A BN (channels on axis 1), a Mul/Add by per-channel constants (channels on axis 1 or the
+    last axis) or by scalars (anywhere)."""
+    kinds = ["scalar"] + (["bn"] if layout.axis == 1 else []) + (
+        ["per-channel"] if layout.axis in (1, layout.rank - 1) else [])
+    kind = str(rng.choice(kinds))
+    if kind == "bn":
+        return b.batchnorm(y, channels)
+    shape = [1] if kind == "scalar" else [channels] + [1] * (layout.rank - 1 - layout.axis)
+    y = b.node("Mul", [y, b.const("m", rng.uniform(0.5, 1.5, shape).astype(np.float32))])
+    return b.node(str(rng.choice(["Add", "Sub"])), [y, b.random("a", shape)])
+
+
+def passthrough_chain(seed: int) -> Generated:
+    """A layer, then a random chain of pass-through nodes with affines anywhere in it (backward);
+    or affines and pass-through nodes, then a MatMul or unpadded Conv (forward)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels, opset = int(rng.integers(2, 6)), int(rng.choice([11, 13, 17]))
+    backward = rng.random() < 0.6
+    height = int(rng.choice([1, 3]))
+    layer = str(rng.choice(LAYERS if backward else ("MatMul", "Conv")))
+    if not backward:
+        y = b.node("Relu", [b.input("x", [1, channels, height, 4])])
+        layout = Layout([1, channels, height, 4], 1)
+    elif layer in ("Conv", "ConvTranspose"):
+        x = b.input("x", [1, 3, height, 4])
+        y = b.node(layer, [x, b.random("W", [channels, 3, 1, 1] if layer == "Conv" else [3, channels, 1, 1])])
+        layout = Layout([1, channels, height, 4], 1)
+    elif layer == "Gemm":
+        y, layout = b.gemm(b.input("x", [2, 4]), 4, channels), Layout([2, channels], 1)
+    else:
+        y = b.node("MatMul", [b.input("x", [2, height, 4]), b.random("W", [4, channels])])
+        layout = Layout([2, height, channels], 2)
+    steps = int(rng.integers(2, 7))
+    affine_at = {int(rng.integers(0, steps))} | {step for step in range(steps) if rng.random() < 0.3}
+    for step in range(steps):
+        y = channel_affine(b, rng, y, layout, channels) if step in affine_at else pass_through(b, rng, y, layout, opset)
+    if not backward and (layer == "MatMul" or layout.rank < 3):
+        # Channels last, then a MatMul over them.
+        perm = [axis for axis in range(layout.rank) if axis != layout.axis] + [layout.axis]
+        y = b.node("MatMul", [b.node("Transpose", [y], perm=perm), b.random("W", [channels, 3])])
+    elif not backward:
+        # Channels on axis 1 (some other axis as the batch), then an unpadded pointwise Conv.
+        others = [axis for axis in range(layout.rank) if axis != layout.axis]
+        y = b.node("Transpose", [y], perm=[others[0], layout.axis, *others[1:]])
+        y = b.node("Conv", [y, b.random("W", [3, channels] + [1] * (layout.rank - 2))])
+    b.output(b.node("Relu", [y]))
+    return Generated(b.model(opset=opset))
+
+
+@settings(max_examples=60)
+@given(seed=seeds)
+def test_affines_anywhere_in_a_chain_of_pass_through_nodes_all_fold(seed: int) -> None:
+    """Each fold leaves the chain as crossable as it found it: every affine folds, in either direction."""
+    generated = passthrough_chain(seed)
+    check = fold_and_compare(generated.model)
+    assert_only_matmul_biases_left(check.folded)
+    assert check.outcome.folds and not check.outcome.left
+
+
+# -- a LayerNorm's affine (γ, β) before a Linear -------------------------------------------------
+
+
+def layernorm_linear(seed: int) -> Generated:
+    """LayerNorm over the last axis, decomposed as exporters before opset 17 write it
+    (``ReduceMean → Sub → Pow → ReduceMean → Add(ε) → Sqrt → Div``) or as LayerNormalization with
+    unit scale, then ``Mul(γ) → Add(β)`` by ``[D]`` constants, pass-through nodes, and a Linear
+    (MatMul, with or without its bias Add, or Gemm)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    width = int(rng.integers(2, 7))
+    decomposed = rng.random() < 0.6
+    rank = 2 if not decomposed and rng.random() < 0.3 else int(rng.choice([2, 3]))
+    x = b.input("x", [2, 3, width][-rank:])
+    if decomposed:
+        mean = b.node("ReduceMean", [x], axes=[-1], keepdims=1)
+        centered = b.node("Sub", [x, mean])
+        variance = b.node("ReduceMean", [b.node("Pow", [centered, b.const("two", np.float32(2.0))])],
+                          axes=[-1], keepdims=1)
+        spread = b.node("Sqrt", [b.node("Add", [variance, b.const("eps", np.float32(1e-5))])])
+        y = b.node("Div", [centered, spread])
+        opset = 13 if rng.random() < 0.5 else 11
+    else:
+        y = b.node("LayerNormalization", [x, b.const("ones", np.ones(width, np.float32))], axis=-1)
+        opset = 17
+    y = b.node("Add", [b.node("Mul", [y, b.random("gamma", [width])]), b.random("beta", [width])])
+    for _ in range(int(rng.integers(0, 3))):
+        y = b.node(str(rng.choice(["Identity", "Dropout"])), [y])
+    if rank == 2 and rng.random() < 0.5:
+        y = b.gemm(y, width, 3)
+    else:
+        y = b.node("MatMul", [y, b.random("W", [width, 3])])
+        if rng.random() < 0.5:
+            y = b.node("Add", [y, b.random("bias", [3])])
+    b.output(y)
+    return Generated(b.model(opset=opset))
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_layernorm_affine_folds_into_the_linear_after_it_and_says_so(seed: int) -> None:
+    check = fold_and_compare(layernorm_linear(seed).model)
+    fold, *merged_biases = check.outcome.folds
+    assert fold.kind == "Mul+Add" and fold.direction == "forward"
+    assert fold.notes[0].startswith("LayerNorm affine")
+    assert all(set(later.kind.split("+")) == {"Add"} for later in merged_biases)  # the shift joins the bias
+    # The normalization stays; its γ and β are gone, leaving at most the Linear's bias Add.
+    assert op_count(check.folded, "Mul") == 0 and op_count(check.folded, "Add") <= 2

@@ -34,6 +34,7 @@ None, so the tail Add of ``x * m + a`` is never folded on its own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, is_standard
+from bnfold.rules.layernorm import layernorm_note
 from bnfold.rules.plan import Affine
 
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -144,8 +146,12 @@ def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep,
 
 def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | None:
     """The longest per-channel affine chain headed by ``node``, or None if there is none
-    or ``node`` is inside a chain that starts earlier."""
-    return read_chain(node, graph, affine_step)
+    or ``node`` is inside a chain that starts earlier. A LayerNorm's own γ and β say so in
+    their note (:mod:`bnfold.rules.layernorm`)."""
+    chain = read_chain(node, graph, affine_step)
+    if chain is None:
+        return None
+    return dataclasses.replace(chain, note=layernorm_note(chain.input_name, chain.channel_axis, graph))
 
 
 StepReader = Callable[[onnx.NodeProto, GraphIndex], AffineStep | None]

@@ -10,8 +10,8 @@ Conv, the last axis after a MatMul.
 
 The reader takes chains of such nodes when the constant has one element and is not of higher
 rank than the data (which it would otherwise broadcast to that rank), and only when the data's
-rank is known. :class:`UniformAffine` then repeats ``s`` and ``t`` over axis 1 and over the last
-axis in turn, wherever that axis's size is known, and hands each to the other rules. A scalar
+rank is known. :class:`UniformAffine` then repeats ``s`` and ``t`` over each axis in turn (axis 1
+and the last axis first), wherever that axis's size is known, and hands each to the other rules. A scalar
 affine no layer can take stays silently, as every other Mul or Add does.
 """
 
@@ -52,7 +52,7 @@ def read_uniform_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | Non
 
 
 class UniformAffine(FoldRule):
-    """A uniform affine, repeated over the channels of axis 1 or the last axis, for the other rules."""
+    """A uniform affine, repeated over the entries of one axis at a time, for the other rules."""
 
     name = "uniform"
 
@@ -65,7 +65,9 @@ class UniformAffine(FoldRule):
         rank = len(shape)
         others = tuple(rule for rule in rules.order if rule is not self)
         refusals = []
-        for axis in dict.fromkeys(axis % rank for axis in (1, -1) if axis < rank):
+        # Axis 1 (NCHW) and the last axis (channels last) first; any other one, which a layer
+        # may own once the affine has crossed a Transpose on its way there, after them.
+        for axis in dict.fromkeys([*(axis % rank for axis in (1, -1) if axis < rank), *range(rank)]):
             size = shape[axis]
             if not size:
                 continue  # unknown (or empty): the channels to repeat over are not known
