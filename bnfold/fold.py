@@ -20,7 +20,16 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import first_line
-from bnfold.graph import AttributeReference, GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.graph import (
+    AttributeReference,
+    GraphIndex,
+    describe,
+    function_view,
+    names_used_by_subgraphs,
+    node_id,
+    subgraphs,
+)
+from bnfold.inline import inline_for_folding
 from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
@@ -58,6 +67,9 @@ class FoldOutcome:
     left: list[LeftRecord] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
     overridable_inputs_removed: list[str] = field(default_factory=list)
+    inlined_functions: list[str] = field(default_factory=list)
+    """Model-local functions inlined before folding, because a BN in them (or next to their
+    calls) could only fold with what their callers pass (:mod:`bnfold.inline`)."""
     """Initializers that were also graph inputs (IR 4+) and that folds replaced or removed, so
     that they are no longer graph inputs: feeding them would not do what it did."""
 
@@ -154,9 +166,11 @@ def fold_batchnorms(
     error attribution re-applies folds in groups this way. ``store`` is where the
     model's tensor values are read and rewritten (a loaded model's own): rewritten
     weights stay there as arrays until the model is written. Without one, the folded
-    model holds its new values itself.
+    model holds its new values itself. Model-local functions whose BNs can only fold
+    with what their callers pass are inlined first (:mod:`bnfold.inline`).
     """
     run = _Run(rules, may_fold or (lambda _label: True), store or TensorStore(), FoldOutcome())
+    run.outcome.inlined_functions = inline_for_folding(model)
     top = _index(run, model, model.graph)
     overridable = [name for name in _input_names(model) if top.is_overridable(name)]
     _fold_scope(run, model, model.graph, None, "")
@@ -203,16 +217,7 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
     nodes. Its inputs are values of the caller: weights passed in are refused as
     graph inputs; only weights constant inside the function fold.
     """
-    view = helper.make_model(
-        helper.make_graph(
-            function.node,
-            function.name,
-            [helper.make_value_info(name, onnx.TypeProto()) for name in function.input],
-            [helper.make_value_info(name, onnx.TypeProto()) for name in function.output],
-        ),
-        opset_imports=function.opset_import,
-        ir_version=model.ir_version,
-    )
+    view = function_view(model, function)
     before = len(run.outcome.folds)
     _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
     if len(run.outcome.folds) == before:

@@ -55,6 +55,22 @@ def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
             yield from (output.name for output in graph.output)
 
 
+def function_view(model: onnx.ModelProto, function: onnx.FunctionProto) -> onnx.ModelProto:
+    """A model whose graph is ``function``'s body, its formal inputs as graph inputs (of unknown
+    type): rules read a function through the same index as a graph. The view shares nothing with
+    ``model``; nodes are copied."""
+    return helper.make_model(
+        helper.make_graph(
+            function.node,
+            function.name,
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.input],
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.output],
+        ),
+        opset_imports=function.opset_import,
+        ir_version=model.ir_version,
+    )
+
+
 def is_standard(node: onnx.NodeProto) -> bool:
     """Whether the node is in the default ``ai.onnx`` domain, whose op types the rules know."""
     return node.domain in ("", "ai.onnx")

@@ -107,6 +107,8 @@ class FoldReport:
     overridable_inputs_removed: list[str]
     """Initializers also listed as graph inputs that folds replaced or removed: they are no
     longer inputs (``--keep-overridable`` refuses such folds instead)."""
+    inlined_functions: list[str]
+    """Model-local functions inlined so that the BNs in them, or next to their calls, could fold."""
     verification: Verification | None
     problem: str | None
     """A reason the folded model is unusable that is not a numeric mismatch."""
@@ -233,6 +235,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         left=outcome.left,
         removed_initializers=outcome.removed_initializers,
         overridable_inputs_removed=outcome.overridable_inputs_removed,
+        inlined_functions=outcome.inlined_functions,
         verification=verification,
         problem=problem,
         attribution=attribution,

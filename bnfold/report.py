@@ -242,14 +242,28 @@ NAMES_SHOWN = 5
 """Names listed in a one-line summary of many (the JSON report has them all)."""
 
 
+def _some_names(names: list[str]) -> str:
+    """``'a', 'b', 'c'``, or the first few of them ``and 12 more``."""
+    shown = ", ".join(f"'{name}'" for name in names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
 def overridable_line(names: list[str]) -> Text:
     """``3 overridable initializers folded and removed from the inputs: a, b, c``."""
-    shown = ", ".join(f"'{name}'" for name in names[:NAMES_SHOWN])
-    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
     plural = "s" if len(names) != 1 else ""
     return Text(
         f"{len(names)} overridable initializer{plural} (also graph inputs) folded and removed from the inputs: "
-        f"{shown}{more} (--keep-overridable refuses such folds)",
+        f"{_some_names(names)} (--keep-overridable refuses such folds)",
+        style="yellow",
+    )
+
+
+def inlined_line(names: list[str]) -> Text:
+    """``2 model-local functions inlined ...: 'Block', 'BatchNorm2d'``."""
+    plural = "s" if len(names) != 1 else ""
+    return Text(
+        f"{len(names)} model-local function{plural} inlined, their BNs needing what their callers pass: "
+        f"{_some_names(names)}",
         style="yellow",
     )
 
@@ -275,6 +289,8 @@ def render_fold_report(report: FoldReport) -> Group:
     parts.append(folds)
     if report.overridable_inputs_removed:
         parts.append(overridable_line(report.overridable_inputs_removed))
+    if report.inlined_functions:
+        parts.append(inlined_line(report.inlined_functions))
     if report.left:
         left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
         left.add_column("BatchNormalization")

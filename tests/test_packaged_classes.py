@@ -564,3 +564,97 @@ def test_layernorm_affine_folds_into_the_linear_after_it_and_says_so(seed: int) 
     assert all(set(later.kind.split("+")) == {"Add"} for later in merged_biases)  # the shift joins the bias
     # The normalization stays; its γ and β are gone, leaving at most the Linear's bias Add.
     assert op_count(check.folded, "Mul") == 0 and op_count(check.folded, "Add") <= 2
+
+
+# -- weights passed into model-local functions (PyTorch export_modules_as_functions) ------------
+
+LOCAL = "pkg.modules"
+
+
+def local_function(name: str, inputs: list[str], outputs: list[str], nodes: list[onnx.NodeProto],
+                   attributes: tuple[str, ...] = ()) -> onnx.FunctionProto:
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(LOCAL, 1)]
+    return helper.make_function(LOCAL, name, inputs, outputs, nodes, opsets, attributes=list(attributes))
+
+
+def call(name: str, inputs: list[str], output: str, **attributes: object) -> onnx.NodeProto:
+    return helper.make_node(name, inputs, [output], name=f"{output}_call", domain=LOCAL, **attributes)
+
+
+def batchnorm_with_epsilon_from_call() -> onnx.NodeProto:
+    node = helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], name="bn")
+    node.attribute.append(onnx.AttributeProto(name="epsilon", ref_attr_name="eps", type=onnx.AttributeProto.FLOAT))
+    return node
+
+
+# How PyTorch writes modules as functions: each module's weights are inputs its caller fills.
+CONV2D = local_function("Conv2d", ["x", "w"], ["y"], [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)])
+BATCHNORM2D = local_function("BatchNorm2d", ["x", "g", "b", "m", "v"], ["y"], [batchnorm_with_epsilon_from_call()],
+                             attributes=("eps",))
+BLOCK = local_function("Block", ["x", "w", "g", "b", "m", "v"], ["z"], [
+    call("Conv2d", ["x", "w"], "c"),
+    call("BatchNorm2d", ["c", "g", "b", "m", "v"], "n", eps=1e-3),
+    helper.make_node("Relu", ["n"], ["z"]),
+])
+ACT = local_function("Act", ["x"], ["y"], [helper.make_node("HardSigmoid", ["x"], ["y"])])
+
+
+def fused_block(channels: int, rng: np.random.Generator) -> onnx.FunctionProto:
+    """A function whose Conv and BN read constants of its own: it folds as it is and stays."""
+    def constant(name: str, values: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(values.astype(np.float32), name))
+
+    return local_function("Fused", ["x"], ["y"], [
+        constant("w", rng.normal(0, 0.3, (channels, channels, 1, 1))),
+        *(constant(name, rng.uniform(0.5, 1.5, channels)) for name in ("g", "v")),
+        *(constant(name, rng.normal(0, 0.5, channels)) for name in ("b", "m")),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+    ])
+
+
+def functions_with_passed_weights(seed: int) -> tuple[Generated, set[str]]:
+    """A chain of calls as PyTorch's ``export_modules_as_functions`` writes them: Block (Conv2d →
+    BatchNorm2d → Relu, their weights passed down from the main graph's initializers, epsilon
+    from the call), Conv2d then a BN in the main graph, functions that fold on their own (Fused)
+    and ones without any BN (Act). Returns the model and the functions that must stay."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 5))
+    y = b.input("x", [1, channels, 5, 5])
+    used: dict[str, onnx.FunctionProto] = {}
+    for _ in range(int(rng.integers(1, 5))):
+        kind = str(rng.choice(["Block", "Conv2d+BN", "Fused", "Act"]))
+        weight = b.random("W", [channels, channels, 3, 3], scale=0.3)
+        output = b.fresh(kind.lower().replace("+", "_"))
+        if kind == "Block":
+            used.update(Block=BLOCK, Conv2d=CONV2D, BatchNorm2d=BATCHNORM2D)
+            b.nodes.append(call("Block", [y, weight, *b.batchnorm_parameters(channels)], output))
+        elif kind == "Conv2d+BN":
+            used["Conv2d"] = CONV2D
+            b.nodes.append(call("Conv2d", [y, weight], output))
+            output = b.batchnorm(output, channels)
+        else:
+            used[kind] = fused_block(channels, rng) if kind == "Fused" else ACT
+            b.nodes.append(call(kind, [y], output))
+        y = output
+    b.output(y, [1, channels, 5, 5])
+    model = helper.make_model(
+        helper.make_graph(b.nodes, "exported", b.inputs, b.outputs, b.initializers),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(LOCAL, 1)], ir_version=8,
+        functions=list(used.values()),
+    )
+    onnx.checker.check_model(model)
+    return Generated(model), {name for name in used if name in ("Fused", "Act")}
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_functions_whose_batchnorms_need_their_callers_are_inlined_and_fold(seed: int) -> None:
+    generated, kept = functions_with_passed_weights(seed)
+    check = fold_and_compare(generated.model)
+    assert not check.outcome.left
+    assert op_count(check.folded, BN) == 0
+    assert all(node.op_type != BN for function in check.folded.functions for node in function.node)
+    assert {function.name for function in check.folded.functions} == kept
+    assert set(check.outcome.inlined_functions) == {function.name for function in check.original.functions} - kept
