@@ -84,7 +84,8 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by ``fold`` and ``check``: how the two models are compared."""
     decorators = [
         click.option("--input-shape", "shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
-                     help="Shape for a model input with symbolic dims (repeatable). Symbolic dims default to 1."),
+                     help="Shape for a model input with symbolic dims (repeatable). Otherwise symbolic dims are "
+                     "guessed from the model (image sizes it states or its strides), else 1."),
         click.option("--batch", type=int, default=None,
                      help="Size for every symbolic first dim (inputs without --input-shape)."),
         click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs (0 or more)."),

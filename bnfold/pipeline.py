@@ -211,6 +211,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
                 )
+            verification.guessed_sizes = guessed
             clock.lap("verify")
         attribution = None
         if verification is not None and not verification.passed and outcome.folds:
@@ -294,11 +295,13 @@ def check_files(original: Path, folded: Path, options: VerifyOptions, *, report:
     _require_same_inputs(original_model, folded_model)
     trials = _trials(original_model.model, options)
     clock.lap("load")
-    with explaining_guessed_shapes(guessed_shapes(original_model.model, options)):
+    guessed = guessed_shapes(original_model.model, options)
+    with explaining_guessed_shapes(guessed):
         verification = verify_equivalence(
             original_model.path, folded_model.path, trials,
             tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
         )
+    verification.guessed_sizes = guessed
     clock.lap("verify")
     return CheckReport(
         original=original_model.path,

@@ -168,6 +168,14 @@ def _inputs_line(verification: Verification) -> str:
     return f"inputs {shapes}, {source}"
 
 
+def _guessed_lines(verification: Verification) -> str:
+    """One line per input whose sizes were guessed: what was used and why."""
+    return "".join(
+        f"\nguessed {guess.input} [{','.join(map(str, guess.shape))}]: {guess.reason} (--input-shape gives exact sizes)"
+        for guess in verification.guessed_sizes
+    )
+
+
 def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
     table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
     table.add_column("", no_wrap=True)
@@ -205,7 +213,7 @@ def verification_table(verification: Verification) -> Group:
     parts = [
         _comparison_table(
             f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
-            f"{_inputs_line(verification)}",
+            f"{_inputs_line(verification)}{_guessed_lines(verification)}",
             verification.outputs,
             several,
         )

@@ -9,6 +9,7 @@ anything refused. The real models of each class are in tests/test_packaged_model
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from onnx import helper, numpy_helper
 from bnfold.graph import GraphIndex
 from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
-from tests.support import fold_and_compare, op_count, run_cli
+from tests.support import assert_one_line_error, fold_and_compare, op_count, run_cli
 
 BN = "BatchNormalization"
 EXAMPLES = 15
@@ -658,3 +659,99 @@ def test_functions_whose_batchnorms_need_their_callers_are_inlined_and_fold(seed
     assert all(node.op_type != BN for function in check.folded.functions for node in function.node)
     assert {function.name for function in check.folded.functions} == kept
     assert set(check.outcome.inlined_functions) == {function.name for function in check.original.functions} - kept
+
+
+# -- symbolic input sizes in detectors with Resize: guessed from what the model says ----------
+
+
+def feature_pyramid(seed: int, join: str | None = None) -> tuple[Generated, int]:
+    """A detector's feature pyramid on symbolic H, W: strided Convs (or pooling) down, Resize
+    (nearest, by 2) back up, each upsampled map joined to the lateral one (Add, or Concat as the
+    DB head does), with BNs on the way; sometimes its size in the metadata as Ultralytics writes
+    it (``imgsz``), or in value_info. Returns the model and the multiple its sizes must have."""
+    rng = np.random.default_rng(seed)
+    join = join or str(rng.choice(["Add", "Concat"]))
+    b = GraphBuilder(seed=seed)
+    channels, levels = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+    y = b.input("x", ["N", 3, "H", "W"])
+    maps, c_in = [], 3
+    for _ in range(levels):
+        if rng.random() < 0.3 and c_in == channels:
+            y = b.node("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+        else:
+            y = b.node("Relu", [b.batchnorm(b.conv(y, c_in, channels, (3, 3), strides=[2, 2]), channels)])
+        maps.append(y)
+        c_in = channels
+    top, width = maps[-1], channels
+    for lateral in reversed(maps[:-1]):
+        scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+        up = b.node("Resize", [top, "", scales], mode="nearest")
+        top = b.node("Add", [up, lateral]) if join == "Add" else b.node("Concat", [up, lateral], axis=1)
+        width += 0 if join == "Add" else channels
+    b.output(b.batchnorm(b.conv(top, width, 1, (1, 1), pads=[0] * 4), 1))
+    model = b.model(opset=13)
+    multiple = 2**levels
+    where = rng.choice(["graph", "metadata", "value_info"], p=[0.6, 0.2, 0.2])
+    if where == "metadata":
+        helper.set_model_props(model, {"imgsz": f"[{multiple * 2}, {multiple * 3}]", "stride": str(multiple)})
+    elif where == "value_info":
+        model.graph.value_info.append(helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                    [None, 3, multiple, multiple * 2]))
+    return Generated(model), multiple
+
+
+def pyramid_report(model: onnx.ModelProto, folder: Path, *arguments: str) -> dict:
+    path = folder / "detector.onnx"
+    onnx.save(model, str(path))
+    result = run_cli(path, "--dry-run", "--json", "-", *arguments)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_detector_sizes_are_guessed_from_what_the_model_says_and_reported(seed: int) -> None:
+    generated, multiple = feature_pyramid(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        document = pyramid_report(generated.model, Path(scratch))
+    assert document["status"] == "equivalent" and not document["left"]
+    (guess,) = document["verification"]["guessed_sizes"]
+    height, width = guess["shape"][2:]
+    assert guess["input"] == "x" and guess["shape"][:2] == [1, 3]
+    assert height % multiple == 0 and width % multiple == 0
+    props = {prop.key: prop.value for prop in generated.model.metadata_props}
+    if "imgsz" in props:
+        assert [height, width] == [multiple * 2, multiple * 3] and "imgsz" in guess["reason"]
+    elif any(value.name == "x" for value in generated.model.graph.value_info):
+        assert [height, width] == [multiple, multiple * 2] and "value_info" in guess["reason"]
+    else:
+        assert [height, width] == [multiple, multiple] and f"multiples of {multiple}" in guess["reason"]
+
+
+def test_a_detector_fed_the_one_by_one_guess_cannot_run(tmp_path: Path) -> None:
+    """What the guess avoids: onnxruntime refuses the pyramid on 1×1 (the Resize of a 1×1 map
+    gives 2×2, joined to a 1×1 map); exact sizes given by the user are used as they are."""
+    generated, multiple = feature_pyramid(0, join="Concat")
+    document = pyramid_report(generated.model, tmp_path, "--input-shape", f"x:1,3,{multiple * 3},{multiple}")
+    assert not document["verification"]["guessed_sizes"]
+    assert document["verification"]["trials"][0]["inputs"][0]["shape"] == [1, 3, multiple * 3, multiple]
+    assert_one_line_error(run_cli(tmp_path / "detector.onnx", "--dry-run", "--input-shape", "x:1,3,1,1"), 3,
+                          "onnxruntime cannot run the original model", "Concat")
+
+
+def test_without_a_resize_symbolic_dims_are_still_set_to_one(tmp_path: Path) -> None:
+    b = GraphBuilder(seed=2)
+    b.output(b.batchnorm(b.conv(b.input("x", ["N", 3, "H", "W"]), 3, 4, (3, 3), strides=[2, 2]), 4))
+    document = pyramid_report(b.model(), tmp_path)
+    (guess,) = document["verification"]["guessed_sizes"]
+    assert guess == {"input": "x", "shape": [1, 3, 1, 1], "reason": "symbolic dims set to 1"}
+
+
+def test_a_guess_that_still_cannot_run_is_named_with_its_reason(tmp_path: Path) -> None:
+    b = GraphBuilder(seed=3)
+    y = b.conv(b.input("x", ["N", 3, "H", "W"]), 3, 2, (3, 3), strides=[2, 2])
+    up = b.node("Resize", [y, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    b.output(b.node("Reshape", [b.batchnorm(up, 2), b.const("shape", np.array([1, -1, 7], np.int64))]))
+    path = tmp_path / "fixed.onnx"
+    onnx.save(b.model(opset=13), str(path))
+    assert_one_line_error(run_cli(path, "--dry-run"), 3, "x was 1,3,2,2 (multiples of 2:", "--input-shape")
