@@ -1,100 +1,53 @@
-"""How close bnfold's fold+save comes to the I/O floor (plain onnx.load + onnx.save).
+"""bnfold against floor A and onnxruntime, on three models, each run a fresh process.
 
-    python benchmarks/bench_fold.py [--megabytes 120] [--repeats 3]
+    python benchmarks/bench_fold.py [--models conv_bn_141mb,big_1gb,vgg11_bn] [--repeats 5]
 
-Builds a Conv→BN→Relu stack of about the requested size (kept out of git under
-benchmarks/_generated/), then times, in one run and on the same file:
+For each model (generated once under benchmarks/_generated/, see bench_models.py):
 
-* floor: ``onnx.load`` + ``onnx.save`` to a new file;
-* bnfold: the whole ``bnfold MODEL --no-verify`` pipeline (load, checker, fold,
-  staged save, rename) through the library;
-* bnfold + verify: the same with the onnxruntime comparison, for information.
+* floor A: a python process doing ``onnx.save(onnx.load(src), dst)`` (with external data
+  when the model has it): what any tool that reads and writes the model pays;
+* ``bnfold MODEL -o OUT --no-verify`` and ``bnfold MODEL -o OUT`` (verified);
+* onnxruntime's offline optimization (``optimized_model_filepath`` with
+  ``ORT_ENABLE_BASIC``, which fuses Conv+BN), as a peer figure.
 
-Prints medians and the ratio bnfold / floor. Ratios, not absolute seconds, are
-what carries over between machines.
+Runs alternate floor, contender, floor, contender… after a warm-up round; each ratio is
+taken against the floor run just before it and the median of those is printed, with the
+same ratio for CPU time (user + system, which other work on the machine disturbs less
+than wall time) and the peak RSS of each child relative to the model's size on disk
+(see bench_harness.py).
+The table is markdown, ready for the README. About 4 minutes with the defaults on an
+idle 2-core machine. Building vgg11_bn the first time needs torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
+import os
+from importlib.util import find_spec
 
-import onnx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bnfold.pipeline import FoldOptions, fold_file  # noqa: E402
-from sample_models.modelkit import GraphBuilder  # noqa: E402
-
-GENERATED = Path(__file__).resolve().parent / "_generated"
-
-
-def build_conv_bn_stack(megabytes: float, channels: int = 384, spatial: int = 8) -> onnx.ModelProto:
-    """Conv(3x3, channels→channels) → BN → Relu blocks until the weights reach ``megabytes``
-    (also what benchmarks/bench_big.py saves with external data)."""
-    block_bytes = channels * channels * 9 * 4
-    blocks = max(1, round(megabytes * 1_000_000 / block_bytes))
-    b = GraphBuilder(seed=0)
-    x = b.input("x", ["batch", channels, spatial, spatial])
-    for _ in range(blocks):
-        x = b.node("Relu", [b.batchnorm(b.conv(x, channels, channels, bias=False), channels)])
-    b.output(x)
-    return b.model("bench_conv_bn")
-
-
-def interleaved_medians(actions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per action, after one warm-up each, running the actions in turn
-    so that page-cache and allocator state favour none of them."""
-    for action in actions.values():
-        action()
-    timings: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(repeats):
-        for name, action in actions.items():
-            start = time.perf_counter()
-            action()
-            timings[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in timings.items()}
+import bench_harness
+import bench_models
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--megabytes", type=int, default=120)
+    parser.add_argument("--models", default=",".join(bench_models.BUILDERS),
+                        help="comma-separated, among: " + ", ".join(bench_models.BUILDERS))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
+    names = [name for name in args.models.split(",") if name]
+    unknown = set(names) - set(bench_models.BUILDERS)
+    if unknown:
+        parser.error(f"unknown models: {', '.join(sorted(unknown))}")
+    if "vgg11_bn" in names and not bench_models.model_path("vgg11_bn").exists() and not find_spec("torch"):
+        parser.error("vgg11_bn is exported once from PyTorch: install torch, or leave it out with --models")
 
-    GENERATED.mkdir(exist_ok=True)
-    model_path = GENERATED / f"conv_bn_{args.megabytes}mb.onnx"
-    if not model_path.exists():
-        onnx.save(build_conv_bn_stack(args.megabytes), str(model_path))
-    size_mb = model_path.stat().st_size / 1e6
-
-    with tempfile.TemporaryDirectory(dir=GENERATED) as scratch:
-        floor_out = Path(scratch) / "floor.onnx"
-        fold_out = Path(scratch) / "folded.onnx"
-
-        def floor() -> None:
-            floor_out.unlink(missing_ok=True)
-            onnx.save(onnx.load(str(model_path)), str(floor_out))
-
-        def fold(verify: bool) -> None:
-            fold_out.unlink(missing_ok=True)
-            report = fold_file(model_path, FoldOptions(output=fold_out, verify=verify))
-            assert report.exit_code == 0, report.status
-
-        medians = interleaved_medians(
-            {"floor": floor, "fold": lambda: fold(False), "verify": lambda: fold(True)}, args.repeats
-        )
-        floor_s, fold_s, verify_s = medians["floor"], medians["fold"], medians["verify"]
-
-    print(f"model: {model_path.name}, {size_mb:.1f} MB, median of {args.repeats} runs")
-    print(f"floor  onnx.load + onnx.save      {floor_s:7.3f} s")
-    print(f"bnfold fold + save (--no-verify)  {fold_s:7.3f} s   ratio {fold_s / floor_s:.2f}x")
-    print(f"bnfold fold + save + verify       {verify_s:7.3f} s   ratio {verify_s / floor_s:.2f}x")
+    bench_harness.build_models(names)
+    results = [bench_harness.measure_model(name, bench_harness.STANDARD_CONTENDERS, args.repeats) for name in names]
+    print(bench_harness.environment_line(args.repeats, load_at_start))
+    print()
+    print(bench_harness.markdown_table(results))
 
 
 if __name__ == "__main__":

@@ -405,7 +405,8 @@ def verifies_with_guess(path: Path) -> dict[str, object]:
         return {"status": "error", "exit_code": error.exit_code, "error": first_line(error)}
     guessed = [] if report.verification is None else report.verification.guessed_sizes
     return {"status": report.status, "exit_code": report.exit_code,
-            "guessed": [{"input": guess.input, "shape": list(guess.shape), "reason": guess.reason} for guess in guessed]}
+            "guessed": [{"input": guess.input, "shape": list(guess.shape), "reason": guess.reason}
+                        for guess in guessed if guess.beyond_batch]}
 
 
 def run_peer(tool: str, path: Path, shapes: Shapes, scratch: Path) -> dict[str, object] | None:

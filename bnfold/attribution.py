@@ -5,6 +5,7 @@ is not enough to fix it: a user (or a rule's author) needs the BatchNormalizatio
 and the layer it was folded into. The folds are re-applied in groups on fresh
 copies of the original (``fold_batchnorms(..., may_fold=...)``) and each partial
 model is verified exactly like the full one (same trials, tolerances, provider).
+Sibling-branch merges take part like folds, under the label of the branch merged away.
 A failing group is split in halves until single folds remain, so k guilty folds
 among n cost about ``2 k log2 n`` verifications instead of n. A group that fails
 while both its halves pass is reported as a whole: its folds are only wrong
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.fold import FoldRecord, fold_batchnorms
+from bnfold.fold import FoldRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import Trial
 from bnfold.io.load import LoadedModel
 from bnfold.io.save import stage
@@ -37,6 +38,7 @@ class GuiltyFold:
     """Fold(s) that alone make the model differ from the original, with the error they cause."""
 
     batchnorms: tuple[str, ...]
+    """The folded BNs (or merged branches) at fault, by label."""
     targets: tuple[str, ...]
     rules: tuple[str, ...]
     output: str
@@ -57,10 +59,12 @@ class Attribution:
 class _Search:
     """Group testing over the folds of one failed run."""
 
-    def __init__(self, original: LoadedModel, folds: Sequence[FoldRecord], trials: Sequence[Trial],
-                 tolerances: Tolerances, provider: str, rules: RuleSet) -> None:
+    def __init__(self, original: LoadedModel, folds: Sequence[FoldRecord], merges: Sequence[MergeRecord],
+                 trials: Sequence[Trial], tolerances: Tolerances, provider: str, rules: RuleSet) -> None:
         self.original = original
-        self.records = {fold.batchnorm: fold for fold in folds}
+        self.records: dict[str, FoldRecord | MergeRecord] = {
+            **{fold.batchnorm: fold for fold in folds}, **{merge.merged: merge for merge in merges}
+        }
         self.trials = trials
         self.tolerances = tolerances
         self.provider = provider
@@ -68,7 +72,8 @@ class _Search:
         self.verifications = 0
 
     def verify_partial(self, labels: Sequence[str]) -> Verification:
-        """Fold only the BNs in ``labels`` on a fresh copy of the original and verify it."""
+        """Fold only the BNs (and merge only the branches) in ``labels`` on a fresh copy of the
+        original and verify it."""
         model = onnx.ModelProto()
         model.CopyFrom(self.original.model)
         allowed = set(labels)
@@ -123,11 +128,14 @@ def attribute_failure(
     tolerances: Tolerances,
     provider: str,
     rules: RuleSet,
+    merges: Sequence[MergeRecord] = (),
 ) -> Attribution:
-    """Find the fold(s) behind ``failed`` (the verification of all ``folds`` applied together).
+    """Find the fold(s) behind ``failed`` (the verification of all ``folds`` and ``merges``
+    applied together).
 
     ``original`` must be the model as loaded, before any folding.
     """
-    search = _Search(original, folds, trials, tolerances, provider, rules)
-    guilty = search.guilty_in([fold.batchnorm for fold in folds], failed) if folds else []
+    search = _Search(original, folds, merges, trials, tolerances, provider, rules)
+    labels = list(search.records)
+    guilty = search.guilty_in(labels, failed) if labels else []
     return Attribution(guilty=guilty, verifications=search.verifications)

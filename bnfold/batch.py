@@ -29,6 +29,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, internal_error_message
 from bnfold.inputs import check_option_values, files_read_by_inputs
@@ -36,6 +37,7 @@ from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
+from bnfold.schema import BATCH_SCHEMA, plain
 
 
 def _is_model_file(path: Path, folder: Path) -> bool:
@@ -161,6 +163,18 @@ class BatchReport:
             max_abs_error=max((r.max_abs_error for r in self.results if r.max_abs_error is not None), default=None),
             seconds=self.seconds,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.batch/1`` document: every model's full ``bnfold.fold/1`` report
+        (null for a model that failed, whose ``error`` says why) and the totals."""
+        models = [
+            {"input": str(result.input), "status": result.status, "exit_code": result.exit_code,
+             "error": result.error, "seconds": result.seconds,
+             "report": result.report.to_dict() if result.report else None}
+            for result in self.results
+        ]
+        return {"schema": BATCH_SCHEMA, "exit_code": self.exit_code, "jobs": self.jobs, "models": models,
+                "totals": plain(self.totals())}
 
 
 def fold_one(model: Path, options: FoldOptions) -> ModelResult:

@@ -1,48 +1,112 @@
-"""The ``bnfold`` command: a thin Click layer over :mod:`bnfold.pipeline` and :mod:`bnfold.report`.
+"""The ``bnfold`` command: a thin Click layer over the Python API (:mod:`bnfold.api`).
 
 ``bnfold MODEL`` is short for ``bnfold fold MODEL``. Results go to stdout (tables,
 or JSON with ``--json -``); errors go to stderr as one line with a documented
-exit code, never a traceback.
+exit code, never a traceback, usage errors included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib.metadata
+import platform
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
-from rich.console import Console
 
+from bnfold import api
 from bnfold import report as render
 from bnfold.batch import find_models, fold_models, output_in
-from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BnfoldError, InputError, internal_error_message
-from bnfold.options import DEFAULT_TOLERANCES, Tolerances, VerifyOptions
-from bnfold.pipeline import FoldOptions, check_files, fold_file
+from bnfold.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    BnfoldError,
+    InputError,
+    internal_error_message,
+)
+from bnfold.inputs import files_read_by_inputs
+from bnfold.io.paths import PathClash, RunFiles
+from bnfold.io.save import default_output_path, output_folder
+from bnfold.options import DEFAULT_TOLERANCES
+from bnfold.schema import BATCH_SCHEMA, CHECK_SCHEMA, FOLD_SCHEMA, failure_document
 
 EXIT_CODES_HELP = """\b
 Exit codes:
-  0  folded (or compared) and equivalent
+  0  folded (or compared) and equivalent, or folded with --no-verify
   1  not equivalent: outputs differ beyond tolerance (nothing written)
   2  bad input or usage: missing/unreadable/invalid model, bad option
   3  onnxruntime cannot load or run a given model (its message is shown),
-     or the original model is not deterministic (differs from itself)"""
-BATCH_EXIT_HELP = """
+     or the original model is not deterministic (differs from itself)
   4  internal error (a bug in bnfold): one line, nothing written
-  130 interrupted (Ctrl-C); no partial output is left
+  130 interrupted (Ctrl-C); no partial output is left"""
+BATCH_EXIT_HELP = """
   Several models: the worst code over all of them (4 > 3 > 2 > 1 > 0)."""
+ERROR_PREFIX = "bnfold: error: "
 
 
-class DefaultCommandGroup(click.Group):
-    """A group where an unknown first word means the default ``fold`` command."""
+def one_line(error: click.ClickException) -> str:
+    """Click's message for a usage error as one line, with where to find help."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    context = getattr(error, "ctx", None)
+    return f"{message} (see '{context.command_path} --help')" if context is not None else message
+
+
+class BnfoldGroup(click.Group):
+    """A group whose usage errors (a bad option value, an unknown option, a missing
+    argument) are one line ``bnfold: error: ...`` with exit code 2, like every other
+    error, instead of Click's three-line Usage/Try/Error block; and whose command list
+    shows each command's whole first sentence, never cut off with "..."."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command.get_short_help_str(limit=sys.maxsize))
+                for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> NoReturn:
+        extra.pop("standalone_mode", None)
+        try:
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            click.echo(f"{ERROR_PREFIX}nothing to do (see '{error.ctx.command_path} --help')", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.ClickException as error:
+            click.echo(ERROR_PREFIX + one_line(error), err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("bnfold: interrupted; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class DefaultCommandGroup(BnfoldGroup):
+    """A group where an unknown first word means the default ``fold`` command, unless it
+    is not a file and looks like a misspelt command (``bnfold chek a.onnx b.onnx``)."""
 
     default_command = "fold"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            self._refuse_misspelt_command(args[0])
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_misspelt_command(self, word: str) -> None:
+        if word.startswith("-") or "." in word or "/" in word or Path(word).exists():
+            return
+        close = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.6)
+        if close:
+            raise click.UsageError(f"'{word}' is neither a file nor a command; did you mean 'bnfold {close[0]}'?")
 
 
 def _parse_shape(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -81,9 +145,10 @@ TOLERANCE_DEFAULTS = ", ".join(
 
 
 def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by ``fold`` and ``check``: how the two models are compared."""
+    """Options shared by ``fold`` and ``check``: how the two models are compared. Their
+    names are the keyword arguments of :func:`bnfold.api.verify_options`."""
     decorators = [
-        click.option("--input-shape", "shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
+        click.option("--input-shape", "input_shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
                      help="Shape for a model input with symbolic dims (repeatable). Otherwise symbolic dims are "
                      "guessed from the model (image sizes it states or its strides), else 1."),
         click.option("--batch", type=int, default=None,
@@ -91,7 +156,7 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs (0 or more)."),
         click.option("--trials", type=int, default=1, show_default=True,
                      help="Run N trials of generated inputs (seeds SEED..SEED+N-1); the worst per output is reported."),
-        click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+        click.option("--inputs", "inputs", type=click.Path(path_type=Path), default=None,
                      metavar="FILE.npz|FOLDER",
                      help="Real inputs instead of generated ones: an .npz keyed by input name, or a folder in "
                      "the ONNX test layout (test_data_set_*/input_*.pb; each data set is a trial, output_*.pb "
@@ -102,13 +167,15 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rtol", type=click.FloatRange(min=0), default=None,
                      help="Relative tolerance for every output (default per dtype, as for --atol). "
                      "An element passes if |folded - original| <= atol + rtol * |original|."),
-        click.option("--tol", "per_output", multiple=True, callback=_parse_tolerances, metavar="NAME:ATOL,RTOL",
-                     help="Tolerances for one output, overriding --atol/--rtol (repeatable)."),
+        click.option("--tol", "tol", multiple=True, callback=_parse_tolerances, metavar="NAME:ATOL,RTOL",
+                     help="Tolerances for one output, overriding --atol/--rtol (repeatable). NAME must be an "
+                     "output of the model."),
         click.option("--provider", default="CPUExecutionProvider", show_default=True,
                      help="onnxruntime execution provider for both models (one of "
                      "onnxruntime.get_available_providers())."),
         click.option("--json", "json_path", metavar="PATH", default=None,
-                     help="Also write the report as JSON to PATH ('-' for stdout, replacing the tables)."),
+                     help="Also write the report as JSON to PATH ('-' for stdout, replacing the tables). "
+                     "Written when the run fails too, with status 'error', exit_code and error."),
         click.option("--quiet", "-q", is_flag=True, help="Print one summary line instead of tables."),
     ]
     for decorator in reversed(decorators):
@@ -116,11 +183,31 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def _verify_options(shapes: dict[str, tuple[int, ...]], batch: int | None, seed: int, trials: int,
-                    inputs_path: Path | None, atol: float | None, rtol: float | None,
-                    per_output: dict[str, tuple[float, float]], provider: str) -> VerifyOptions:
-    return VerifyOptions(shapes=shapes, batch=batch, seed=seed, trials=trials, inputs=inputs_path,
-                         tolerances=Tolerances(atol, rtol, per_output), provider=provider)
+def selection_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--skip`` and ``--only``: which BatchNormalization may be folded."""
+    decorators = [
+        click.option("--skip", multiple=True, metavar="PATTERN",
+                     help="Leave the BNs whose node name or output name matches PATTERN (shell-style: *, ?, "
+                     "[seq]; repeatable). In If/Loop/Scan bodies and functions the node's own name is matched. "
+                     "Skipped BNs are reported as left; a PATTERN matching no BN is an error."),
+        click.option("--only", multiple=True, metavar="PATTERN",
+                     help="Fold only the BNs matching PATTERN (as --skip; repeatable); the others are reported "
+                     "as left."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _write_json(document: dict[str, Any], json_path: str) -> None:
+    """The JSON report to stdout (``-``) or to a file."""
+    if json_path == "-":
+        click.echo(render.dump_json(document))
+        return
+    try:
+        Path(json_path).write_text(render.dump_json(document) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
 
 
 def _report_path(json_path: str | None) -> Path | None:
@@ -128,41 +215,93 @@ def _report_path(json_path: str | None) -> Path | None:
     return None if json_path in (None, "-") else Path(json_path)
 
 
+def _refuse_clobbering_report(json_path: str | None, models: Iterable[Path], outputs: Iterable[Path],
+                              inputs: Path | None, *, in_place: bool) -> None:
+    """Before anything is read: the ``--json`` file is none of the files the command line
+    names (models, outputs, ``--inputs``). A failure's JSON document is written to it even
+    when a model cannot be loaded, so this cannot wait for the run's own check, which also
+    knows the models' external data files."""
+    report = _report_path(json_path)
+    if report is None:
+        return
+    files = RunFiles()
+    for model in models:
+        files.read_model(model, ())
+    for model, output in zip(models, outputs):
+        files.write_output(model, output, in_place=in_place)
+    files.read_inputs(files_read_by_inputs(inputs))
+    files.write_report(report)
+    files.check()
+
+
 def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> None:
     """stdout gets JSON (``--json -``), one line (``--quiet``) or the tables."""
-    if json_path == "-":
-        click.echo(render.dump_json(document))
-        return
     if json_path:
-        try:
-            Path(json_path).write_text(render.dump_json(document) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise InputError(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
+        _write_json(document, json_path)
+    if json_path == "-":
+        return
     if quiet:
         click.echo(quiet_line)
     else:
-        Console(soft_wrap=False).print(human)
+        render.print_human(human)
 
 
-def _run(action: Callable[[], int], interrupted: str = "nothing was written") -> None:
-    """Turn bnfold's errors into one stderr line and their exit code; Ctrl-C into 130."""
+FailureDocument = Callable[[str, int], dict[str, Any]]
+"""The JSON document of a run that failed, from its error message and exit code."""
+
+
+def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocument,
+         interrupted: str = "nothing was written") -> NoReturn:
+    """Turn bnfold's errors into one stderr line and their exit code (and, with ``--json``,
+    a document saying so); Ctrl-C into 130."""
     try:
         code = action()
     except BnfoldError as error:
-        click.echo(f"bnfold: error: {error}", err=True)
-        sys.exit(error.exit_code)
+        # A path the run may not write is never written, not even with the failure's report.
+        _fail(ERROR_PREFIX, str(error), error.exit_code, None if isinstance(error, PathClash) else json_path, failure)
     except KeyboardInterrupt:
         click.echo(f"bnfold: interrupted; {interrupted}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - a bug must still end in one line, not a traceback
-        click.echo(f"bnfold: {internal_error_message(error)}", err=True)
-        sys.exit(EXIT_INTERNAL)
+        _fail("bnfold: ", internal_error_message(error), EXIT_INTERNAL, json_path, failure)
     sys.exit(code)
+
+
+def _fail(prefix: str, message: str, exit_code: int, json_path: str | None, failure: FailureDocument) -> NoReturn:
+    """The error line on stderr, after the JSON document of the failure when one was asked for."""
+    line = prefix + message
+    if json_path:
+        try:
+            _write_json(failure(message, exit_code), json_path)
+        except InputError as error:
+            line += f" (and {error})"
+    click.echo(line, err=True)
+    sys.exit(exit_code)
+
+
+def version_text() -> str:
+    """bnfold's version and those of what it computes with: what a bug report needs."""
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return (
+        f"bnfold {importlib.metadata.version('bnfold')}\n"
+        f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
 
 
 @click.group(cls=DefaultCommandGroup, epilog=EXIT_CODES_HELP,
              context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bnfold")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of bnfold, onnx, onnxruntime and numpy, and exit.")
 def main() -> None:
     """Fold BatchNormalization into neighbouring layers of ONNX models and prove,
     with onnxruntime, that the result computes the same function.
@@ -175,8 +314,9 @@ def main() -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL...")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Where to write the folded model (default: MODEL.folded.onnx beside the input). One model only.")
-@click.option("--output-dir", type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
-              default=None, help="Write each folded model to DIR/<name>.folded.onnx instead of beside its input.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Write each folded model to DIR/<name>.folded.onnx instead of beside its input "
+              "(DIR and its parents are created).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fold N models at a time in worker processes (1: in this process).")
 @click.option("--in-place", is_flag=True, help="Allow the output to be the input file itself.")
@@ -188,10 +328,11 @@ def main() -> None:
 @click.option("--keep-overridable", is_flag=True,
               help="Treat initializers also listed as graph inputs (IR 4+) as fed at run time and fold nothing "
               "that reads them (by default they fold and leave the inputs).")
+@selection_options
 @verification_options
 def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None, jobs: int, in_place: bool,
          no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, keep_overridable: bool,
-         json_path: str | None, quiet: bool, **comparison: Any) -> None:
+         skip: tuple[str, ...], only: tuple[str, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Fold every foldable BatchNormalization of each MODEL, verify, and write the result.
 
     A MODEL may be a folder: its *.onnx files are folded (recursively, skipping
@@ -201,47 +342,75 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
     When the folded model is not equivalent, the folds are re-applied in groups on
     fresh copies of MODEL to name the fold(s) that broke it.
     """
-    if output and output_dir:
-        raise click.UsageError("-o/--output and --output-dir cannot be combined")
+    settings = dict(verify=not no_verify, skip=skip, only=only, exact_padding=exact_padding,
+                    keep_overridable=keep_overridable, dry_run=dry_run, in_place=in_place, keep_failed=keep_failed)
     found = find_models(models)
-    options = FoldOptions(in_place=in_place, verify=not no_verify, dry_run=dry_run,
-                          keep_failed=keep_failed, exact_padding=exact_padding, keep_overridable=keep_overridable,
-                          verify_options=_verify_options(**comparison), report=_report_path(json_path))
-    if len(models) == 1 and found == list(models):
-        _fold_one_model(models[0], output_in(output_dir, models[0]) if output_dir else output, options,
-                        json_path, quiet)
-    elif output:
-        raise click.UsageError("-o/--output names one file; with several models or a folder use --output-dir DIR")
-    else:
-        _fold_many_models(found, output_dir, jobs, options, json_path, quiet)
+    single = len(models) == 1 and found == list(models)  # a lone file, or a folder without models
+    target = output_in(output_dir, models[0]) if single and output_dir else output
+
+    def failure(message: str, exit_code: int) -> dict[str, Any]:
+        if single:
+            return failure_document(FOLD_SCHEMA, message, exit_code, input=models[0], output=target)
+        return failure_document(BATCH_SCHEMA, message, exit_code)
+
+    def action() -> int:
+        _refuse_output_as_second_model(models, output, output_dir)
+        outputs = [output_in(output_dir, model) if output_dir else default_output_path(model) for model in found]
+        _refuse_clobbering_report(json_path, found, [target or outputs[0]] if single else outputs,
+                                  comparison.get("inputs"), in_place=in_place)
+        if output and output_dir:
+            raise InputError("-o/--output and --output-dir cannot be combined")
+        if output and not single:
+            raise InputError("-o/--output names one file; with several models or a folder use --output-dir DIR")
+        with _output_dir(output_dir, dry_run):
+            if single:
+                return _fold_one_model(models[0], target, settings, comparison, json_path, quiet)
+            return _fold_many_models(found, output_dir, jobs, settings, comparison, json_path, quiet)
+
+    _run(action, json_path, failure, interrupted=(
+        "nothing was written" if single else "models finished before were written; no partial output was left"))
 
 
-def _fold_one_model(model: Path, output: Path | None, options: FoldOptions, json_path: str | None,
-                    quiet: bool) -> None:
+def _refuse_output_as_second_model(models: tuple[Path, ...], output: Path | None, output_dir: Path | None) -> None:
+    """``bnfold in.onnx out.onnx`` (how onnxsim and onnxslim are called) would fold in.onnx
+    and report out.onnx missing: say how to name the output, before any work."""
+    if len(models) != 2 or output or output_dir:
+        return
+    source, target = models
+    if source.is_file() and not target.exists() and target.suffix == ".onnx":
+        raise InputError(f"{target}: no such file; to write the folded model there, use -o: "
+                         f"bnfold {shlex.quote(str(source))} -o {shlex.quote(str(target))}")
+
+
+@contextlib.contextmanager
+def _output_dir(folder: Path | None, dry_run: bool) -> Iterator[None]:
+    """``--output-dir`` created for the run (not for a dry run, which writes nothing)."""
+    if folder is None or dry_run:
+        yield
+        return
+    with output_folder(folder):
+        yield
+
+
+def _fold_one_model(model: Path, output: Path | None, settings: dict[str, Any], comparison: dict[str, Any],
+                    json_path: str | None, quiet: bool) -> int:
     """The full report of one model (a lone file argument, not a folder)."""
-    options.output = output
-
-    def action() -> int:
-        result = fold_file(model, options)
-        _emit(render.fold_report_json(result), render.render_fold_report(result),
-              render.quiet_fold_line(result), json_path, quiet)
-        return result.exit_code
-
-    _run(action)
+    with render.run_status(model.name, quiet=quiet) as progress:
+        result = api.fold(model, output=output or default_output_path(model), progress=progress,
+                          report_file=_report_path(json_path), **settings, **comparison)
+    report = result.report
+    _emit(report.to_dict(), render.render_fold_report(report), render.quiet_fold_line(report), json_path, quiet)
+    return report.exit_code
 
 
-def _fold_many_models(models: list[Path], output_dir: Path | None, jobs: int, options: FoldOptions,
-                      json_path: str | None, quiet: bool) -> None:
+def _fold_many_models(models: list[Path], output_dir: Path | None, jobs: int, settings: dict[str, Any],
+                      comparison: dict[str, Any], json_path: str | None, quiet: bool) -> int:
     """One summary row per model, a progress bar on a terminal, the worst exit code."""
-
-    def action() -> int:
-        with render.batch_progress(len(models), quiet=quiet) as advance:
-            result = fold_models(models, options, output_dir=output_dir, jobs=jobs, on_result=advance)
-        _emit(render.batch_report_json(result), render.batch_table(result),
-              render.quiet_batch_lines(result), json_path, quiet)
-        return result.exit_code
-
-    _run(action, interrupted="models finished before were written; no partial output was left")
+    options = api.fold_options(api.verify_options(**comparison), report_file=_report_path(json_path), **settings)
+    with render.batch_progress(len(models), quiet=quiet) as advance:
+        result = fold_models(models, options, output_dir=output_dir, jobs=jobs, on_result=advance)
+    _emit(result.to_dict(), render.batch_table(result), render.quiet_batch_lines(result), json_path, quiet)
+    return result.exit_code
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -255,13 +424,17 @@ def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **co
     must have the same shape and dtype. Either model failing to load or run in
     onnxruntime exits 3.
     """
-    options = _verify_options(**comparison)
 
     def action() -> int:
-        result = check_files(original, folded, options, report=_report_path(json_path))
-        _emit(render.check_report_json(result), render.render_check_report(result),
-              render.quiet_check_line(result), json_path, quiet)
-        return result.exit_code
+        _refuse_clobbering_report(json_path, [original, folded], [], comparison.get("inputs"), in_place=False)
+        with render.run_status(folded.name, quiet=quiet) as progress:
+            report = api.check(original, folded, progress=progress, report_file=_report_path(json_path),
+                               **comparison)
+        _emit(report.to_dict(), render.render_check_report(report), render.quiet_check_line(report),
+              json_path, quiet)
+        return report.exit_code
 
-    _run(action)
+    def failure(message: str, exit_code: int) -> dict[str, Any]:
+        return failure_document(CHECK_SCHEMA, message, exit_code, original=original, folded=folded)
 
+    _run(action, json_path, failure)

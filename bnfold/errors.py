@@ -1,10 +1,13 @@
 """Errors that end a run, each tied to one documented exit code.
 
 The CLI turns any of these into a one-line message on stderr and its exit code;
-nothing else in the package prints or exits.
+nothing else in the package prints or exits. The Python API raises them as they
+are (exported from :mod:`bnfold`), so a script sees the message the CLI prints.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1
@@ -34,12 +37,26 @@ class RuntimeFailure(BnfoldError):
     exit_code = EXIT_RUNTIME_FAILURE
 
 
-class NotDeterministic(BnfoldError):
+class NotDeterministic(RuntimeFailure):
     """The original model computes different outputs from the same inputs (random ops,
     Dropout in training mode): no comparison can tell a fold's error from its randomness, so
     no verdict and no blame is given (exit 3, like a model onnxruntime cannot run)."""
 
     exit_code = EXIT_RUNTIME_FAILURE
+
+
+class NotEquivalent(BnfoldError):
+    """The folded model does not compute what the original computes (exit 1).
+
+    The command reports this as a result, not an error; the Python API raises it only when
+    asked (``raise_on_mismatch=True``), with the run's report attached.
+    """
+
+    exit_code = EXIT_NOT_EQUIVALENT
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def internal_error_message(error: Exception) -> str:

@@ -1,10 +1,12 @@
 """Folding every BatchNormalization that can be folded, to a fixed point.
 
 Each pass indexes the graph, reads every BN, asks the rules in order for a plan,
-and applies the plans that do not touch the same nodes. Passes repeat until
-nothing changes, so chains (a BN whose producer was itself just folded, or a
-plan held back because its target was busy) are handled without special cases.
-Every BN still present at the end carries the reason it was left.
+asks the merge rules about every Add and Sum (sibling branches one layer can
+compute), and applies the plans that do not touch the same nodes. Passes repeat
+until nothing changes, so chains (a BN whose producer was itself just folded, a
+branch whose BN folded before it merges, or a plan held back because its target
+was busy) are handled without special cases. Every BN still present at the end
+carries the reason it was left.
 
 Subgraphs (If/Loop/Scan bodies) are folded after their enclosing graph, with an
 index that sees the enclosing graph's constants; model-local functions are
@@ -33,7 +35,9 @@ from bnfold.inline import inline_for_folding
 from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
+from bnfold.rules.plan import MergePlan
 from bnfold.rules.batchnorm import is_batchnorm
+from bnfold.selection import Selection, matched_names
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,21 @@ class FoldRecord:
     """Largest ``|W' - W| / |W|`` over the weights the fold scaled (None: it scaled none)."""
     max_rounding_error: float | None = None
     """Largest ``|cast - float64|`` when the new tensors were cast back to the model's dtype."""
+    partial: bool = False
+    """Part of the BN stays in the graph under its name (e.g. the channels of the one Concat
+    input no layer could absorb; the notes say which): it is then also listed as left."""
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """A sibling branch merged into another branch of the same sum (no BN involved)."""
+
+    merged: str
+    """The branch (a Conv) that is gone, labelled like a folded BN."""
+    target: str
+    rule: str
+    notes: tuple[str, ...]
+    max_rounding_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,11 +86,15 @@ class FoldOutcome:
     left: list[LeftRecord] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
     overridable_inputs_removed: list[str] = field(default_factory=list)
+    """Initializers that were also graph inputs (IR 4+) and that folds replaced or removed, so
+    that they are no longer graph inputs: feeding them would not do what it did."""
     inlined_functions: list[str] = field(default_factory=list)
     """Model-local functions inlined before folding, because a BN in them (or next to their
     calls) could only fold with what their callers pass (:mod:`bnfold.inline`)."""
-    """Initializers that were also graph inputs (IR 4+) and that folds replaced or removed, so
-    that they are no longer graph inputs: feeding them would not do what it did."""
+    selectable: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Every BN (and decomposed affine) seen, by report label, with the names a ``--skip`` or
+    ``--only`` pattern is matched against: a pattern matching none of them is refused."""
+    merges: list[MergeRecord] = field(default_factory=list)
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -115,7 +138,10 @@ def _merely_moves_a_bias(plan: FoldPlan) -> bool:
 
 
 def _plan_for(affine: Affine, graph: GraphIndex, rules: RuleSet) -> FoldPlan | Refusal:
+    """The first plan that removes the whole affine; else the first that removes part of it
+    (a later rule may still remove all of it); else every rule's refusal."""
     refusals: list[str] = []
+    partial = None
     for rule in rules.order:
         try:
             outcome = rule.plan(affine, graph, rules)
@@ -123,11 +149,28 @@ def _plan_for(affine: Affine, graph: GraphIndex, rules: RuleSet) -> FoldPlan | R
             outcome = _failure(f"rule {rule.name}", error)
         if isinstance(outcome, FoldPlan) and _merely_moves_a_bias(outcome):
             continue
-        if isinstance(outcome, FoldPlan):
+        if isinstance(outcome, FoldPlan) and not outcome.partial:
             return outcome
-        if isinstance(outcome, Refusal):
+        if isinstance(outcome, FoldPlan):
+            partial = partial or outcome
+        elif isinstance(outcome, Refusal):
             refusals.append(outcome.reason)
+    if partial is not None:
+        return partial
     return Refusal("; ".join(refusals) if refusals else _unmatched_reason(affine, graph))
+
+
+def _merge_for(node: onnx.NodeProto, graph: GraphIndex, rules: RuleSet) -> MergePlan | None:
+    """The first merge of branches summed by ``node``. A merge is an optional rewrite with
+    no BN to leave in place, so a rule that trips over an unforeseen model just merges nothing."""
+    for rule in rules.merges:
+        try:
+            planned = rule.plan(node, graph, rules)
+        except Exception:  # noqa: BLE001 - see the docstring
+            planned = None
+        if planned is not None:
+            return planned
+    return None
 
 
 def _largest(values: list[float | None]) -> float | None:
@@ -145,8 +188,11 @@ class _Run:
 
     rules: RuleSet
     may_fold: Callable[[str], bool]
+    selection: Selection
     store: TensorStore
     outcome: FoldOutcome
+    origins: dict[str, str] = field(default_factory=dict)
+    """Names that inlined nodes had in their functions (:attr:`bnfold.inline.Inlined.origins`)."""
 
 
 def fold_batchnorms(
@@ -154,6 +200,7 @@ def fold_batchnorms(
     rules: RuleSet = RULES,
     may_fold: Callable[[str], bool] | None = None,
     store: TensorStore | None = None,
+    selection: Selection = Selection(),
 ) -> FoldOutcome:
     """Fold in place every BatchNormalization that a rule can fold, in ``model.graph``,
     in every If/Loop/Scan body nested in it, and in the model-local functions.
@@ -166,11 +213,14 @@ def fold_batchnorms(
     error attribution re-applies folds in groups this way. ``store`` is where the
     model's tensor values are read and rewritten (a loaded model's own): rewritten
     weights stay there as arrays until the model is written. Without one, the folded
-    model holds its new values itself. Model-local functions whose BNs can only fold
-    with what their callers pass are inlined first (:mod:`bnfold.inline`).
+    model holds its new values itself. ``selection`` (``--skip``/``--only``) keeps BNs
+    out of the fold; they are reported as left with the pattern that kept them.
+    Model-local functions whose BNs can only fold with what their callers pass are
+    inlined first (:mod:`bnfold.inline`).
     """
-    run = _Run(rules, may_fold or (lambda _label: True), store or TensorStore(), FoldOutcome())
-    run.outcome.inlined_functions = inline_for_folding(model)
+    run = _Run(rules, may_fold or (lambda _label: True), selection, store or TensorStore(), FoldOutcome())
+    inlined = inline_for_folding(model)
+    run.outcome.inlined_functions, run.origins = inlined.functions, inlined.origins
     top = _index(run, model, model.graph)
     overridable = [name for name in _input_names(model) if top.is_overridable(name)]
     _fold_scope(run, model, model.graph, None, "")
@@ -218,9 +268,9 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
     graph inputs; only weights constant inside the function fold.
     """
     view = function_view(model, function)
-    before = len(run.outcome.folds)
+    before = len(run.outcome.folds), len(run.outcome.merges)
     _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
-    if len(run.outcome.folds) == before:
+    if (len(run.outcome.folds), len(run.outcome.merges)) == before:
         return
     constants = [
         helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant",
@@ -243,6 +293,7 @@ def _fold_graph(
     while True:
         graph = _index(run, model, graph_proto, parent)
         candidates: list[FoldPlan] = []
+        merges: list[MergePlan] = []
         left: list[LeftRecord] = []
         planned_bytes = 0
         for node in graph.nodes:
@@ -251,33 +302,54 @@ def _fold_graph(
                 # layer, later in the graph, must claim the layer first.
                 candidates = [c for c in candidates if c.direction == "backward"] or candidates
                 break
-            if not run.may_fold(scope + node_id(node)):
+            merge = _merge_for(node, graph, run.rules)
+            if merge is not None and run.may_fold(scope + node_id(merge.merged)):
+                merges.append(merge)
+                planned_bytes += sum(update.values.nbytes for update in merge.updates)
+            label = scope + node_id(node)
+            if not run.may_fold(label):
                 continue
             affine = _read_affine(node, graph)
             if affine is None:
                 continue
-            result = affine if isinstance(affine, Refusal) else _plan_for(affine, graph, run.rules)
+            names = matched_names(node) + ((run.origins[node.name],) if node.name in run.origins else ())
+            run.outcome.selectable[label] = names
+            unselected = run.selection.refusal(names)
+            if unselected is not None:
+                result: FoldPlan | Refusal = Refusal(unselected)
+            elif isinstance(affine, Refusal):
+                result = affine
+            else:
+                result = _plan_for(affine, graph, run.rules)
             if isinstance(result, Refusal):
                 if is_batchnorm(node):
-                    left.append(LeftRecord(scope + node_id(node), result.reason))
+                    left.append(LeftRecord(label, result.reason))
                 continue
             candidates.append(result)
             planned_bytes += sum(update.values.nbytes for update in result.updates)
         plans: list[FoldPlan] = []
+        chosen_merges: list[MergePlan] = []
         busy: set[int] = set()
         # Backward folds claim their layer first: a forward fold into the same layer may
         # add a node after it, which would hide the layer from the BN that follows it.
-        for plan in sorted(candidates, key=lambda candidate: candidate.direction != "backward"):
+        # Merges come last: a branch's own BN folds before the branch merges.
+        ordered = sorted(candidates, key=lambda candidate: candidate.direction != "backward")
+        changes: list[FoldPlan | MergePlan] = [*ordered, *merges]
+        for plan in changes:
             touched = {graph.position_of(n) for n in plan.touched_nodes}
             if touched & busy:
                 continue  # a node it touches changes in this pass; plan it again in the next
             busy |= touched
-            plans.append(plan)
-        if not plans:
+            if isinstance(plan, MergePlan):
+                chosen_merges.append(plan)
+            else:
+                plans.append(plan)
+        if not plans and not chosen_merges:
             run.outcome.left += left
             return
         labels = [(scope + node_id(plan.affine.node), ", ".join(describe(t) for t in plan.targets)) for plan in plans]
-        run.outcome.removed_initializers += apply_plans(model, graph, plans)
+        merge_labels = [(scope + node_id(merge.merged), describe(merge.target)) for merge in chosen_merges]
+        run.outcome.removed_initializers += apply_plans(model, graph, plans, chosen_merges)
         for plan, (bn_label, target_label) in zip(plans, labels):
             run.outcome.folds.append(
                 FoldRecord(
@@ -290,5 +362,11 @@ def _fold_graph(
                     _largest([update.relative_change for update in plan.updates]),
                     _largest([update.rounding_error for update in plan.updates]
                              + [added.rounding_error for added in plan.added_biases]),
+                    plan.partial,
                 )
+            )
+        for merge, (merged_label, target_label) in zip(chosen_merges, merge_labels):
+            run.outcome.merges.append(
+                MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes),
+                            _largest([update.rounding_error for update in merge.updates]))
             )

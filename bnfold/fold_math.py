@@ -16,6 +16,13 @@ every input channel of the output's group; that is exact only when no output
 position sees padding, since padded zeros are not shifted by ``t``
 (:func:`conv_of_padded_shift` gives the exact per-position term).
 
+Split over the inputs of a Concat, each input takes the slice of ``s`` and ``t``
+over its channels (:func:`affine_slices`); over an Add, every operand takes ``s``
+and one of them ``t``. Sibling Convs over one input summed together are one Conv
+when one kernel fits in the other's taps (:func:`tap_positions`,
+:func:`kernel_with_branch`); a BN on the identity branch is the depthwise 1×1
+kernel ``s`` (:func:`identity_kernel`).
+
 Everything here is computed in float64 from the stored values and cast back to
 the model's dtype exactly once, at the end (:func:`cast_back`); doing the math in
 float16/float32 is the classic source of folding error. No ONNX types appear in
@@ -24,7 +31,9 @@ this module so that the math can be property-tested without building graphs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -147,6 +156,21 @@ def conv_offset(weight: np.ndarray, t: np.ndarray, group: int) -> np.ndarray:
 def conv_output_size(size: int, kernel: int, pad_begin: int, pad_end: int, stride: int, dilation: int) -> int:
     """Length of one spatial axis of a Conv output (ONNX/PyTorch floor rule)."""
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def same_padding(
+    auto_pad: str, spatial: tuple[int, ...], kernel: tuple[int, ...], strides: list[int], dilations: list[int]
+) -> list[int]:
+    """Explicit ONNX pads (begins, then ends) for ``auto_pad`` SAME_UPPER / SAME_LOWER: the
+    output has ``ceil(size / stride)`` positions, the odd pad going at the end (UPPER) or the
+    beginning (LOWER)."""
+    begins, ends = [], []
+    for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
+        total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
 
 
 def conv_of_padded_shift(
@@ -365,3 +389,135 @@ def compose_affines(
     s1, t1 = (np.asarray(v, dtype=np.float64) for v in first)
     s2, t2 = (np.asarray(v, dtype=np.float64) for v in then)
     return s2 * s1, s2 * t1 + t2
+
+
+# -- an affine split over the inputs of a Concat or an Add -----------------------------------------
+
+
+def affine_slices(s: np.ndarray, t: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pieces of a per-channel affine over ``Concat(y1, y2, ...)`` along its channel axis.
+
+    Channel c of the concat is channel ``c - offset_i`` of the segment ``y_i`` it lies in, so
+    ``s * Concat(y1, y2) + t = Concat(s1 * y1 + t1, s2 * y2 + t2)`` with ``(s_i, t_i)`` the
+    entries of ``s`` and ``t`` over ``y_i``'s channels (``sizes``, in order).
+    """
+    bounds = np.cumsum([0, *sizes])
+    if bounds[-1] != len(s):
+        raise ValueError(f"segments of {list(sizes)} channels do not cover {len(s)}")
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    return [(s[begin:end].copy(), t[begin:end].copy()) for begin, end in zip(bounds[:-1], bounds[1:])]
+
+
+def constant_with_affine(constant: np.ndarray, s: np.ndarray, t: np.ndarray, axes_after: int) -> np.ndarray:
+    """``s * c + t`` for a constant input ``c`` of an Add or a Concat, with ``s`` and ``t`` laid
+    along the channel axis, which has ``axes_after`` axes after it (float64).
+
+    A constant absorbs the affine in place: ``s * (y + c) + t = s * y + (s * c + t)``. A
+    constant that broadcast along the channel axis (a scalar, ``[1, 1, 1]``) becomes
+    per-channel, which broadcasts to the same result.
+    """
+    shape = [-1] + [1] * axes_after
+    values = np.asarray(constant, dtype=np.float64)
+    return values * np.asarray(s, dtype=np.float64).reshape(shape) + np.asarray(t, dtype=np.float64).reshape(shape)
+
+
+# -- sibling Conv branches over one input merged into one Conv ------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Which input positions a Conv's kernel taps read, per spatial axis.
+
+    Output position ``o`` of an axis reads, at tap ``i``, the input position
+    ``o * stride + i * dilation - pad_begin``; the output has
+    ``(size + size_change - 1) // stride + 1`` positions (ONNX's floor rule), where
+    ``size_change = pad_begin + pad_end - dilation * (kernel - 1)``.
+    """
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+
+    @property
+    def size_changes(self) -> tuple[int, ...]:
+        return tuple(begin + end - dilation * (k - 1) for k, dilation, begin, end
+                     in zip(self.kernel, self.dilations, self.pads_begin, self.pads_end))
+
+    @classmethod
+    def identity(cls, rank: int) -> ConvGeometry:
+        """A 1×…×1 kernel, unpadded, stride 1: what reads ``x`` itself at every position."""
+        ones, zeros = (1,) * rank, (0,) * rank
+        return cls(ones, ones, ones, zeros, zeros)
+
+
+def tap_positions(inner: ConvGeometry, outer: ConvGeometry) -> tuple[np.ndarray, ...] | None:
+    """For each spatial axis, the tap of ``outer`` that reads what each tap of ``inner`` reads.
+
+    Both Convs must produce the same positions from any input (same strides and size
+    changes); then tap ``i`` of ``inner`` and tap ``j`` of ``outer`` read the same input
+    position for every output exactly when ``i * d_in - p_in = j * d_out - p_out``. None when
+    the positions differ or some tap of ``inner`` has no such tap in ``outer``: ``inner``
+    does not fit in ``outer``'s kernel.
+    """
+    if inner.strides != outer.strides or inner.size_changes != outer.size_changes:
+        return None
+    taps = []
+    for k_in, d_in, p_in, k_out, d_out, p_out in zip(inner.kernel, inner.dilations, inner.pads_begin,
+                                                     outer.kernel, outer.dilations, outer.pads_begin):
+        reach = np.arange(k_in) * d_in - p_in + p_out
+        if np.any(reach % d_out) or np.any(reach < 0) or np.any(reach // d_out >= k_out):
+            return None
+        taps.append(reach // d_out)
+    return tuple(taps)
+
+
+def regroup_kernel(weight: np.ndarray, group: int, to_group: int) -> np.ndarray:
+    """A Conv weight ``[M, C/group, k...]`` written for ``to_group`` groups, ``[M, C/to_group, k...]``
+    (float64): the same Conv, with zeros where its finer groups connect nothing.
+
+    ``to_group`` divides ``group``, so each group of the weight lies inside one of the coarser
+    groups: output channel o of fine group g reads input channels ``g * C/group ...``, which
+    sit at offset ``g * C/group - G * C/to_group`` of the coarse group ``G`` that holds o.
+    """
+    out_channels, per_group, *kernel = weight.shape
+    if group % to_group:
+        raise ValueError(f"{to_group} groups do not contain {group}")
+    channels = per_group * group
+    per_coarse = channels // to_group
+    outputs_per_group = out_channels // group
+    regrouped = np.zeros((out_channels, per_coarse, *kernel))
+    for g in range(group):
+        coarse = g // (group // to_group)
+        offset = g * per_group - coarse * per_coarse
+        rows = slice(g * outputs_per_group, (g + 1) * outputs_per_group)
+        regrouped[rows, offset:offset + per_group] = weight[rows]
+    return regrouped
+
+
+def identity_kernel(s: np.ndarray, spatial_rank: int) -> np.ndarray:
+    """``s * x`` as a Conv weight: a depthwise (``group = C``) 1×…×1 kernel ``[C, 1, 1...]``.
+
+    Placed at the tap of a sibling's kernel that reads ``x`` itself
+    (:func:`tap_positions` against :meth:`ConvGeometry.identity`) and regrouped to its
+    groups, it puts ``s_c`` on the diagonal: input channel c to output channel c.
+    """
+    return np.asarray(s, dtype=np.float64).reshape(-1, 1, *(1,) * spatial_rank)
+
+
+def kernel_with_branch(
+    weight: np.ndarray, group: int, branch: np.ndarray, branch_group: int, taps: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    """``weight`` plus a sibling's kernel ``branch`` (float64), so that one Conv computes both.
+
+    The branch is regrouped to ``group`` groups (:func:`regroup_kernel`) and zero-padded into
+    ``weight``'s kernel: its tap ``i`` of each axis lands on tap ``taps[axis][i]``
+    (:func:`tap_positions`). The Conv is linear in its weight, so
+    ``Conv(x, W) + Conv'(x, B) = Conv(x, W + pad(B))``.
+    """
+    merged = np.asarray(weight, dtype=np.float64).copy()
+    regrouped = regroup_kernel(np.asarray(branch, dtype=np.float64), branch_group, group)
+    out_channels, per_group = regrouped.shape[:2]
+    merged[np.ix_(np.arange(out_channels), np.arange(per_group), *taps)] += regrouped
+    return merged

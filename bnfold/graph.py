@@ -146,7 +146,7 @@ class GraphIndex:
         self.parent = parent
         self.store: TensorStore = parent.store if parent is not None else (store or TensorStore())
         """Where the model's tensor values are read from and rewritten to."""
-        self.keep_overridable = parent.keep_overridable if parent is not None else keep_overridable
+        self.keep_overridable: bool = parent.keep_overridable if parent is not None else keep_overridable
         """Whether initializers that are also graph inputs count as fed at run time
         (:meth:`is_runtime_input`); the user's ``--keep-overridable``."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)

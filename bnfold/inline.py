@@ -24,7 +24,9 @@ is how their BNs are reported.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import onnx
 import onnx.inliner
@@ -113,8 +115,9 @@ def _called_next_to_a_batchnorm(model: onnx.ModelProto, local: dict[FunctionId, 
     for graph in _graphs(model):
         for batchnorm in _batchnorms(graph):
             producer = graph.producer_of(batchnorm.input[0])
-            if absorbing_call(producer) is not None:
-                chosen.add(absorbing_call(producer))
+            called = absorbing_call(producer)
+            if called is not None:
+                chosen.add(called)
             elif producer is None or not _absorbs_inside(producer, graph):
                 chosen.update(key for node in graph.consumers_of(batchnorm.output[0])
                               if (key := absorbing_call(node)) is not None)
@@ -129,14 +132,36 @@ def _called(model: onnx.ModelProto) -> set[FunctionId]:
     return calls
 
 
-def inline_for_folding(model: onnx.ModelProto) -> list[str]:
-    """Inline, in place, the model-local functions whose BNs need their callers to fold; return
-    their names in the order they were inlined (empty, and the model untouched, when none does).
+@dataclass
+class Inlined:
+    """What :func:`inline_for_folding` did."""
+
+    functions: list[str] = field(default_factory=list)
+    """The functions inlined, in order."""
+    origins: dict[str, str] = field(default_factory=dict)
+    """The name each inlined node had in its function's body, by the name the inliner gave it
+    (``bn__3`` → ``bn``): ``--skip`` / ``--only`` patterns match it as they would in the function."""
+
+
+INLINED_NAME = re.compile(r"(.+?)(?:__\d+)+")
+"""onnx's inliner names a node of an inlined body ``name__N`` (once per level of nesting)."""
+
+
+def _node_names(model: onnx.ModelProto) -> set[str]:
+    return {node.name for graph in _graphs(model) for node in graph.nodes if node.name}
+
+
+def inline_for_folding(model: onnx.ModelProto) -> Inlined:
+    """Inline, in place, the model-local functions whose BNs need their callers to fold (none,
+    and the model untouched, when no function does).
 
     A model onnx's inliner cannot handle keeps its functions: their BNs are then left with the
     reason they had.
     """
-    inlined: list[str] = []
+    inlined = Inlined()
+    if not model.functions:
+        return inlined
+    before = _node_names(model)
     while model.functions:
         local = {_id(function): function for function in model.functions}
         called = _called(model)
@@ -151,5 +176,10 @@ def inline_for_folding(model: onnx.ModelProto) -> list[str]:
         if len(result.functions) >= len(model.functions):
             break  # nothing was inlined after all: asking again would not change that
         model.CopyFrom(result)
-        inlined += [name for _, name in sorted(chosen)]
+        inlined.functions += [name for _, name in sorted(chosen)]
+    if inlined.functions:
+        for name in _node_names(model) - before:
+            match = INLINED_NAME.fullmatch(name)
+            if match is not None and match.group(1) in before:
+                inlined.origins[name] = match.group(1)
     return inlined

@@ -114,8 +114,15 @@ class GuessedSize:
 
     input: str
     shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    """The symbolic axes whose sizes were guessed."""
     reason: str
     """``symbolic dims set to 1``, or the model's hint (:mod:`bnfold.size_hints`)."""
+
+    @property
+    def beyond_batch(self) -> bool:
+        """Whether a dim other than the first (the batch, which 1 rarely gets wrong) was guessed."""
+        return any(axis > 0 for axis in self.axes)
 
 
 def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[GuessedSize]:
@@ -134,7 +141,8 @@ def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batc
         hint = spatial_hint(model, value.name, len(dims)) if any(axis >= 2 for axis in symbolic) else None
         if hint is not None:
             shape[2:] = [size if size > 0 else hinted for size, hinted in zip(dims[2:], hint.sizes)]
-        guessed.append(GuessedSize(value.name, tuple(shape), SET_TO_ONE if hint is None else hint.reason))
+        reason = SET_TO_ONE if hint is None else hint.reason
+        guessed.append(GuessedSize(value.name, tuple(shape), tuple(symbolic), reason))
     return guessed
 
 

@@ -12,14 +12,16 @@ import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from bnfold.attribution import Attribution, attribute_failure
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
-from bnfold.fold import FoldRecord, LeftRecord, fold_batchnorms
+from bnfold.fold import FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import (
     Trial,
     check_option_values,
@@ -34,7 +36,18 @@ from bnfold.io.paths import RunFiles, validate_output_path
 from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleOptions, RuleSet
+from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
+from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, verify_equivalence
+
+Progress = Callable[[str, int | None], None]
+"""Told as each stage of a run starts ("load", "fold", "save", "verify", "attribution"),
+with the bytes that stage works on (None when not known yet): the command shows it as a
+transient status line while one big model is folded."""
+
+
+def _no_progress(_stage: str, _size: int | None) -> None:
+    """The default :data:`Progress`: nobody is watching."""
 
 
 @dataclass
@@ -49,6 +62,8 @@ class FoldOptions:
     keep_overridable: bool = False
     """Refuse folds that would replace an initializer also listed as a graph input (IR 4+), for
     callers that really feed those inputs; by default they fold and leave the inputs."""
+    selection: Selection = field(default_factory=Selection)
+    """``--skip`` / ``--only``: BNs kept out of the fold (reported as left)."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     rules: RuleSet = RULES
     """The registry's rules unless given (tests pass their own to exercise error attribution)."""
@@ -95,7 +110,8 @@ def model_stats(model: onnx.ModelProto, file_bytes: int | None) -> ModelStats:
 class FoldReport:
     """Everything a fold run found and did; rendered by :mod:`bnfold.report`."""
 
-    input: Path
+    input: Path | None
+    """The model file (None for a model the Python API was given in memory)."""
     output: Path | None
     written: bool
     dry_run: bool
@@ -103,6 +119,7 @@ class FoldReport:
     after: ModelStats
     folds: list[FoldRecord]
     left: list[LeftRecord]
+    merges: list[MergeRecord]
     removed_initializers: list[str]
     overridable_inputs_removed: list[str]
     """Initializers also listed as graph inputs that folds replaced or removed: they are no
@@ -118,8 +135,9 @@ class FoldReport:
 
     @property
     def batchnorms_folded(self) -> int:
-        """BatchNormalization nodes folded (decomposed Mul/Add affines not counted)."""
-        return sum(fold.kind == "BatchNormalization" for fold in self.folds)
+        """BatchNormalization nodes folded away (decomposed Mul/Add affines not counted, nor a BN
+        folded only partly: it is still in the graph, and listed as left)."""
+        return sum(fold.kind == "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def batchnorms_total(self) -> int:
@@ -128,8 +146,8 @@ class FoldReport:
 
     @property
     def affines_folded(self) -> int:
-        """Decomposed BN forms (per-channel Mul/Add chains) folded."""
-        return len(self.folds) - self.batchnorms_folded
+        """Decomposed BN forms (per-channel Mul/Add chains) folded away."""
+        return sum(fold.kind != "BatchNormalization" and not fold.partial for fold in self.folds)
 
     @property
     def status(self) -> str:
@@ -140,6 +158,15 @@ class FoldReport:
     @property
     def exit_code(self) -> int:
         return EXIT_NOT_EQUIVALENT if self.status == "not-equivalent" else EXIT_OK
+
+    @property
+    def passed(self) -> bool:
+        """Equivalent, or not verified because the run was asked not to (exit code 0)."""
+        return self.exit_code == EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.fold/1`` document (what ``--json`` writes; schema in the README)."""
+        return report_document(FOLD_SCHEMA, self)
 
 
 class _Stopwatch:
@@ -165,11 +192,34 @@ def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
     return trials
 
 
-def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
+def _require_known_outputs(loaded: LoadedModel, options: VerifyOptions) -> None:
+    """Refuse ``--tol NAME:...`` for a NAME the model does not output: silently applying
+    the default tolerance instead would hide the typo in a CI gate."""
+    outputs = [value.name for value in loaded.model.graph.output]
+    unknown = [name for name in options.tolerances.per_output if name not in outputs]
+    if unknown:
+        raise InputError(
+            f"{loaded.path}: --tol {unknown[0]}: the model has no output of that name "
+            f"(its outputs: {', '.join(outputs) or 'none'})"
+        )
+
+
+def _file_size(path: Path) -> int | None:
+    """Bytes on disk, for the progress display; None for what load_model will refuse anyway."""
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
+def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | None = None) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
+    progress = progress or _no_progress
     clock = _Stopwatch()
     check_option_values(options.verify_options)
+    progress("load", _file_size(input_path))
     loaded = load_model(input_path)
+    _require_known_outputs(loaded, options.verify_options)
     output = options.output or default_output_path(loaded.path)
     files = RunFiles()
     files.read_model(loaded.path, loaded.external_data_files)
@@ -188,12 +238,15 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
     clock.lap("load")
 
     rules = options.rule_set()
-    outcome = fold_batchnorms(model, rules, store=loaded.store)
+    progress("fold", loaded.file_bytes)
+    outcome = fold_batchnorms(model, rules, store=loaded.store, selection=options.selection)
+    options.selection.require_matches(outcome.selectable, str(loaded.path))
     after = model_stats(model, None)
     clock.lap("fold")
 
     staging_target = Path(tempfile.gettempdir()) / output.name if options.dry_run else output
     verification = None
+    progress("save", None)
     with stage(model, staging_target, loaded.store, external_data=bool(loaded.external_data_files)) as staged:
         # Checked after writing, on the message the writer just serialized: the staged file
         # byte for byte, every tensor with the fields it was written with (before, a folded
@@ -207,6 +260,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
         clock.lap("save")
         if options.verify and problem is None:
+            progress("verify", staged.file_bytes)
             with explaining_guessed_shapes(guessed):
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider
@@ -214,12 +268,14 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
             verification.guessed_sizes = guessed
             clock.lap("verify")
         attribution = None
-        if verification is not None and not verification.passed and outcome.folds:
+        if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
             # Before anything is committed: the search reloads the input, which --in-place
             # would otherwise have replaced, and a model found not deterministic
             # (NotDeterministic) must leave nothing behind, --keep-failed or not.
+            progress("attribution", None)
             attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
-                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules)
+                                            tolerances=vo.tolerances, provider=vo.provider, rules=rules,
+                                            merges=outcome.merges)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         written = not options.dry_run and (equivalent or options.keep_failed)
@@ -234,6 +290,7 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
         after=after,
         folds=outcome.folds,
         left=outcome.left,
+        merges=outcome.merges,
         removed_initializers=outcome.removed_initializers,
         overridable_inputs_removed=outcome.overridable_inputs_removed,
         inlined_functions=outcome.inlined_functions,
@@ -248,8 +305,9 @@ def fold_file(input_path: Path, options: FoldOptions) -> FoldReport:
 class CheckReport:
     """``bnfold check``: two existing models compared."""
 
-    original: Path
-    folded: Path
+    original: Path | None
+    """The original model file (None for a model the Python API was given in memory)."""
+    folded: Path | None
     before: ModelStats
     after: ModelStats
     verification: Verification
@@ -262,6 +320,14 @@ class CheckReport:
     @property
     def exit_code(self) -> int:
         return EXIT_OK if self.verification.passed else EXIT_NOT_EQUIVALENT
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``bnfold.check/1`` document (what ``bnfold check --json`` writes)."""
+        return report_document(CHECK_SCHEMA, self)
 
 
 def _input_names(loaded: LoadedModel) -> list[str]:
@@ -278,11 +344,16 @@ def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
         )
 
 
-def check_files(original: Path, folded: Path, options: VerifyOptions, *, report: Path | None = None) -> CheckReport:
+def check_files(
+    original: Path, folded: Path, options: VerifyOptions, *, report: Path | None = None,
+    progress: Progress | None = None,
+) -> CheckReport:
     """Compare two model files; writes nothing but the caller's ``report`` (the ``--json``
     file), which is checked first against every file the comparison reads."""
+    progress = progress or _no_progress
     clock = _Stopwatch()
     check_option_values(options)
+    progress("load", _file_size(original))
     original_model = load_model(original)
     folded_model = load_model(folded)
     files = RunFiles()
@@ -293,8 +364,10 @@ def check_files(original: Path, folded: Path, options: VerifyOptions, *, report:
         files.write_report(report)
     files.check()
     _require_same_inputs(original_model, folded_model)
+    _require_known_outputs(original_model, options)
     trials = _trials(original_model.model, options)
     clock.lap("load")
+    progress("verify", original_model.file_bytes + folded_model.file_bytes)
     guessed = guessed_shapes(original_model.model, options)
     with explaining_guessed_shapes(guessed):
         verification = verify_equivalence(

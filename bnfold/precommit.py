@@ -36,7 +36,8 @@ from typing import Any
 
 import click
 
-from bnfold.cli import _verify_options, verification_options
+from bnfold.api import fold_options, verify_options
+from bnfold.cli import BnfoldGroup, selection_options, verification_options
 from bnfold.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -54,6 +55,15 @@ from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, o
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line
+
+EXIT_CODES_HELP = """\b
+Exit codes (the worst over all pairs: 4 > 3 > 2 > 1 > 0):
+  0  every pair up to date and equivalent
+  1  not equivalent, or (fold) a folded file was written: review and stage it
+  2  bad input or usage: a missing or invalid model, a bad option
+  3  onnxruntime cannot load or run a given model (its message is shown)
+  4  internal error (a bug in bnfold): one line
+  130 interrupted (Ctrl-C); no partial output is left"""
 
 
 @dataclass(frozen=True)
@@ -206,18 +216,19 @@ def _require_valid_values(options: VerifyOptions) -> None:
         sys.exit(error.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BnfoldGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The pre-commit hooks of bnfold. Each FILE (X.onnx or X.folded.onnx) stands for the
     pair X.onnx / X.folded.onnx; the exit code is the worst over all pairs."""
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path), metavar="FILE...")
 @click.option("--exact-padding", is_flag=True, help="As `bnfold fold --exact-padding`.")
+@selection_options
 @verification_options
-def fold(files: tuple[Path, ...], exact_padding: bool, json_path: str | None, quiet: bool,
-         **comparison: Any) -> None:
+def fold(files: tuple[Path, ...], exact_padding: bool, skip: tuple[str, ...], only: tuple[str, ...],
+         json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Write X.folded.onnx when it is missing or differs from a fresh fold of X.onnx, and
     then exit 1 so the new file gets staged; exit 0 when every folded file is up to date.
 
@@ -225,7 +236,7 @@ def fold(files: tuple[Path, ...], exact_padding: bool, json_path: str | None, qu
     nothing and exits 1. --quiet is accepted and implied.
     """
     _refuse_json(json_path)
-    options = FoldOptions(exact_padding=exact_padding, verify_options=_verify_options(**comparison))
+    options = fold_options(verify_options(**comparison), exact_padding=exact_padding, skip=skip, only=only)
     _require_valid_values(options.verify_options)
     written: list[Path] = []
 
@@ -241,13 +252,13 @@ def fold(files: tuple[Path, ...], exact_padding: bool, json_path: str | None, qu
     sys.exit(code)
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path), metavar="FILE...")
 @verification_options
 def check(files: tuple[Path, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Compare X.folded.onnx with X.onnx for every pair (`bnfold check`); a missing
     X.onnx or X.folded.onnx is an error. Writes nothing. --quiet is accepted and implied."""
     _refuse_json(json_path)
-    options = _verify_options(**comparison)
+    options = verify_options(**comparison)
     _require_valid_values(options)
     sys.exit(_worst_exit_code(model_pairs(files), lambda pair: check_pair(pair, options)))

@@ -1,23 +1,27 @@
 """Showing what a run did: rich tables for people, JSON for machines, one line for --quiet.
 
-The JSON report carries the same facts as the tables (schema documented in the
-README); non-finite floats are written as the strings "inf"/"nan" so the file is
-strict JSON.
+The JSON report carries the same facts as the tables; each report builds its own
+document (``to_dict()``, see :mod:`bnfold.schema`), written here as strict JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import io
 import json
 import math
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.measure import Measurement
 from rich.progress import Progress, TextColumn
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
@@ -26,9 +30,6 @@ from bnfold.batch import BatchReport, ModelResult
 from bnfold.pipeline import CheckReport, FoldReport, ModelStats
 from bnfold.verify import OutputComparison, Verification
 
-FOLD_SCHEMA = "bnfold.fold/1"
-CHECK_SCHEMA = "bnfold.check/1"
-BATCH_SCHEMA = "bnfold.batch/1"
 STATUS_STYLE = {"equivalent": "bold green", "not-equivalent": "bold red", "unverified": "bold yellow",
                 "error": "bold red"}
 
@@ -36,67 +37,35 @@ STATUS_STYLE = {"equivalent": "bold green", "not-equivalent": "bold red", "unver
 # -- JSON ---------------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses, paths, tuples and floats as strict-JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def _verification_json(verification: Verification | None) -> dict[str, Any] | None:
-    if verification is None:
-        return None
-    document = _plain(verification)
-    document["passed"] = verification.passed
-    for key in ("outputs", "expected"):
-        for output, comparison in zip(document[key], getattr(verification, key)):
-            output["passed"] = comparison.passed
-    return document
-
-
-def fold_report_json(report: FoldReport) -> dict[str, Any]:
-    document = {"schema": FOLD_SCHEMA, **_plain(report)}
-    document.update(
-        status=report.status,
-        exit_code=report.exit_code,
-        verification=_verification_json(report.verification),
-    )
-    return document
-
-
-def check_report_json(report: CheckReport) -> dict[str, Any]:
-    document = {"schema": CHECK_SCHEMA, **_plain(report)}
-    document.update(
-        status=report.status, exit_code=report.exit_code, verification=_verification_json(report.verification)
-    )
-    return document
-
-
-def batch_report_json(report: BatchReport) -> dict[str, Any]:
-    """Every model's full ``bnfold.fold/1`` report (null for a model that failed) and the totals."""
-    models = [
-        {"input": str(result.input), "status": result.status, "exit_code": result.exit_code,
-         "error": result.error, "seconds": result.seconds,
-         "report": fold_report_json(result.report) if result.report else None}
-        for result in report.results
-    ]
-    return {"schema": BATCH_SCHEMA, "exit_code": report.exit_code, "jobs": report.jobs, "models": models,
-            "totals": _plain(report.totals())}
-
-
 def dump_json(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, allow_nan=False)
 
 
 # -- human output -------------------------------------------------------------------------------
+
+# Wider than any line a report can have: the measuring console never wraps.
+_UNBOUNDED = 1_000_000
+
+
+def print_human(renderable: RenderableType) -> None:
+    """Print a report on stdout: fitted to the window on a terminal; elsewhere (a CI log, a
+    pipe, a file) at its natural width, so that no column is squeezed or cut and no name is
+    wrapped, and without the trailing spaces a fixed width would pad every line with."""
+    console = Console(soft_wrap=False)
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    width = Measurement.get(console, console.options.update_width(_UNBOUNDED), renderable).maximum
+    buffer = io.StringIO()
+    Console(file=buffer, width=max(width, 1), soft_wrap=False, color_system=None).print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    sys.stdout.flush()
+
+
+def _titled(title: str, table: Table) -> Group:
+    """A table under its title. Not rich's own table title, which wraps to the table's
+    width: a long title (the inputs of a verification) would break over lines in a log."""
+    return Group(Text(title, style="table.title"), table)
 
 
 def _size(value: int | None) -> str:
@@ -117,8 +86,8 @@ def _delta(before: int | None, after: int | None) -> Text:
     return Text(f"{change:+,}", style="green" if change < 0 else "yellow")
 
 
-def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] = ("before", "after")) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, title="Before / after", title_justify="left")
+def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] = ("before", "after")) -> Group:
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("")
     table.add_column(titles[0], justify="right")
     table.add_column(titles[1], justify="right")
@@ -137,7 +106,7 @@ def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] =
         else Text("")
     )
     table.add_row("file size", _size(before.file_bytes), _size(after.file_bytes), size_change)
-    return table
+    return _titled("Before / after", table)
 
 
 def _fmt(value: float) -> str:
@@ -169,15 +138,16 @@ def _inputs_line(verification: Verification) -> str:
 
 
 def _guessed_lines(verification: Verification) -> str:
-    """One line per input whose sizes were guessed: what was used and why."""
+    """One line per input whose sizes beyond the batch were guessed: what was used and why
+    (a batch of 1 goes without saying; the JSON report lists it too)."""
     return "".join(
         f"\nguessed {guess.input} [{','.join(map(str, guess.shape))}]: {guess.reason} (--input-shape gives exact sizes)"
-        for guess in verification.guessed_sizes
+        for guess in verification.guessed_sizes if guess.beyond_batch
     )
 
 
 def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
-    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("", no_wrap=True)
     table.add_column("output", overflow="fold", min_width=14)
     columns = ("trial", "max |Δ|", "max rel", "worst at", "out of tol", "atol/rtol")
@@ -201,7 +171,7 @@ def _comparison_table(title: str, comparisons: list[OutputComparison], with_tria
         )
         if output.problem:
             problems.append(Text(f"{output.name}: {output.problem}", style="red"))
-    return Group(table, *problems)
+    return Group(_titled(title, table), *problems)
 
 
 def verification_table(verification: Verification) -> Group:
@@ -223,13 +193,9 @@ def verification_table(verification: Verification) -> Group:
     return Group(*parts)
 
 
-def attribution_table(attribution: Attribution) -> Table:
+def attribution_table(attribution: Attribution) -> Group:
     """The fold(s) that break equivalence on their own, found by re-applying folds in groups."""
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title=f"Broken by ({attribution.verifications} partial folds verified)",
-        title_justify="left",
-    )
+    table = Table(box=box.SIMPLE_HEAD)
     for column in ("BatchNormalization", "into", "rule", "output", "max |Δ|", "max rel", "out of tol"):
         table.add_column(column, justify="right" if column.startswith(("max", "out")) else "left")
     for guilty in attribution.guilty:
@@ -237,7 +203,12 @@ def attribution_table(attribution: Attribution) -> Table:
             "\n".join(guilty.batchnorms), "\n".join(guilty.targets), "\n".join(guilty.rules), guilty.output,
             _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
         )
-    return table
+    return _titled(f"Broken by ({attribution.verifications} partial folds verified)", table)
+
+
+def _name(path: Path | None, in_memory: str) -> str:
+    """How a report names a model: its path, or a label for one the Python API held in memory."""
+    return in_memory if path is None else str(path)
 
 
 def _headline(source: str, target: str, status: str) -> Text:
@@ -283,29 +254,38 @@ def render_fold_report(report: FoldReport) -> Group:
     elif report.written:
         target = str(report.output)
     else:
-        target = f"{report.output} (not written)"
-    parts: list[Any] = [_headline(str(report.input), target, report.status), ""]
+        target = "(in memory)" if report.output is None else f"{report.output} (not written)"
+    parts: list[Any] = [_headline(_name(report.input, "<model>"), target, report.status), ""]
     parts.append(stats_table(report.before, report.after))
-    folds = Table(box=box.SIMPLE_HEAD, title=f"Folded ({len(report.folds)})", title_justify="left")
+    folds = Table(box=box.SIMPLE_HEAD)
     for column in ("folded", "into", "rule", "max rel Δw", "rounding", "notes"):
         folds.add_column(column, justify="right" if column in ("max rel Δw", "rounding") else "left")
     for fold in report.folds:
         # A decomposed BN (e.g. Mul+Add) is named by its first node: say what it was.
         folded = fold.batchnorm if fold.kind == "BatchNormalization" else f"{fold.batchnorm} ({fold.kind})"
+        folded += " (partly)" if fold.partial else ""
         folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
                       _measured(fold.max_rounding_error), "; ".join(fold.notes))
-    parts.append(folds)
+    parts.append(_titled(f"Folded ({len(report.folds)})", folds))
     if report.overridable_inputs_removed:
         parts.append(overridable_line(report.overridable_inputs_removed))
     if report.inlined_functions:
         parts.append(inlined_line(report.inlined_functions))
+    if report.merges:
+        merges = Table(box=box.SIMPLE_HEAD)
+        for column in ("merged", "into", "rule", "rounding", "notes"):
+            merges.add_column(column, justify="right" if column == "rounding" else "left")
+        for merge in report.merges:
+            merges.add_row(Text(merge.merged), Text(merge.target), merge.rule, _measured(merge.max_rounding_error),
+                           Text("; ".join(merge.notes)))
+        parts.append(_titled(f"Merged branches ({len(report.merges)})", merges))
     if report.left:
-        left = Table(box=box.SIMPLE_HEAD, title=f"Left in place ({len(report.left)})", title_justify="left")
+        left = Table(box=box.SIMPLE_HEAD)
         left.add_column("BatchNormalization")
         left.add_column("reason")
         for record in report.left:
             left.add_row(record.batchnorm, record.reason)
-        parts.append(left)
+        parts.append(_titled(f"Left in place ({len(report.left)})", left))
     if report.problem:
         parts.append(Text(f"Problem: {report.problem}", style="red"))
     if report.verification:
@@ -320,7 +300,7 @@ def render_fold_report(report: FoldReport) -> Group:
 
 def render_check_report(report: CheckReport) -> Group:
     return Group(
-        _headline(str(report.original), str(report.folded), report.status),
+        _headline(_name(report.original, "<original>"), _name(report.folded, "<folded>"), report.status),
         "",
         stats_table(report.before, report.after, titles=("original", "folded")),
         verification_table(report.verification),
@@ -338,8 +318,18 @@ def _affines(report: FoldReport) -> str:
     return f" (+{count} decomposed affine{'s' if count != 1 else ''})" if count else ""
 
 
+def _merges(report: FoldReport) -> str:
+    count = len(report.merges)
+    return f", merged {count} sibling branch{'es' if count != 1 else ''}" if count else ""
+
+
 def quiet_fold_line(report: FoldReport) -> str:
-    where = "dry run" if report.dry_run else (str(report.output) if report.written else "not written")
+    if report.dry_run:
+        where = "dry run"
+    elif report.written:
+        where = str(report.output)
+    else:
+        where = "in memory" if report.output is None else "not written"
     culprits = ""
     if report.attribution and report.attribution.guilty:
         culprits = "; broken by " + ", ".join(
@@ -348,13 +338,15 @@ def quiet_fold_line(report: FoldReport) -> str:
     removed = len(report.overridable_inputs_removed)
     inputs = f"; {removed} overridable initializer{'s' * (removed != 1)} removed from the inputs" if removed else ""
     return (
-        f"{report.input} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
-        f"BatchNormalization{_affines(report)}, {report.status}{_worst_error(report.verification)}{inputs}{culprits}"
+        f"{_name(report.input, '<model>')} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
+        f"BatchNormalization{_affines(report)}{_merges(report)}, {report.status}"
+        f"{_worst_error(report.verification)}{inputs}{culprits}"
     )
 
 
 def quiet_check_line(report: CheckReport) -> str:
-    return f"{report.original} vs {report.folded}: {report.status}{_worst_error(report.verification)}"
+    original, folded = _name(report.original, "<original>"), _name(report.folded, "<folded>")
+    return f"{original} vs {folded}: {report.status}{_worst_error(report.verification)}"
 
 
 def _error_message(result: ModelResult) -> str:
@@ -382,13 +374,12 @@ def _batchnorm_counts(folded: int, total: int, affines: int) -> str:
     return f"{folded}/{total}" + (f" +{affines}" if affines else "")
 
 
-def batch_table(report: BatchReport) -> Table:
+def batch_table(report: BatchReport) -> Group:
     """One row per model in input order, then the totals (time: wall clock of the whole run).
 
     "BNs" is BatchNormalization nodes folded/present, then "+N" decomposed affines folded.
     """
-    table = Table(box=box.SIMPLE_HEAD, title=f"Folded {len(report.results)} models (-j {report.jobs})",
-                  title_justify="left", pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     longest_name = max((len(str(result.input)) for result in report.results), default=16)
     table.add_column("model", overflow="fold", min_width=min(max(longest_name, 16), 24))
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
@@ -416,7 +407,7 @@ def batch_table(report: BatchReport) -> Table:
         _size_change(totals.file_bytes_before, totals.file_bytes_after),
         _statuses(totals.statuses, "\n"), _measured(totals.max_abs_error), f"{totals.seconds:.2f}s",
     )
-    return table
+    return _titled(f"Folded {len(report.results)} models (-j {report.jobs})", table)
 
 
 def _statuses(counts: dict[str, int], separator: str = ", ") -> str:
@@ -449,3 +440,56 @@ def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task("folding", total=total, last="")
         yield lambda result: progress.update(task, advance=1, last=str(result.input))
+
+
+STATUS_AFTER_SECONDS = 0.5
+"""A run shorter than this shows no status: a line flashing past is noise, not news."""
+_STAGES = {
+    "load": "loading",
+    "fold": "folding",
+    "save": "writing",
+    "verify": "verifying in onnxruntime",
+    "attribution": "finding the fold that broke equivalence",
+}
+
+
+class _RunStatus:
+    """The status line of one model's run: what stage it is in, how big, for how long.
+
+    Empty until the run has taken :data:`STATUS_AFTER_SECONDS`; rich redraws it a few times
+    a second, so it appears by itself once the run proves slow.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = time.monotonic()
+        self.stage = ""
+        self.spinner = Spinner("dots")
+
+    def update(self, stage: str, size: int | None) -> None:
+        self.stage = _STAGES.get(stage, stage) + (f" ({_size(size)})" if size else "")
+
+    def __rich__(self) -> RenderableType:
+        elapsed = time.monotonic() - self.started
+        if elapsed < STATUS_AFTER_SECONDS or not self.stage:
+            return Text("")
+        self.spinner.update(text=Text.assemble(self.name, f": {self.stage} · {elapsed:.0f}s"))
+        return self.spinner
+
+
+@contextlib.contextmanager
+def run_status(name: str, *, quiet: bool) -> Iterator[Callable[[str, int | None], None]]:
+    """A transient status line on stderr while one model (or one comparison) runs, shown only
+    on a terminal, without ``--quiet``, and once the run takes more than a moment; it is
+    erased when the run ends, so a log never holds it.
+
+    Yields the progress callback the pipeline calls at each stage (load → fold → save → verify).
+    """
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield lambda _stage, _size: None
+        return
+    status = _RunStatus(name)
+    with Live(status, console=console, transient=True, refresh_per_second=8,
+              redirect_stdout=False, redirect_stderr=False):
+        yield status.update

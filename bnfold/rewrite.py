@@ -4,9 +4,15 @@ The rewrite never overwrites a tensor that anything else reads. A weight used
 only by the folded node is replaced under its own name (the diff stays readable);
 a shared one is left intact for its other users and the folded node gets a new
 tensor, which is noted in the report. Initializers and constant-producing nodes
-that the folds left unused are removed; nothing else is. A sparse initializer a fold replaces is
-written dense under its name (its folded values are no longer sparse). An initializer that was also a graph
-input (IR 4+, an overridable default) leaves the inputs once a fold replaces or removes it.
+that the folds left unused are removed; nothing else is. A sparse initializer a fold replaces
+is written dense under its name (its folded values are no longer sparse). An initializer that
+was also a graph input (IR 4+, an overridable default) leaves the inputs once a fold replaces
+or removes it.
+
+Besides new tensors, a plan may insert nodes (the bias Add of a layer without a bias
+input, the piece of an affine kept in front of a Concat) and drop terms from a sum (a
+sibling branch merged into another); an Add left with one term goes, and the node that
+computes that term takes over its output name.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import onnx
 from onnx import helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
-from bnfold.rules.plan import AddedBias, AttributeUpdate, FoldPlan, TensorUpdate
+from bnfold.rules.plan import AddedBias, AttributeUpdate, DroppedTerm, FoldPlan, InsertedAffine, MergePlan, TensorUpdate
 
 
 class _NameAllocator:
@@ -128,19 +134,77 @@ def _bias_node(index: GraphIndex, added: AddedBias, names: _NameAllocator) -> on
     return helper.make_node("Add", [node.output[0], tensor.name], [output], name=names.fresh(f"{label}_add"))
 
 
+def _affine_nodes(index: GraphIndex, inserted: InsertedAffine, names: _NameAllocator) -> list[onnx.NodeProto]:
+    """The node(s) computing ``inserted`` on its edge; the reader now reads their output.
+
+    Like :func:`_bias_node`, they are placed into ``graph.node`` later (:func:`_insert_after_producers`).
+    """
+    reader = inserted.reader
+    value = reader.input[inserted.slot]
+    if inserted.batchnorm:
+        statistics = [inserted.scale, inserted.shift, np.zeros_like(inserted.scale), np.ones_like(inserted.scale)]
+        tensors = [_add_initializer(index, names.fresh(f"{value}_{role}"), values).name
+                   for role, values in zip(("scale", "shift", "mean", "var"), statistics)]
+        nodes = [helper.make_node("BatchNormalization", [value, *tensors], [names.fresh(value)],
+                                  name=inserted.name, epsilon=0.0)]
+    else:
+        nodes = []
+        for op_type, role, values, neutral in (("Mul", "scale", inserted.scale, 1), ("Add", "shift", inserted.shift, 0)):
+            if np.all(values == neutral):
+                continue
+            data = nodes[-1].output[0] if nodes else value
+            tensor = _add_initializer(index, names.fresh(f"{value}_{role}"), values)
+            nodes.append(helper.make_node(op_type, [data, tensor.name], [names.fresh(value)],
+                                          name=names.fresh(f"{value}_{op_type.lower()}")))
+    if nodes:
+        reader.input[inserted.slot] = nodes[-1].output[0]
+    return nodes
+
+
+def _drop_term(index: GraphIndex, term: DroppedTerm, removed_positions: set[int], stale_value_info: set[str]) -> None:
+    """Remove a term from its Add or Sum; a node left with one input goes, its heir (or its
+    readers) taking over (see :class:`~bnfold.rules.plan.DroppedTerm`)."""
+    node = term.node
+    remaining = [name for slot, name in enumerate(node.input) if slot != term.slot]
+    if len(remaining) > 1:
+        del node.input[term.slot]
+        return
+    removed_positions.add(index.position_of(node))
+    output = node.output[0]
+    if term.heir is not None:
+        term.heir.output[list(term.heir.output).index(remaining[0])] = output
+        stale_value_info.add(remaining[0])
+        return
+    for reader in index.consumers_of(output):
+        for position, name in enumerate(reader.input):
+            if name == output:
+                reader.input[position] = remaining[0]
+    stale_value_info.add(output)
+
+
 def _insert_after_producers(graph: onnx.GraphProto, added_nodes: list[onnx.NodeProto]) -> None:
-    """Place each new node right after the node whose output it reads, keeping the
-    graph topologically sorted (protobuf repeated fields cannot insert in place)."""
+    """Place each new node right after the node whose output it reads (a new node reading
+    another new one after that one; one reading a graph input or a constant first), keeping
+    the graph topologically sorted (protobuf repeated fields cannot insert in place)."""
+    produced = {name for node in (*graph.node, *added_nodes) for name in node.output}
     after: dict[str, list[onnx.NodeProto]] = {}
+    first: list[onnx.NodeProto] = []
     for added in added_nodes:
-        after.setdefault(added.input[0], []).append(added)
+        (after.setdefault(added.input[0], []) if added.input[0] in produced else first).append(added)
     ordered: list[onnx.NodeProto] = []
+
+    def place(node: onnx.NodeProto) -> None:
+        ordered.append(node)
+        for name in node.output:
+            for follower in after.pop(name, ()):
+                place(follower)
+
+    for node in first:
+        place(node)
     for node in graph.node:
         kept = onnx.NodeProto()
         kept.CopyFrom(node)
-        ordered.append(kept)
-        for name in node.output:
-            ordered.extend(after.get(name, ()))
+        place(kept)
     del graph.node[:]
     graph.node.extend(ordered)
 
@@ -178,8 +242,10 @@ def _constant_ancestors(index: GraphIndex, names: Iterable[str]) -> set[int]:
     return found
 
 
-def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]) -> list[str]:
-    """Apply non-overlapping plans (built against ``index``) to ``index.graph`` in place.
+def apply_plans(
+    model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan], merges: list[MergePlan] | None = None
+) -> list[str]:
+    """Apply non-overlapping fold and merge plans (built against ``index``) to ``index.graph`` in place.
 
     ``index.graph`` is ``model.graph`` or one of its subgraphs. Returns the names
     of initializers that became unused and were removed.
@@ -190,8 +256,9 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     removed_positions: set[int] = set()
     stale_value_info: set[str] = set()
     added_nodes: list[onnx.NodeProto] = []
-    copies: list[tuple[FoldPlan, TensorUpdate, str, str]] = []
-    for plan in plans:
+    copies: list[tuple[FoldPlan | MergePlan, TensorUpdate, str, str]] = []
+    changes: list[FoldPlan | MergePlan] = [*plans, *(merges or [])]
+    for plan in changes:
         for update in plan.updates:
             old_name, note = _apply_update(graph, index, update, names)
             if old_name:
@@ -200,22 +267,14 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
                 plan.notes.append(note)
             if note and old_name:
                 copies.append((plan, update, old_name, note))
-        for attribute in plan.attributes:
-            _set_attribute(attribute)
-        affine = plan.affine
-        if plan.direction == "backward":
-            stale_value_info.add(plan.target.output[0])
-            plan.target.output[0] = affine.output_name
+        if isinstance(plan, MergePlan):
+            removed_positions.add(index.position_of(plan.merged))
+            stale_value_info.add(plan.merged.output[0])
+            released.extend(name for name in plan.merged.input[1:] if name)
         else:
-            stale_value_info.add(affine.output_name)
-            for target in plan.targets:
-                for position, name in enumerate(target.input):
-                    if name == affine.output_name:
-                        target.input[position] = affine.input_name
-        added_nodes += [_bias_node(index, added, names) for added in plan.added_biases]
-        removed_positions.update(index.position_of(node) for node in affine.nodes)
-        stale_value_info.update(node.output[0] for node in affine.nodes[:-1])
-        released.extend(affine.parameter_names)
+            added_nodes += _apply_fold(index, plan, names, removed_positions, stale_value_info, released)
+        for term in plan.dropped_terms:
+            _drop_term(index, term, removed_positions, stale_value_info)
     removed = _remove_dead_constants(index, released, removed_positions, stale_value_info)
     reclaimed = _reclaim_original_names(graph, copies, removed)
     if added_nodes:  # last: it rebuilds graph.node, so the plans' node handles go stale
@@ -223,8 +282,39 @@ def apply_plans(model: onnx.ModelProto, index: GraphIndex, plans: list[FoldPlan]
     return [name for name in removed if name not in reclaimed]
 
 
+def _apply_fold(
+    index: GraphIndex,
+    plan: FoldPlan,
+    names: _NameAllocator,
+    removed_positions: set[int],
+    stale_value_info: set[str],
+    released: list[str],
+) -> list[onnx.NodeProto]:
+    """Rewire around one folded affine and remove it; return the nodes it adds."""
+    for attribute in plan.attributes:
+        _set_attribute(attribute)
+    affine = plan.affine
+    if plan.direction == "backward":
+        stale_value_info.add(plan.target.output[0])
+        plan.target.output[0] = affine.output_name
+    elif plan.direction == "forward":
+        stale_value_info.add(affine.output_name)
+        for target in plan.targets:
+            for position, name in enumerate(target.input):
+                if name == affine.output_name:
+                    target.input[position] = affine.input_name
+    else:  # sibling: the affine's term leaves the sum (its dropped term), nothing reads its output
+        stale_value_info.add(affine.output_name)
+    added = [_bias_node(index, bias, names) for bias in plan.added_biases]
+    added += [node for inserted in plan.inserted_affines for node in _affine_nodes(index, inserted, names)]
+    removed_positions.update(index.position_of(node) for node in affine.nodes)
+    stale_value_info.update(node.output[0] for node in affine.nodes[:-1])
+    released.extend(affine.parameter_names)
+    return added
+
+
 def _reclaim_original_names(
-    graph: onnx.GraphProto, copies: list[tuple[FoldPlan, TensorUpdate, str, str]], removed: list[str]
+    graph: onnx.GraphProto, copies: list[tuple[FoldPlan | MergePlan, TensorUpdate, str, str]], removed: list[str]
 ) -> set[str]:
     """Give a copied weight its original name back when the original is gone.
 

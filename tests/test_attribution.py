@@ -21,7 +21,7 @@ from bnfold import fold_math
 from bnfold.fold import fold_batchnorms
 from bnfold.graph import GraphIndex
 from bnfold.pipeline import FoldOptions, fold_file
-from bnfold.report import dump_json, fold_report_json, quiet_fold_line, render_fold_report
+from bnfold.report import dump_json, quiet_fold_line, render_fold_report
 from bnfold.rules import Affine, Refusal, build_rules
 from bnfold.rules.base import Absorbed
 from bnfold.rules.conv import ConvBn
@@ -86,7 +86,7 @@ def test_two_broken_folds_are_both_found(tmp_path: Path) -> None:
 
 def test_attribution_is_in_the_json_report(tmp_path: Path) -> None:
     report, _ = _fold_with({"conv3"}, tmp_path)
-    document = json.loads(dump_json(fold_report_json(report)))
+    document = json.loads(dump_json(report.to_dict()))
     assert document["status"] == "not-equivalent"
     [guilty] = document["attribution"]["guilty"]
     assert guilty["batchnorms"] == ["batchnormalization3"]

@@ -175,10 +175,10 @@ def test_same_named_models_colliding_in_output_dir_are_refused_before_any_work(t
     assert list((tree / "out").iterdir()) == [] and not (tree / "models" / "deep" / "b.folded.onnx").exists()
 
 
-def test_missing_output_dir_is_a_usage_error(tree: Path) -> None:
-    result = run("models", "--output-dir", "nowhere")
-    assert result.exit_code == 2
-    assert "Directory 'nowhere' does not exist" in result.stderr
+def test_missing_output_dir_is_created_with_its_parents(tree: Path) -> None:
+    result = run("models", "--output-dir", "new/folded")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tree / "new" / "folded").iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
 
 
 @pytest.mark.parametrize("models", [["models/a.onnx", "broken.onnx"], ["models"], ["models/deep"]])

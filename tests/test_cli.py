@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -127,9 +128,9 @@ def test_no_verify_reports_unverified(cnn: Path) -> None:
     assert report["status"] == "unverified" and report["verification"] is None and report["written"] is True
 
 
-def corrupting_fold(model: onnx.ModelProto, rules: RuleSet, *, store: TensorStore) -> FoldOutcome:
+def corrupting_fold(model: onnx.ModelProto, rules: RuleSet, *, store: TensorStore, **options: Any) -> FoldOutcome:
     """Fold normally, then damage one weight: what a buggy rule would do."""
-    outcome = fold_batchnorms(model, rules, store=store)
+    outcome = fold_batchnorms(model, rules, store=store, **options)
     tensor = model.graph.initializer[0]
     store.replace(tensor, store.read(tensor) * 1.5)
     return outcome

@@ -13,7 +13,8 @@ One generator per class of op. Each draws its shapes and parameters from a
 strategy) — and returns a :class:`TravelCase`: the model and what an ideal fold of it
 must do. Where it helps to check that statement, the case also carries a
 ``reference`` model: the BN's affine applied as Mul/Add at the layer that should
-absorb it (or, for sibling branches, the branches merged into one Conv). It computes
+absorb it (or, for sibling branches, the branches merged into as few Convs as their kernels
+allow). It computes
 the same function as the model exactly when the BN may travel; for a BN that must
 stay for a numerical reason it is the wrong fold, and differs.
 """
@@ -798,6 +799,29 @@ class Branch:
         """The kernel's extent once dilated."""
         return (self.dilation * (self.kernel[0] - 1) + 1, self.dilation * (self.kernel[1] - 1) + 1)
 
+    def offsets(self, axis: int) -> set[int]:
+        """Where its taps read along ``axis``, relative to the output position ("same" padding)."""
+        return {i * self.dilation - (self.reach()[axis] - 1) // 2 for i in range(self.kernel[axis])}
+
+    def fits_in(self, other: Branch) -> bool:
+        """Whether one Conv with ``other``'s kernel can compute this branch too: each of its taps
+        reads what a tap of ``other`` reads, and its groups lie inside ``other``'s."""
+        return self.group % other.group == 0 and all(self.offsets(axis) <= other.offsets(axis) for axis in (0, 1))
+
+
+def merge_classes(branches: list[Branch], cost: Callable[[Branch], int]) -> list[list[Branch]]:
+    """The Convs sibling branches become: the costliest branch takes every branch that fits in
+    its kernel, then the costliest of the rest, and so on. A branch that fits in none stays a
+    Conv of its own, since merging it would make a larger kernel than either (1×3 beside 3×1
+    alone, a depthwise kernel beside a dense one, two dilations)."""
+    classes = []
+    remaining = sorted(branches, key=lambda branch: -cost(branch))
+    while remaining:
+        outer = remaining[0]
+        classes.append([branch for branch in remaining if branch.fits_in(outer)])
+        remaining = [branch for branch in remaining if not branch.fits_in(outer)]
+    return classes
+
 
 def merged_kernel(weights: list[tuple[Branch, np.ndarray, np.ndarray]], c_in: int,
                   identity: BatchNormParameters | None) -> tuple[np.ndarray, np.ndarray]:
@@ -825,9 +849,11 @@ def merged_kernel(weights: list[tuple[Branch, np.ndarray, np.ndarray]], c_in: in
 
 def siblings_case(choose: Choices) -> TravelCase:
     """A train-form block: Conv(→BN) branches with "same" padding and one stride, plus BN(x)
-    when shapes allow, summed by Adds, then LeakyRelu. Re-parameterized it is one Conv; a
-    branch whose output is also read elsewhere stays a Conv of its own, and BN(x) stays
-    when no mergeable Conv branch is there to take it."""
+    when shapes allow, summed by Adds, then LeakyRelu. Re-parameterized, the branches whose
+    kernels fit in a sibling's merge into it (:func:`merge_classes`: one Conv for RepVGG's
+    3×3 + 1×1, ACNet's 3×3 + 1×3 + 3×1); a branch whose output is also read elsewhere stays a
+    Conv of its own, and BN(x) joins a merged Conv, or stays when no mergeable Conv branch is
+    there to take it."""
     seed = choose.integer(0, SEED_LIMIT)
     shape = [choose.integer(1, 2), choose.integer(1, 6), choose.integer(3, 7), choose.integer(3, 7)]
     c_in = shape[1]
@@ -845,9 +871,10 @@ def siblings_case(choose: Choices) -> TravelCase:
                                batchnorm, all_shared or choose.integer(0, 5) == 0))
     batchnorms = [draw_batchnorm(choose, c_out, negative=choose.boolean()) for _ in branches]
     mergeable = [branch for branch in branches if not branch.shared]
+    classes = merge_classes(mergeable, lambda branch: c_out * (c_in // branch.group) * prod(branch.kernel))
     refusals = (OTHER_READER,) if identity is not None and not mergeable else ()
-    terms = sum(branch.shared for branch in branches) + bool(mergeable) + bool(refusals)
-    ops_after = {"Conv": sum(branch.shared for branch in branches) + bool(mergeable), "Add": terms - 1}
+    terms = sum(branch.shared for branch in branches) + len(classes) + bool(refusals)
+    ops_after = {"Conv": sum(branch.shared for branch in branches) + len(classes), "Add": terms - 1}
     out_size = [conv_output(n, 1, stride, 0, 0) for n in shape[2:]]
 
     def build(merged: bool) -> onnx.ModelProto:
@@ -855,7 +882,7 @@ def siblings_case(choose: Choices) -> TravelCase:
         x = Value(b.input("x", shape), shape)
         terms: list[str] = []
         outputs: list[Value] = []
-        to_merge = []
+        to_merge: dict[int, tuple[Branch, np.ndarray, np.ndarray]] = {}
         for branch, bn in zip(branches, batchnorms):
             reach = branch.reach()
             weight = b.random("W", [c_out, c_in // branch.group, *branch.kernel], scale=0.3)
@@ -865,7 +892,7 @@ def siblings_case(choose: Choices) -> TravelCase:
                 w, bb = tensors[weight].astype(np.float64), tensors[bias].astype(np.float64) if bias else np.zeros(c_out)
                 if branch.batchnorm:
                     w, bb = w * bn.scale[:, None, None, None], bb * bn.scale + bn.shift
-                to_merge.append((branch, w, bb))
+                to_merge[id(branch)] = (branch, w, bb)
                 continue
             pads = [(reach[0] - 1) // 2, (reach[1] - 1) // 2] * 2
             y = Value(b.node("Conv", [x.name, weight] + ([bias] if bias else []), group=branch.group,
@@ -876,12 +903,14 @@ def siblings_case(choose: Choices) -> TravelCase:
             if branch.shared:
                 outputs.append(Value(b.node("Identity", [y.name]), y.shape))
             terms.append(y.name)
-        if merged and (to_merge or identity is not None):
-            kernel, merged_bias = merged_kernel(to_merge, c_in, identity)
-            pads = [(kernel.shape[2] - 1) // 2, (kernel.shape[3] - 1) // 2] * 2
-            terms.append(b.node("Conv", [x.name, b.const("Wm", kernel.astype(np.float32)),
-                                         b.const("bm", merged_bias.astype(np.float32))],
-                                strides=[stride, stride], pads=pads))
+        if merged:
+            for index, members in enumerate(classes):
+                kernel, merged_bias = merged_kernel([to_merge[id(branch)] for branch in members], c_in,
+                                                    identity if index == 0 else None)
+                pads = [(kernel.shape[2] - 1) // 2, (kernel.shape[3] - 1) // 2] * 2
+                terms.append(b.node("Conv", [x.name, b.const("Wm", kernel.astype(np.float32)),
+                                             b.const("bm", merged_bias.astype(np.float32))],
+                                    strides=[stride, stride], pads=pads))
         elif identity is not None:
             terms.append(add_batchnorm(b, x, identity).name)
         total = terms[0]

@@ -18,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import InputError, first_line
+from bnfold.io.protostream import initializer_data_lengths
 from bnfold.io.store import (
     SMALL_TENSOR_BYTES,
     TensorStore,
@@ -89,15 +90,21 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[tuple[str,
     return tuple(sizes), sum(sizes.values())
 
 
-def _check_data_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """Every large tensor held in the protobuf has exactly dims × itemsize bytes: the one
-    thing the checker would verify about the weights that :func:`weightless_copy` leaves out."""
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data"):
-            continue
+def _check_data_sizes(model: onnx.ModelProto, path: Path, lengths: list[int | None]) -> None:
+    """Every initializer's raw_data has exactly dims × itemsize bytes: the one thing the
+    checker would verify about the weights that :func:`weightless_copy` leaves out, and what
+    lets every later step take a tensor's size from its shape.
+
+    ``lengths`` are the raw_data lengths read from the file's framing
+    (:func:`~bnfold.io.protostream.initializer_data_lengths`): asking protobuf for
+    ``len(tensor.raw_data)`` would copy every weight just to measure it.
+    """
+    tensors = model.graph.initializer
+    if len(lengths) != len(tensors):  # an unusual layout: measure through protobuf instead
+        lengths = [len(tensor.raw_data) if tensor.HasField("raw_data") else None for tensor in tensors]
+    for tensor, held in zip(tensors, lengths, strict=True):
         expected = data_bytes(tensor)
-        held = len(tensor.raw_data)
-        if expected is not None and held != expected:
+        if held is not None and expected is not None and held != expected:
             raise InputError(
                 f"{path}: initializer '{tensor.name}' holds {held} bytes but its shape {list(tensor.dims)} needs {expected}"
             )
@@ -118,15 +125,20 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if size == 0:
         raise InputError(f"{path}: file is empty")
     try:
-        model = onnx.load_model(os.fspath(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as error:
-        raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
+        serialized = path.read_bytes()
     except OSError as error:
         raise InputError(f"{path}: cannot read ({first_line(error)})") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(serialized)
+        lengths = initializer_data_lengths(serialized)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
+    del serialized  # the parsed model holds its own copy of every weight
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
     locations, data_size = _check_external_data(model, path)
-    _check_data_sizes(model, path)
+    _check_data_sizes(model, path, lengths)
     passes_full_check = check_model(model, path, full_check=True, raise_error=False)
     if not passes_full_check:
         check_model(model, path, full_check=False, raise_error=True)
@@ -182,7 +194,8 @@ def _needs_stand_in(tensor: onnx.TensorProto) -> bool:
     that the checker sees (and rejects) it."""
     if has_conflicting_data(tensor):
         return False
-    return uses_external_data(tensor) or (tensor.HasField("raw_data") and len(tensor.raw_data) > SMALL_TENSOR_BYTES)
+    # The size comes from the shape: load_model checked it against the data.
+    return uses_external_data(tensor) or (tensor.HasField("raw_data") and (data_bytes(tensor) or 0) > SMALL_TENSOR_BYTES)
 
 
 def _stand_in(tensor: onnx.TensorProto) -> onnx.TensorProto:

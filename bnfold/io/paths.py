@@ -71,6 +71,12 @@ def _same_model(first: Path | None, second: Path | None) -> bool:
     return first is not None and second is not None and _resolved(first) == _resolved(second)
 
 
+class PathClash(InputError):
+    """A file the run would write is one it reads, another one it writes, or cannot be
+    written at all: refused before any work, and never written, not even with the report of
+    that failure."""
+
+
 class RunFiles:
     """Every file one run reads and writes; :meth:`check` refuses any clash among them."""
 
@@ -112,17 +118,20 @@ class RunFiles:
         is a read one or another written one.
 
         Raises:
-            InputError: naming the path and both roles.
+            PathClash: naming the path and both roles.
         """
         if self._report is not None:
-            validate_report_path(self._report)
+            try:
+                validate_report_path(self._report)
+            except InputError as error:
+                raise PathClash(str(error)) from None
         for index, write in enumerate(self.writes):
             for read in self.reads:
                 if _same_file(write, read) and not _allowed_in_place(write, read):
-                    raise InputError(_overwrite_message(write, read))
+                    raise PathClash(_overwrite_message(write, read))
             for other in self.writes[index + 1 :]:
                 if _same_file(write, other):
-                    raise InputError(_clash_message(write, other))
+                    raise PathClash(_clash_message(write, other))
 
 
 def _allowed_in_place(write: _FileUse, read: _FileUse) -> bool:

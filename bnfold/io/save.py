@@ -11,9 +11,11 @@ data files are written straight to the output, never copied into the protobuf fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -22,7 +24,15 @@ import onnx
 
 from bnfold.errors import InputError, first_line
 from bnfold.io.load import PROTOBUF_LIMIT
-from bnfold.io.store import SMALL_TENSOR_BYTES, TensorStore, all_tensors, clear_data, uses_external_data
+from bnfold.io.protostream import write_model
+from bnfold.io.store import (
+    SMALL_TENSOR_BYTES,
+    TensorStore,
+    all_tensors,
+    clear_data,
+    data_bytes,
+    uses_external_data,
+)
 
 _FOLDED = ".folded"
 FOLDED_SUFFIX = f"{_FOLDED}.onnx"
@@ -37,6 +47,32 @@ _ALIGNMENT = 4096
 def default_output_path(input_path: Path) -> Path:
     """``model.onnx`` → ``model.folded.onnx`` beside the input."""
     return input_path.with_name(f"{input_path.stem}{_FOLDED}{input_path.suffix or '.onnx'}")
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path) -> Iterator[Path]:
+    """``--output-dir``: the folder (and its parents) created for the run, like ``mkdir -p``.
+
+    The folders this created are removed again if the run leaves them empty (every model
+    failed, or Ctrl-C), so that a failed run writes nothing; a folder that existed before
+    is never removed.
+
+    Raises:
+        InputError: the path is a file, or the folder cannot be created.
+    """
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output-dir {folder}: cannot create the folder ({first_line(error)})") from None
+    try:
+        yield folder
+    finally:
+        for path in created:  # deepest first; a folder with anything in it stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def output_data_location(output: Path) -> str:
@@ -129,19 +165,31 @@ def _payload_bytes(model: onnx.ModelProto, store: TensorStore) -> int:
         if held is not None:
             total += held.nbytes
         elif tensor.HasField("raw_data"):
-            total += len(tensor.raw_data)
+            total += data_bytes(tensor) or 0  # checked against the data on loading
     return total
 
 
 def _write_self_contained(model: onnx.ModelProto, path: Path, store: TensorStore) -> None:
-    """One protobuf file: held arrays and tensors still in data files go into their tensors."""
-    store.embed(model)
-    for tensor in all_tensors(model):
-        if uses_external_data(tensor):
-            content = store.external_bytes(tensor)
+    """One protobuf file, written in one sequential pass (:func:`protostream.write_model`):
+    a top-level weight a fold replaced goes from its array straight into the file, never
+    through the protobuf. Tensors below the top level (bodies, Constant nodes; small as a
+    rule) are put into their messages first."""
+    for tensor in all_tensors(model, top_level=False):
+        held = store.take(tensor)
+        if held is not None or uses_external_data(tensor):
+            content = held.tobytes() if held is not None else store.external_bytes(tensor)
             clear_data(tensor)
             tensor.raw_data = content
-    onnx.save_model(model, os.fspath(path))
+
+    def payload(tensor: onnx.TensorProto) -> np.ndarray | bytes | None:
+        held = store.take(tensor)
+        if held is None and uses_external_data(tensor):
+            return store.external_bytes(tensor)
+        return held
+
+    with open(path, "wb") as file:
+        write_model(model, file, payload)
+    store.drop_unclaimed()
 
 
 def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str, store: TensorStore) -> None:
@@ -157,7 +205,7 @@ def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str,
             payload: bytes | np.ndarray | None = store.take(tensor)
             if payload is None and uses_external_data(tensor):
                 payload = store.external_bytes(tensor)
-            elif payload is None and tensor.HasField("raw_data") and len(tensor.raw_data) >= SMALL_TENSOR_BYTES:
+            elif payload is None and tensor.HasField("raw_data") and (data_bytes(tensor) or 0) >= SMALL_TENSOR_BYTES:
                 payload = tensor.raw_data
             if payload is None:
                 continue

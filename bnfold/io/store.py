@@ -237,14 +237,18 @@ class TensorStore:
         self._held.clear()
 
 
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto, *, top_level: bool = True) -> Iterator[onnx.TensorProto]:
     """Every tensor of the model that can hold weights: initializers of every graph and
-    subgraph, and tensor attributes (Constant nodes) in graphs and functions."""
+    subgraph, and tensor attributes (Constant nodes) in graphs and functions; without the
+    main graph's initializers when ``top_level`` is False."""
     pending: list[onnx.GraphProto] = [model.graph]
     node_lists = [function.node for function in model.functions]
+    main_graph = True  # popped first
     while pending:
         graph = pending.pop()
-        yield from graph.initializer
+        if top_level or not main_graph:
+            yield from graph.initializer
+        main_graph = False
         node_lists.append(graph.node)
         while node_lists:
             for node in node_lists.pop():

@@ -11,16 +11,26 @@ A new pattern is one module and one line here:
   layer rule;
 * another form of affine map (like the Mul/Add chains tf2onnx writes): a reader in
   ``AFFINE_READERS``; if the rules need it restated first (a scalar affine repeated over a
-  layer's channels), a rule in ``RESTATING``.
+  layer's channels), a rule in ``RESTATING``;
+* an op whose inputs each take a piece of an affine after it (Concat, Add): a split in
+  ``SPLITS``, which hands each piece to the layer, travelling and split rules;
+* an affine that a branch summed with it absorbs: a rule in ``SIBLINGS``; branches summed
+  together that one layer can compute: a :class:`~bnfold.rules.plan.MergeRule` in ``MERGES``,
+  tried on every Add and Sum to the same fixed point as the folds.
 
 Backward folds come first, so that an affine between two layers folds into the one before it;
-forward folds follow; merging into an earlier BatchNormalization is the last resort.
+the splits follow (a split that leaves a piece behind yields to any rule that removes the whole
+affine); then forward folds, sibling branches, and merging into an earlier BatchNormalization
+as the last resort.
 """
 
 from __future__ import annotations
 
+from bnfold.rules.add import AddSplit
 from bnfold.rules.batchnorm import read_batchnorm
 from bnfold.rules.batchnorm_merge import BnMerge
+from bnfold.rules.branch_merge import IdentityIntoSibling, SiblingConvMerge
+from bnfold.rules.concat import ConcatSplit
 from bnfold.rules.conv import ConvBn
 from bnfold.rules.convtranspose import ConvTransposeBn
 from bnfold.rules.decomposed import read_decomposed_affine
@@ -35,6 +45,7 @@ from bnfold.rules.plan import (
     Affine,
     FoldPlan,
     FoldRule,
+    MergeRule,
     Mover,
     Refusal,
     RuleOptions,
@@ -56,6 +67,12 @@ FORWARD_RULES: tuple[FoldRule, ...] = (BnLinear(), BnFlattenLinear(), BnConv())
 
 MOVERS: tuple[Mover, ...] = (LayoutMover(), PassThroughMover())
 
+SPLITS: tuple[FoldRule, ...] = (ConcatSplit(), AddSplit())
+
+SIBLINGS: tuple[FoldRule, ...] = (IdentityIntoSibling(),)
+
+MERGES: tuple[MergeRule, ...] = (SiblingConvMerge(),)
+
 # Tried when no layer takes the affine: it merges into a BatchNormalization before it.
 LAST_RESORT: tuple[FoldRule, ...] = (BnMerge(),)
 
@@ -67,22 +84,29 @@ def build_rules(
     backward: tuple[FoldRule, ...] = BACKWARD_RULES,
     forward: tuple[FoldRule, ...] = FORWARD_RULES,
     movers: tuple[Mover, ...] = MOVERS,
+    splits: tuple[FoldRule, ...] = SPLITS,
+    siblings: tuple[FoldRule, ...] = SIBLINGS,
+    merges: tuple[MergeRule, ...] = MERGES,
 ) -> RuleSet:
     """The rule set of a run, with the user's options; the registry's rules unless given."""
+    into_producers = (*backward, ThroughIntoProducer(), *splits)
     order = (
         *RESTATING,
-        *backward, ThroughIntoProducer(),
+        *into_producers,
         *forward, ThroughIntoConsumer(),
+        *siblings,
         *LAST_RESORT,
     )
     return RuleSet(backward, forward, movers, order,
-                   RuleOptions(exact_padding=exact_padding, keep_overridable=keep_overridable))
+                   RuleOptions(exact_padding=exact_padding, keep_overridable=keep_overridable),
+                   into_producers=into_producers, merges=merges)
 
 
 RULES = build_rules()
 """The default rule set."""
 
 __all__ = [
-    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MOVERS", "RESTATING", "RULES", "Affine",
-    "FoldPlan", "FoldRule", "Mover", "Refusal", "RuleOptions", "RuleSet", "TensorUpdate", "build_rules",
+    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MERGES", "MOVERS", "RESTATING", "RULES",
+    "SIBLINGS", "SPLITS", "Affine", "FoldPlan", "FoldRule", "MergeRule", "Mover", "Refusal", "RuleOptions", "RuleSet",
+    "TensorUpdate", "build_rules",
 ]

@@ -4,7 +4,10 @@
   (:class:`ScaledLayerIntoProducer` for layers whose weight is scaled per output channel);
 * :class:`IntoConsumer`: forward fold, every layer after the affine absorbs it;
 * :func:`delegate`: hand an affine (moved, or one slice of it) to other rules and keep the
-  first plan, or every refusal.
+  first plan, or every refusal;
+* :class:`Piece`, :func:`absorb_piece` and :func:`split_plan`: an affine split over the inputs
+  of a Concat or an Add, each piece absorbed by what computes that input, and the pieces'
+  plans joined into one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ from bnfold.rules.plan import (
     AttributeUpdate,
     FoldPlan,
     FoldRule,
+    InsertedAffine,
     Refusal,
     RuleOptions,
     RuleSet,
     TensorUpdate,
 )
-from bnfold.rules.weights import constant_weight_and_bias, weight_and_bias_updates
+from bnfold.rules.weights import (
+    cast_tensor,
+    constant_weight_and_bias,
+    dequantizing_node,
+    require_float,
+    weight_and_bias_updates,
+)
 
 # Ops that read only the shape of their input, which folding an affine map never changes.
 SHAPE_READERS = frozenset({"Shape", "Size"})
@@ -39,15 +49,21 @@ SHAPE_READERS = frozenset({"Shape", "Size"})
 def delegate(
     affine: Affine, candidates: Sequence[FoldRule], graph: GraphIndex, rules: RuleSet
 ) -> FoldPlan | Refusal | None:
-    """The first plan any of ``candidates`` makes for ``affine``; else their refusals joined
-    in one, or None when none of them matched."""
+    """The first plan any of ``candidates`` makes for ``affine`` that removes all of it, else the
+    first that removes part of it (:attr:`FoldPlan.partial`); else their refusals joined in
+    one, or None when none of them matched."""
     refusals = []
+    partial = None
     for rule in candidates:
         planned = rule.plan(affine, graph, rules)
-        if isinstance(planned, FoldPlan):
+        if isinstance(planned, FoldPlan) and not planned.partial:
             return planned
-        if isinstance(planned, Refusal):
+        if isinstance(planned, FoldPlan):
+            partial = partial or planned
+        elif isinstance(planned, Refusal):
             refusals.append(planned.reason)
+    if partial is not None:
+        return partial
     return Refusal("; ".join(refusals)) if refusals else None
 
 
@@ -161,7 +177,7 @@ class ScaledLayerIntoProducer(IntoProducer):
         updates = weight_and_bias_updates(
             producer, weight, self.weight_factor(weight, affine.s, attributes_now), bias,
             # A layer's bias has its channels last: Conv/ConvTranspose [M], Gemm C [N], [1, N], [M, N].
-            fold_math.fold_bias(bias, affine.s, shift, axis=-1), self.weight_role, self.bias_role,
+            fold_math.fold_bias(bias, affine.s, shift, axis=-1), self.weight_role,
         )
         if isinstance(updates, Refusal):
             return updates
@@ -260,3 +276,120 @@ class IntoConsumer(FoldRule):
         self, consumer: onnx.NodeProto, affine: Affine, graph: GraphIndex, options: RuleOptions
     ) -> Absorbed | Refusal:
         """What makes ``consumer`` compute ``consumer(affine(x))`` from ``x``."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One input of a Concat or an Add, and the part of an affine that input must take.
+
+    ``affine`` stands on the input: its ``nodes`` are the Concat or Add (the input's reader,
+    so that a layer rule asks whether anything *else* reads it), and its input and output
+    names are the input's name, which the layer behind it keeps writing.
+    """
+
+    slot: int
+    part: str | None
+    """Which part of the affine, when not all of it: ``channels 0-3``."""
+    affine: Affine
+    axes_after: int | None
+    """Axes after the channel axis in this input, to lay ``s`` and ``t`` on a constant input
+    (None when unknown)."""
+
+    @property
+    def name(self) -> str:
+        return self.affine.input_name
+
+    @property
+    def label(self) -> str:
+        """How the report's notes name the piece."""
+        return self.part or f"input {self.slot}"
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the piece maps its input to itself (``s = 1``, ``t = 0``): it needs nothing."""
+        return bool(np.all(self.affine.s == 1) and np.all(self.affine.t == 0))
+
+    def describe(self) -> str:
+        part = f" ({self.part})" if self.part else ""
+        return f"{describe(self.affine.node)} input {self.slot} '{self.name}'{part}"
+
+
+def absorb_piece(piece: Piece, graph: GraphIndex, rules: RuleSet) -> FoldPlan | TensorUpdate | Refusal:
+    """What absorbs ``piece``: a constant input takes it in place (``c' = s * c + t``), a
+    computed one hands it to every rule that folds into what computes its input. A refusal
+    says why not (a plan that would leave part of the piece behind is one)."""
+    value = graph.constant_value(piece.name)
+    if value is not None:
+        return _constant_piece(piece, value, graph)
+    producer = graph.producer_of(piece.name)
+    if producer is None:
+        where = "an enclosing graph's value" if graph.is_outer(piece.name) else "a graph input"
+        return Refusal(f"'{piece.name}' is {where}")
+    planned = delegate(piece.affine, rules.into_producers, graph, rules)
+    if isinstance(planned, FoldPlan) and planned.partial:
+        return Refusal(f"only part of it would fold into {describe(producer)}")
+    if planned is None:
+        return Refusal(f"it comes from {describe(producer)}, which cannot absorb it")
+    return planned
+
+
+def _constant_piece(piece: Piece, constant: np.ndarray, graph: GraphIndex) -> TensorUpdate | Refusal:
+    node = piece.affine.node
+    dequantize = dequantizing_node(graph, piece.name)
+    if dequantize is not None:
+        return Refusal(f"'{piece.name}' is dequantized by {describe(dequantize)}; folding would drop quantization")
+    refusal = require_float(constant, node, f"input {piece.slot}")
+    if refusal:
+        return refusal
+    if piece.axes_after is None:
+        return Refusal(f"the channel axis of constant '{piece.name}' is unknown (rank unknown)")
+    values = fold_math.constant_with_affine(constant, piece.affine.s, piece.affine.t, piece.axes_after)
+    return cast_tensor(node, piece.slot, values, constant.dtype, "constant")
+
+
+AbsorbedPiece = tuple[Piece, FoldPlan | TensorUpdate]
+"""A piece and what absorbs it: a plan for the layer behind its input, or a constant's new value."""
+
+
+def split_plan(
+    rule: str,
+    affine: Affine,
+    target: onnx.NodeProto,
+    absorbed: Sequence[AbsorbedPiece],
+    inserted: Sequence[tuple[Piece, InsertedAffine]] = (),
+) -> FoldPlan:
+    """One plan that removes ``affine`` from the output of ``target`` (a Concat or an Add) by
+    the plans of its pieces: ``target`` writes the affine's output, the layers behind the
+    pieces keep their names, and the notes say what became of each piece."""
+    updates: list[TensorUpdate] = []
+    attributes_changed: list[AttributeUpdate] = []
+    added: list[AddedBias] = []
+    layers: list[onnx.NodeProto] = []
+    notes: list[str] = []
+    for piece, result in absorbed:
+        if isinstance(result, TensorUpdate):
+            updates.append(result)
+            notes.append(f"{piece.label}: constant '{piece.name}' absorbs it")
+            continue
+        updates += result.updates
+        attributes_changed += result.attributes
+        added += result.added_biases
+        layers += result.targets
+        into = ", ".join(describe(node) for node in result.targets)
+        notes.append(f"{piece.label}: {result.rule} into {into}")
+        notes += result.notes
+    for piece, kept in inserted:
+        form = f"BatchNormalization '{kept.name}'" if kept.batchnorm else "Mul/Add"
+        notes.append(f"{piece.label}: kept as {form} on '{piece.name}'")
+    return FoldPlan(
+        rule=rule,
+        affine=affine,
+        target=target,
+        direction="backward",
+        updates=updates,
+        attributes=attributes_changed,
+        notes=notes,
+        also_targets=layers,
+        added_biases=added,
+        inserted_affines=[kept for _, kept in inserted],
+    )

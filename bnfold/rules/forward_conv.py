@@ -22,8 +22,6 @@ added by a new Add node after the Conv. The notes give its size in bytes.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 
@@ -32,19 +30,6 @@ from bnfold.graph import GraphIndex, attributes, describe
 from bnfold.rules.base import Absorbed, IntoConsumer
 from bnfold.rules.plan import Affine, Refusal, RuleOptions
 from bnfold.rules.weights import added_bias, cast_tensor, constant_weight_and_bias, scaled_weight
-
-
-def _same_padding(
-    auto_pad: str, spatial: tuple[int, ...], kernel: tuple[int, ...], strides: list[int], dilations: list[int]
-) -> list[int]:
-    """Explicit ONNX pads (begins, then ends) for ``auto_pad`` SAME_UPPER / SAME_LOWER."""
-    begins, ends = [], []
-    for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
-        total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
 
 
 class BnConv(IntoConsumer):
@@ -82,10 +67,11 @@ class BnConv(IntoConsumer):
         spatial = (
             None if shape is None or any(d is None for d in shape[2:]) else tuple(d for d in shape[2:] if d is not None)
         )
+        pads: list[int] | None
         if auto_pad in ("SAME_UPPER", "SAME_LOWER") and all(k == 1 for k in kernel):
             pads = [0] * (2 * len(kernel))  # SAME never pads a kernel of size 1, whatever the sizes
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = _same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
+            pads = fold_math.same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
         else:
             no_pads = [0] * (2 * len(kernel))
             pads = no_pads if auto_pad == "VALID" else list(settings.get("pads", no_pads))

@@ -28,10 +28,10 @@ def layernorm_before(data: str, graph: GraphIndex) -> onnx.NodeProto | None:
         return normalized
     centered = _standard_producer(graph, normalized.input[0], ("Sub",))
     spread = _standard_producer(graph, normalized.input[1], ("Sqrt",))
-    mean = None if centered is None else _standard_producer(graph, centered.input[1], ("ReduceMean",))
-    if spread is None or mean is None or mean.input[0] != centered.input[0]:
+    if centered is None or spread is None:
         return None
-    return normalized
+    mean = _standard_producer(graph, centered.input[1], ("ReduceMean",))
+    return normalized if mean is not None and mean.input[0] == centered.input[0] else None
 
 
 def layernorm_note(data: str, channel_axis: int, graph: GraphIndex) -> str:

@@ -8,6 +8,9 @@ computes the same kind of map) and answers with one of
 * :class:`Refusal`: it matches, but a precondition fails; the reason is shown to the user,
 * :class:`FoldPlan`: the new tensors and the rewiring that remove the affine.
 
+Sibling branches summed by an Add can also merge into one layer with no affine involved
+(RepVGG's Conv branches): a :class:`MergeRule` answers with a :class:`MergePlan`.
+
 Rules never modify the graph: a plan can be discarded, and rules cannot interfere with one
 another. :mod:`bnfold.rewrite` applies the plans the driver accepts.
 """
@@ -119,6 +122,50 @@ class AddedBias:
 
 
 @dataclass(frozen=True)
+class InsertedAffine:
+    """Compute ``scale * x + shift`` on one edge: between the value input ``slot`` of ``reader``
+    reads and that input, which reads the result instead (other readers keep ``x``).
+
+    For the part of an affine no layer can absorb, e.g. the slice of a BatchNormalization over
+    the one Concat segment that comes from a Relu. With ``batchnorm`` it is written as one
+    BatchNormalization (scale ``scale``, bias ``shift``, mean 0, variance 1, epsilon 0: exactly
+    ``scale * x + shift`` on axis 1) named ``name``; otherwise as a Mul by ``scale`` then an Add
+    of ``shift``, leaving out a Mul by ones or an Add of zeros. ``scale`` and ``shift`` are
+    final: cast to their dtype and shaped to broadcast along the channel axis.
+    """
+
+    reader: onnx.NodeProto
+    slot: int
+    scale: np.ndarray
+    shift: np.ndarray
+    batchnorm: bool
+    name: str
+
+    @property
+    def node_count(self) -> int:
+        """How many nodes the rewrite writes for it."""
+        if self.batchnorm:
+            return 1
+        return int(bool(np.any(self.scale != 1))) + int(bool(np.any(self.shift != 0)))
+
+
+@dataclass(frozen=True)
+class DroppedTerm:
+    """Remove input ``slot`` of the Add or Sum ``node``: what it added is now computed elsewhere
+    (a sibling branch merged into another branch of the same sum).
+
+    A node left with one input is removed. ``heir``, the node that computes that remaining
+    input, then writes the node's output name; without an heir (the remaining input is read by
+    other nodes too, or is a graph input) the node's readers read the remaining input instead,
+    which the rule allows only when the node's output is no graph output.
+    """
+
+    node: onnx.NodeProto
+    slot: int
+    heir: onnx.NodeProto | None = None
+
+
+@dataclass(frozen=True)
 class AttributeUpdate:
     """Set attribute ``name`` of ``node`` to ``value`` (e.g. a Gemm's ``beta``)."""
 
@@ -138,10 +185,13 @@ class FoldPlan:
     """The node that takes the affine's place.
 
     backward: it writes the affine's output name from now on (the producer that absorbed
-    the affine, or the op nearest to the affine that it moved through).
+    the affine, the op nearest to the affine that it moved through, or the Concat or Add
+    whose inputs it was split over).
     forward: it reads the affine's *input* name from now on (the first consumer).
+    sibling: the affine read the same input as ``target``, a branch summed with it, and is
+    added into it; the term the affine added to the sum is dropped (``dropped_terms``).
     """
-    direction: Literal["backward", "forward"]
+    direction: Literal["backward", "forward", "sibling"]
     updates: list[TensorUpdate]
     attributes: list[AttributeUpdate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -153,6 +203,15 @@ class FoldPlan:
     backward: they keep their names (the layer behind the ops the affine moved through).
     """
     added_biases: list[AddedBias] = field(default_factory=list)
+    inserted_affines: list[InsertedAffine] = field(default_factory=list)
+    """Pieces of the affine that stay in the graph, on the edges no layer could absorb them
+    from: the plan then removes the affine only partly (:attr:`partial`)."""
+    dropped_terms: list[DroppedTerm] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of the affine stays in the graph (``inserted_affines``)."""
+        return bool(self.inserted_affines)
 
     @property
     def targets(self) -> list[onnx.NodeProto]:
@@ -167,7 +226,35 @@ class FoldPlan:
             *(update.node for update in self.updates),
             *(added.node for added in self.added_biases),
             *(update.node for update in self.attributes),
+            *(inserted.reader for inserted in self.inserted_affines),
+            *_sum_nodes(self.dropped_terms),
         ]
+
+
+@dataclass
+class MergePlan:
+    """A sibling branch summed with ``target`` (both read the same input) merged into it.
+
+    ``merged`` is removed, ``target`` takes its weights through ``updates``, and the term
+    the branch added to the sum is dropped (``dropped_terms``).
+    """
+
+    rule: str
+    target: onnx.NodeProto
+    merged: onnx.NodeProto
+    updates: list[TensorUpdate]
+    dropped_terms: list[DroppedTerm]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def touched_nodes(self) -> list[onnx.NodeProto]:
+        """Every node the plan removes or changes: no other plan may touch them in the same pass."""
+        return [self.target, self.merged, *(update.node for update in self.updates), *_sum_nodes(self.dropped_terms)]
+
+
+def _sum_nodes(dropped_terms: list[DroppedTerm]) -> list[onnx.NodeProto]:
+    """The sums that lose a term, and the nodes that take over their output."""
+    return [node for term in dropped_terms for node in (term.node, term.heir) if node is not None]
 
 
 @dataclass(frozen=True)
@@ -199,6 +286,17 @@ class FoldRule(ABC):
         ``rules`` is the whole rule set of the run: its options, and the rules a composite
         rule hands a moved or split affine to (:func:`bnfold.rules.base.delegate`).
         """
+
+
+class MergeRule(ABC):
+    """Sibling branches that one layer can compute: a rewrite of the same function with fewer
+    nodes, tried on every Add and Sum, to the same fixed point as the folds."""
+
+    name: str
+
+    @abstractmethod
+    def plan(self, node: onnx.NodeProto, graph: GraphIndex, rules: RuleSet) -> MergePlan | None:
+        """A merge of two branches summed by ``node``, or None."""
 
 
 class Mover(ABC):
@@ -242,3 +340,8 @@ class RuleSet:
     order: tuple[FoldRule, ...]
     """Every rule the driver tries, first match wins."""
     options: RuleOptions = RuleOptions()
+    into_producers: tuple[FoldRule, ...] = ()
+    """Every rule that folds an affine into what computes its input: the layers, the
+    travelling rule and the splits. A split hands each piece of an affine to these."""
+    merges: tuple[MergeRule, ...] = ()
+    """Sibling branches merged into one layer, tried on every Add and Sum."""

@@ -146,10 +146,13 @@ def weight_and_bias_updates(
     bias_role: str = "bias",
 ) -> list[TensorUpdate] | Refusal:
     """New inputs 1 and 2 of a layer: ``W * factor`` and ``folded_bias`` (float64), the bias
-    cast to its own dtype, or to the weight's when it is created."""
+    cast to its own dtype, or to the weight's when it is created. A missing bias stays missing
+    when the fold adds nothing to it (a piece of an affine with no shift)."""
     new_weight = scaled_weight(node, 1, weight, factor, weight_role)
     if isinstance(new_weight, Refusal):
         return new_weight
+    if bias is None and not np.any(folded_bias):
+        return [new_weight]
     new_bias = cast_tensor(node, 2, folded_bias, weight.dtype if bias is None else bias.dtype, bias_role)
     if isinstance(new_bias, Refusal):
         return new_bias

@@ -1,4 +1,4 @@
-"""The report (bnfold.report): the JSON document is exactly what the README's schema says."""
+"""The JSON report (bnfold.schema): the document is exactly what the README's schema says."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from bnfold.pipeline import FoldOptions, fold_file
-from bnfold.report import fold_report_json
 from sample_models.generate import SAMPLES
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -61,7 +60,7 @@ def document(tmp_path_factory: pytest.TempPathFactory) -> dict:
     path = folder / "refused_bn.onnx"
     path.write_bytes(SAMPLES["refused_bn"]().SerializeToString())
     report = fold_file(path, FoldOptions())
-    return json.loads(json.dumps(fold_report_json(report)))
+    return json.loads(json.dumps(report.to_dict()))
 
 
 def test_top_level_keys_are_the_documented_ones(document: dict) -> None:
