@@ -128,12 +128,15 @@ def _read_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | Refusal | 
 
 
 def _merely_moves_a_bias(plan: FoldPlan) -> bool:
-    """A lone bias Add folded backward into a layer that has no bias input would come back as
-    a new Add after the layer: nothing gained, and the driver would repeat it forever."""
+    """A lone bias Add after a MatMul is how exporters write a Linear's bias: it already is the
+    folded form. Folded backward it would come back as a new Add after the layer (nothing
+    gained, and the driver would repeat it forever), or turn a MatMul that had no bias into a
+    Gemm, which is no BatchNormalization fold; both are left alone. Merging it into a bias the
+    layer has (removing another Add) is a fold."""
     affine = plan.affine
     return (
-        plan.direction == "backward" and bool(plan.added_biases) and len(affine.nodes) == 1
-        and affine.node.op_type in ("Add", "Sub")
+        plan.direction == "backward" and len(affine.nodes) == 1 and affine.node.op_type in ("Add", "Sub")
+        and (bool(plan.added_biases) or (bool(plan.retyped) and not plan.replaced))
     )
 
 

@@ -521,3 +521,96 @@ def kernel_with_branch(
     out_channels, per_group = regrouped.shape[:2]
     merged[np.ix_(np.arange(out_channels), np.arange(per_group), *taps)] += regrouped
     return merged
+
+
+# -- moving an affine across ops that commute with it ------------------------------------------
+#
+# The movers of ``bnfold.rules`` (``rules/move_*.py``) decide whether ``op(s * x + t)`` equals
+# ``s' * op(x) + t'`` and what ``s'``, ``t'`` are; the arithmetic and the window geometry they
+# decide with live here, so that it can be property-tested on plain arrays.
+
+
+def reshaped_affine(
+    s: np.ndarray, t: np.ndarray, trailing: int, length_to: int, trailing_to: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A per-channel affine moved across a row-major reshape, or None when it is not per-channel there.
+
+    The affine scales axis ``a`` of a tensor A (``C = len(s)`` entries; ``trailing`` is the
+    product of A's sizes after ``a``), so the element at flat index ``f`` is scaled by
+    ``s[(f // trailing) % C]``. A reshape keeps flat indices; on axis ``b`` of the reshaped
+    tensor B (``length_to`` entries, ``trailing_to`` the product of B's sizes after ``b``) an
+    affine would scale it by ``s'[(f // trailing_to) % length_to]``. With
+    ``r = trailing / trailing_to`` an integer and ``length_to`` a multiple of ``C * r``::
+
+        (f // trailing) % C = ((f // trailing_to) // r) % C = (j // r) % C,   j = (f // trailing_to) % length_to
+
+    so ``s' = tile(repeat(s, r), length_to / (C r))`` (each channel a block of ``r``
+    consecutive entries: ``[N, C*H*W] ↔ [N, C, H, W]`` gives ``r = H*W``). Otherwise some
+    entry of axis ``b`` holds elements of several channels and no ``s'`` exists for every ``s``.
+    The relation is symmetric: the same function moves the affine either way.
+    """
+    channels = len(s)
+    if channels == 0 or trailing_to <= 0 or trailing % trailing_to:
+        return None
+    repeat = trailing // trailing_to
+    if length_to % (channels * repeat):
+        return None
+    copies = length_to // (channels * repeat)
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    return np.tile(np.repeat(s, repeat), copies), np.tile(np.repeat(t, repeat), copies)
+
+
+def pool_windows(
+    size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int, ceil_mode: bool
+) -> list[list[int]]:
+    """The input positions each output of a pool reads along one axis, in order.
+
+    Positions below 0 or from ``size`` on are padding. The output count follows the ONNX
+    rule (floor, or ceil with ``ceil_mode``); with ``ceil_mode`` a last window that would
+    start inside the end padding is dropped, as PyTorch and onnxruntime do. Positions past
+    ``size + pad_end`` (a ``ceil_mode`` window hanging over the end) are neither values nor
+    counted padding.
+    """
+    span = dilation * (kernel - 1) + 1
+    room = size + pad_begin + pad_end - span
+    if room < 0:
+        return []
+    count = (-(-room // stride) if ceil_mode else room // stride) + 1
+    if ceil_mode and count > 1 and (count - 1) * stride >= size + pad_begin:
+        count -= 1
+    return [[i * stride - pad_begin + j * dilation for j in range(kernel)] for i in range(count)]
+
+
+def windows_read_padding(windows: list[list[int]], size: int, pad_end: int) -> bool:
+    """Whether some window takes a padded position (at the start, or in the ``pad_end`` positions
+    after the input), which an AveragePool with ``count_include_pad=1`` counts as a zero."""
+    return any(position < 0 or size <= position < size + pad_end for window in windows for position in window)
+
+
+def windows_without_values(windows: list[list[int]], size: int) -> bool:
+    """Whether some window holds no input value at all (only padding), where a pool's result
+    does not depend on its input."""
+    return any(all(not 0 <= position < size for position in window) for window in windows)
+
+
+def first_negative(s: np.ndarray) -> int | None:
+    """The first channel whose scale is negative, or None.
+
+    ``max(s * x + t) = s * max(x) + t`` holds per channel exactly when ``s >= 0`` (with
+    ``s = 0`` both sides are ``t``); a negative ``s`` turns the max into ``s * min(x) + t``.
+    """
+    negative = np.flatnonzero(np.asarray(s, dtype=np.float64) < 0)
+    return int(negative[0]) if negative.size else None
+
+
+def first_changed_pad_value(s: np.ndarray, t: np.ndarray, value: float) -> int | None:
+    """The first channel whose affine moves a constant pad's ``value``, or None.
+
+    ``pad(s * x + t, v)`` holds ``v`` where ``s * pad(x, v) + t`` holds ``s * v + t``: the two
+    agree exactly when ``s * v + t == v`` in every channel (``t = 0`` for the usual ``v = 0``).
+    """
+    s = np.asarray(s, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    moved = np.flatnonzero(s * float(value) + t != float(value))
+    return int(moved[0]) if moved.size else None

@@ -19,6 +19,13 @@ from onnx import helper
 from bnfold.io.load import weightless_copy
 from bnfold.io.store import TensorStore
 
+Dim = int | str | None
+"""A size: a number, a symbolic size by name (``dim_param``), or unknown."""
+
+# Ops through which a shape tensor's entries pass unchanged (only the tensor's layout changes).
+_ENTRY_PRESERVING = frozenset({"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
+_SHAPE_DEPTH = 16
+
 # Ops whose value changes from run to run: never evaluated as constants.
 NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -172,7 +179,7 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
-        self._shapes: dict[str, tuple[int | None, ...]] | None = None
+        self._shapes: dict[str, tuple[int | str | None, ...]] | None = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -321,6 +328,14 @@ class GraphIndex:
         need a shape), on a weight-less copy so its cost does not grow with the
         weights. A model that cannot be inferred simply has unknown shapes.
         """
+        shape = self.symbolic_shape(name)
+        return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
+
+    def symbolic_shape(self, name: str) -> tuple[int | str | None, ...] | None:
+        """As :meth:`static_shape`, with a symbolic dimension given by its name (``dim_param``):
+        the model's own (``'batch'``) or one shape inference made up for a size it could not
+        compute. Two dimensions of one name have one size, which lets a rule compare sizes it
+        cannot know (``x.view(x.size(0), -1)`` keeps the batch of ``x``). None: not even a name."""
         if self._shapes is None:
             self._shapes = {}
             try:
@@ -330,12 +345,65 @@ class GraphIndex:
             for value in (*inferred.input, *inferred.output, *inferred.value_info):
                 if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
                     self._shapes[value.name] = tuple(
-                        dim.dim_value if dim.HasField("dim_value") else None
+                        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
                         for dim in value.type.tensor_type.shape.dim
                     )
             self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
             self._shapes.update((name, tuple(sparse.dims)) for name, sparse in self.sparse_initializers.items())
         return self._shapes.get(name)
+
+    def shape_entries(self, name: str, depth: int = 0) -> list[Dim] | None:
+        """The entries of a 1-D integer tensor that computes a shape (a Reshape's or Resize's):
+        constants, and sizes read by Shape nodes (:meth:`symbolic_shape`) through Gather,
+        Slice, Concat, Unsqueeze and casts, as exporters write ``x.view(x.size(0), -1)``.
+        None when some step is none of these."""
+        value = self.constant_value(name)
+        if value is not None:
+            return [int(v) for v in np.asarray(value).reshape(-1)]
+        node = self.producer_of(name)
+        if node is None or not is_standard(node) or depth > _SHAPE_DEPTH:
+            return None
+        if node.op_type == "Shape":
+            dims = self.symbolic_shape(node.input[0])
+            end = attribute(node, "end")
+            if dims is None:
+                return None
+            return list(dims[int(attribute(node, "start", 0)):None if end is None else int(end)])
+        if node.op_type == "Concat":
+            parts = [self.shape_entries(part, depth + 1) for part in node.input]
+            return None if any(part is None for part in parts) else [entry for part in parts for entry in part or []]
+        data = self.shape_entries(node.input[0], depth + 1) if node.input else None
+        if data is None:
+            return None
+        if node.op_type in _ENTRY_PRESERVING:
+            return data
+        if node.op_type == "Gather" and int(attribute(node, "axis", 0)) == 0:
+            indices = self.constant_value(node.input[1])
+            picked = [] if indices is None else [int(i) for i in np.asarray(indices).reshape(-1)]
+            if indices is None or any(not -len(data) <= i < len(data) for i in picked):
+                return None
+            return [data[i] for i in picked]
+        if node.op_type == "Slice":
+            bounds = self._slice_bounds(node)
+            return None if bounds is None else data[slice(*bounds)]
+        return None
+
+    def _slice_bounds(self, node: onnx.NodeProto) -> tuple[int, int, int] | None:
+        """start, end, step of a Slice of a 1-D tensor (ONNX clamps them as Python does)."""
+        if self.default_opset() < 10:
+            values = [attribute(node, key) for key in ("starts", "ends", "axes")] + [None]
+        else:
+            values = []
+            for slot in range(1, 5):
+                name = node.input[slot] if slot < len(node.input) else ""
+                value = self.constant_value(name) if name else None
+                if name and value is None:
+                    return None
+                values.append(value)
+        starts, ends, axes, steps = (None if v is None else [int(x) for x in np.asarray(v).reshape(-1)] for v in values)
+        if not starts or not ends or len(starts) != 1 or (axes and axes[0] not in (0, -1)):
+            return None
+        return starts[0], ends[0], steps[0] if steps else 1
 
     def rank_of(self, name: str) -> int | None:
         """How many axes value ``name`` has, or None when even that is unknown.

@@ -293,10 +293,18 @@ def _apply_fold(
     """Rewire around one folded affine and remove it; return the nodes it adds."""
     for attribute in plan.attributes:
         _set_attribute(attribute)
+    for retyped in plan.retyped:
+        retyped.node.op_type, retyped.node.domain = retyped.op_type, ""
+    for replaced in plan.replaced:
+        written = replaced.by.output[0]
+        removed_positions.add(index.position_of(replaced.node))
+        released.extend(name for name in replaced.node.input if name and name != written)  # its constants
+        stale_value_info.add(written)
+        replaced.by.output[0] = replaced.node.output[0]
     affine = plan.affine
     if plan.direction == "backward":
-        stale_value_info.add(plan.target.output[0])
-        plan.target.output[0] = affine.output_name
+        _take_output_name(plan)
+        stale_value_info.add(affine.input_name)
     elif plan.direction == "forward":
         stale_value_info.add(affine.output_name)
         for target in plan.targets:
@@ -311,6 +319,18 @@ def _apply_fold(
     stale_value_info.update(node.output[0] for node in affine.nodes[:-1])
     released.extend(affine.parameter_names)
     return added
+
+
+def _take_output_name(plan: FoldPlan) -> None:
+    """Backward: the target writes the affine's output in place of the value the affine read;
+    the plan's other nodes that read that value (only for its shape) read the new name."""
+    affine = plan.affine
+    target = plan.target
+    target.output[list(target.output).index(affine.input_name)] = affine.output_name
+    for node in plan.also_targets:
+        for position, name in enumerate(node.input):
+            if name == affine.input_name:
+                node.input[position] = affine.output_name
 
 
 def _reclaim_original_names(

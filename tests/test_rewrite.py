@@ -86,13 +86,13 @@ def test_ir3_fold_lists_created_bias_as_input_and_drops_released_ones() -> None:
     assert not any(name.startswith(("gamma", "beta", "mean", "var")) for name in initializers)
 
 
-def test_ir3_bias_added_after_a_matmul_is_declared_as_an_input() -> None:
-    """MatMul has no bias input: the shift goes into a new Add whose constant must be a graph input too."""
+def test_ir3_bias_given_to_a_matmul_is_declared_as_an_input() -> None:
+    """MatMul has no bias input: a rank-2 one becomes a Gemm whose new C must be a graph input too."""
     b = GraphBuilder(seed=17)
     x = b.input("x", [3, 5])
     b.output(b.batchnorm(b.node("MatMul", [x, b.random("W", [5, 4])]), 4), [3, 4])
     check = fold_and_compare(b.model(opset=9, ir_version=3))
-    assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Gemm"]
     declared = {v.name for v in check.folded.graph.input}
     assert {t.name for t in check.folded.graph.initializer} <= declared
 
@@ -100,14 +100,15 @@ def test_ir3_bias_added_after_a_matmul_is_declared_as_an_input() -> None:
 def test_new_names_avoid_value_info_outputs_node_names_and_function_bodies() -> None:
     """The names a fold creates collide with nothing the model declares anywhere."""
     b = GraphBuilder(seed=18)
-    x = b.input("x", [3, 5])
-    b.output(b.batchnorm(b.node("MatMul", [x, b.random("W", [5, 4])]), 4), [3, 4])
-    b.output(b.node("Neg", [x]), [3, 5])
+    x = b.input("x", [2, 3, 5])  # rank 3: the MatMul keeps an Add for the shift
+    scaled = b.node("Mul", [b.node("MatMul", [x, b.random("W", [5, 4])]), b.random("s", [4])])
+    b.output(b.node("Add", [scaled, b.random("t", [4])]), [2, 3, 4])
+    b.output(b.node("Neg", [x]), [2, 3, 5])
     model = b.model()
-    matmul, batchnorm, neg = model.graph.node
+    matmul, _, shift, neg = model.graph.node
     # The first names the rewrite would pick (bias tensor, Add node, the MatMul's new output),
     # declared where only a whole-model search finds them.
-    taken = [f"{matmul.name}_bias_bnfold", f"{matmul.name}_add_bnfold", f"{batchnorm.output[0]}_bnfold"]
+    taken = [f"{matmul.name}_bias_bnfold", f"{matmul.name}_add_bnfold", f"{shift.output[0]}_bnfold"]
     model.graph.value_info.append(helper.make_tensor_value_info(taken[0], TensorProto.FLOAT, [4]))
     neg.name = taken[1]
     model.functions.append(helper.make_function(

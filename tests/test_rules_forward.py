@@ -52,15 +52,35 @@ def test_bn_on_graph_input_folds_into_following_gemm(
     assert (fold.rule, fold.direction) == ("bn-linear", "forward")
 
 
-def test_bn_into_matmul_adds_the_shift_after_it() -> None:
+def test_bn_into_a_rank_2_matmul_makes_it_a_gemm_holding_the_shift() -> None:
     b = GraphBuilder(seed=1)
     x = b.input("x", ["batch", 6])
     b.output(b.node("Relu", [b.node("MatMul", [b.batchnorm(x, 6), b.random("W", [6, 4])])]))
     check = fold_and_compare(b.model())
+    assert [node.op_type for node in check.folded.graph.node] == ["Gemm", "Relu"]
+    (fold,) = check.outcome.folds
+    assert "becomes a Gemm whose C holds the BN's shift" in fold.notes[0]
+    assert len(check.folded.graph.initializer) == 2  # the scaled weight and the new C
+
+
+def test_bn_into_a_rank_2_matmul_with_a_bias_add_makes_one_gemm() -> None:
+    b = GraphBuilder(seed=1)
+    x = b.input("x", [3, 6])
+    product = b.node("MatMul", [b.batchnorm(x, 6), b.random("W", [6, 4])])
+    b.output(b.node("Relu", [b.node("Add", [b.random("c", [1, 4]), product])]))
+    check = fold_and_compare(b.model())
+    assert [node.op_type for node in check.folded.graph.node] == ["Gemm", "Relu"]
+
+
+def test_affine_into_a_batched_matmul_adds_the_shift_after_it() -> None:
+    b = GraphBuilder(seed=1)
+    x = b.input("x", [2, 3, 6])
+    scaled = b.node("Add", [b.node("Mul", [x, b.random("s", [6])]), b.random("t", [6])])
+    b.output(b.node("Relu", [b.node("MatMul", [scaled, b.random("W", [6, 4])])]))
+    check = fold_and_compare(b.model())
     assert [node.op_type for node in check.folded.graph.node] == ["MatMul", "Add", "Relu"]
     (fold,) = check.outcome.folds
     assert "has no bias input: the BN's shift is added after it" in fold.notes[0]
-    assert len(check.folded.graph.initializer) == 2  # the scaled weight and the new bias
 
 
 def test_bn_on_last_axis_affine_input_is_not_folded_into_matmul_over_its_last_axis() -> None:
@@ -118,13 +138,13 @@ def test_bn_folds_through_a_plain_flatten_into_gemm(flatten: str, batch: int | s
     check = fold_and_compare(_flatten_head(flatten, batch, to=target))
     assert [node.op_type for node in check.folded.graph.node] == [flatten, "Gemm"]
     (fold,) = check.outcome.folds
-    assert fold.rule == "bn-flatten-linear" and fold.target == f"{flatten} '{flatten.lower()}0', Gemm 'gemm0'"
+    assert fold.rule == f"bn-linear through {flatten}" and fold.target == f"Gemm 'gemm0', {flatten} '{flatten.lower()}0'"
 
 
 def test_flatten_with_unknown_spatial_size_is_refused() -> None:
     model = _flatten_head("Flatten", spatial=("h", "w"))
     reason = _only_left_reason(fold_and_compare(model, shapes={"x": (2, 4, 3, 2)}))
-    assert "the BN input shape is ['?', 4, '?', '?']: without static spatial sizes" in reason
+    assert "Flatten 'flatten0' reshapes [batch, 4, h, w]" in reason and "with sizes unknown" in reason
 
 
 def test_reshape_that_is_not_a_flatten_is_refused() -> None:
@@ -132,16 +152,17 @@ def test_reshape_that_is_not_a_flatten_is_refused() -> None:
     x = b.input("x", [2, 4, 3, 2])
     flat = b.node("Reshape", [b.batchnorm(x, 4), b.const("shape", np.array([8, 6], dtype=np.int64))])
     b.output(b.node("MatMul", [flat, b.random("W", [6, 3])]))
-    assert "Reshape 'reshape0' reshapes to [8, 6], not to [N, 24]" in _only_left_reason(fold_and_compare(b.model()))
+    reason = _only_left_reason(fold_and_compare(b.model()))
+    assert "normalizes axis -2 of a rank-2 tensor, but MatMul 'matmul0' multiplies its last axis" in reason
 
 
-def test_flatten_into_matmul_folds_with_an_added_bias() -> None:
+def test_flatten_into_matmul_makes_a_gemm() -> None:
     b = GraphBuilder(seed=7)
     x = b.input("x", ["batch", 3, 2, 2])
     flat = b.node("Flatten", [b.batchnorm(x, 3)])
     b.output(b.node("MatMul", [flat, b.random("W", [12, 4])]))
     check = fold_and_compare(b.model())
-    assert [node.op_type for node in check.folded.graph.node] == ["Flatten", "MatMul", "Add"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Flatten", "Gemm"]
 
 
 # -- BN → Conv ----------------------------------------------------------------------------------
@@ -275,7 +296,7 @@ def test_bn_feeding_two_gemms_with_a_shared_weight_folds_into_both() -> None:
     b.output(b.node("Gemm", [normalized, shared, b.random("c", [3])], transB=1, alpha=0.5))
     b.output(b.node("MatMul", [normalized, b.random("W", [5, 2])]))
     check = fold_and_compare(b.model())
-    assert [node.op_type for node in check.folded.graph.node] == ["Gemm", "Gemm", "MatMul", "Add"]
+    assert [node.op_type for node in check.folded.graph.node] == ["Gemm", "Gemm", "Gemm"]
     (fold,) = check.outcome.folds
     assert fold.target == "Gemm 'gemm0', Gemm 'gemm1', MatMul 'matmul0'"
     gemm_weights = [node.input[1] for node in check.folded.graph.node[:2]]
@@ -316,7 +337,7 @@ def test_classifier_head_sample_folds_every_bn() -> None:
     check = fold_and_compare(classifier_head_bn())
     assert op_count(check.folded, "BatchNormalization") == 0 and not check.outcome.left
     assert sorted((fold.rule, fold.direction) for fold in check.outcome.folds) == [
-        ("bn-flatten-linear", "forward"), ("bn-linear", "forward"), ("conv-bn", "backward"),
+        ("bn-linear", "forward"), ("bn-linear through Flatten", "forward"), ("conv-bn", "backward"),
     ]
 
 

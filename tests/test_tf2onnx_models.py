@@ -34,8 +34,8 @@ EXPECTED = {
     # tf2onnx pushed the Transpose past Mul/Add: the affine is on the NCHW Conv output.
     "depthwise_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("conv-bn",)),
     "conv2dtranspose_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("convtranspose-bn",)),
-    # Dense: MatMul → Mul → Add (Dense's bias is in the Add); the Add keeps the folded shift.
-    "dense_bn": Expected((0, 1, 1, 0), (0, 0, 1, 0), ("matmul-bn",)),
+    # Dense: MatMul → Mul → Add (Dense's bias is in the Add) on [N, C]: one Gemm holds the shift.
+    "dense_bn": Expected((0, 1, 1, 0), (0, 0, 0, 0), ("matmul-bn",)),
     # Conv1D: Unsqueeze → Transpose → Conv → Squeeze → Mul → Add.
     "conv1d_bn": Expected((0, 1, 1, 2), (0, 0, 0, 2), ("conv-bn through Squeeze",)),
     # BN on the NHWC input: Mul → Add → Transpose → unpadded Conv.

@@ -35,11 +35,18 @@ from bnfold.rules.conv import ConvBn
 from bnfold.rules.convtranspose import ConvTransposeBn
 from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import BnConv
-from bnfold.rules.forward_linear import BnFlattenLinear, BnLinear
+from bnfold.rules.forward_linear import BnLinear
 from bnfold.rules.gemm import GemmBn
 from bnfold.rules.layout import LayoutMover
 from bnfold.rules.matmul import MatMulBn
 from bnfold.rules.matmul_add import MatMulAddBn
+from bnfold.rules.move_average import AverageMover
+from bnfold.rules.move_max import MaxMover
+from bnfold.rules.move_pad import PadMover
+from bnfold.rules.move_reshape import ReshapeMover
+from bnfold.rules.move_resize import ResizeMover
+from bnfold.rules.move_slice import SliceMover
+from bnfold.rules.move_split import SplitMover
 from bnfold.rules.passthrough import PassThroughMover
 from bnfold.rules.plan import (
     Affine,
@@ -63,9 +70,19 @@ RESTATING: tuple[FoldRule, ...] = (UniformAffine(),)
 
 BACKWARD_RULES: tuple[FoldRule, ...] = (ConvBn(), GemmBn(), ConvTransposeBn(), MatMulBn(), MatMulAddBn())
 
-FORWARD_RULES: tuple[FoldRule, ...] = (BnLinear(), BnFlattenLinear(), BnConv())
+FORWARD_RULES: tuple[FoldRule, ...] = (BnLinear(), BnConv())
 
-MOVERS: tuple[Mover, ...] = (LayoutMover(), PassThroughMover())
+MOVERS: tuple[Mover, ...] = (
+    LayoutMover(),
+    PassThroughMover(),
+    AverageMover(),
+    MaxMover(),
+    ReshapeMover(),
+    ResizeMover(),
+    SliceMover(),
+    SplitMover(),
+    PadMover(),
+)
 
 SPLITS: tuple[FoldRule, ...] = (ConcatSplit(), AddSplit())
 

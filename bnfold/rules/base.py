@@ -29,7 +29,9 @@ from bnfold.rules.plan import (
     FoldPlan,
     FoldRule,
     InsertedAffine,
+    OpTypeUpdate,
     Refusal,
+    Replaced,
     RuleOptions,
     RuleSet,
     TensorUpdate,
@@ -44,6 +46,29 @@ from bnfold.rules.weights import (
 
 # Ops that read only the shape of their input, which folding an affine map never changes.
 SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def reads_only_shape(node: onnx.NodeProto, name: str) -> bool:
+    """Whether ``node`` reads value ``name`` for nothing but its shape or element type, which a
+    fold keeps: Shape and Size (``x.view(x.size(0), -1)``), or CastLike's type example
+    (input 1; the dynamo exporter's zero bias is ``CastLike(0, x)``)."""
+    if not is_standard(node):
+        return False
+    if node.op_type in SHAPE_READERS:
+        return True
+    return node.op_type == "CastLike" and name in node.input[1:] and name not in node.input[:1]
+
+
+def value_uses(graph: GraphIndex, name: str, besides: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
+    """The uses of ``name`` other than ``besides``: labels of those that read its values
+    (a graph output included), and the nodes that read only its shape (:func:`reads_only_shape`)."""
+    keep = graph.position_of(besides)
+    readers = [node for node in graph.consumers_of(name) if graph.position_of(node) != keep]
+    shape_readers = [node for node in readers if reads_only_shape(node, name)]
+    uses = [describe(node) for node in readers if not reads_only_shape(node, name)]
+    if name in graph.graph_outputs:
+        uses.append("a graph output")
+    return uses, shape_readers
 
 
 def delegate(
@@ -92,6 +117,19 @@ def matmul_output_rank(graph: GraphIndex, matmul: onnx.NodeProto) -> int | None:
     return rank
 
 
+def becomes_gemm(graph: GraphIndex, matmul: onnx.NodeProto, dtype: np.dtype) -> bool:
+    """Whether a MatMul that gains a bias is better turned into a Gemm, whose C holds it, than
+    followed by an Add: when its input is known to be a matrix (Gemm's A is one; a MatMul of
+    higher rank is batched, and stays MatMul + Add) and Gemm takes the dtype at the model's
+    opset (from opset 7, where C broadcasts without an attribute; bfloat16 from opset 13).
+    onnxruntime's own MatMul + BatchNormalization fusion gives the same Gemm."""
+    opset = graph.default_opset()
+    if graph.rank_of(matmul.input[0]) != 2 or opset < 7:
+        return False
+    name = np.dtype(dtype).name
+    return name in ("float16", "float32", "float64") or (name == "bfloat16" and opset >= 13)
+
+
 @dataclass
 class Absorbed:
     """What a layer needs to absorb an affine: its new tensors, and what else changes."""
@@ -102,6 +140,13 @@ class Absorbed:
     also_changed: list[onnx.NodeProto] = field(default_factory=list)
     """Nodes changed besides the layer itself, e.g. the Gemm behind a Flatten."""
     notes: list[str] = field(default_factory=list)
+    retyped: list[OpTypeUpdate] = field(default_factory=list)
+    """Op type changes: a rank-2 MatMul with a bias becomes a Gemm."""
+    replaced: list[Replaced] = field(default_factory=list)
+    """Nodes removed because the layer took them over: the bias Add that Gemm's C now holds."""
+    target: onnx.NodeProto | None = None
+    """Backward: the node that takes the affine's place when it is not the matched producer
+    (a MatMul that takes over the bias Add the rule matched)."""
 
 
 class IntoProducer(FoldRule):
@@ -111,7 +156,9 @@ class IntoProducer(FoldRule):
 
     1. the affine's input is the first output of one of ``producer_ops`` (standard domain);
     2. that output is read by nothing but the affine (and is not a graph output), since
-       other readers still need the un-normalized values.
+       other readers still need the un-normalized values. A reader of its shape alone (a
+       ``Shape`` node) is no obstacle: it reads the affine's output instead, which has the
+       same shape.
 
     Subclasses say only how their tensors absorb ``s`` and ``t`` (:meth:`absorb`).
     """
@@ -124,7 +171,7 @@ class IntoProducer(FoldRule):
             return None
         if list(producer.output).index(affine.input_name) != 0:
             return Refusal(f"the BN reads a secondary output of {describe(producer)}")
-        other_uses = graph.other_uses(affine.input_name, besides=affine.nodes[0])
+        other_uses, shape_readers = value_uses(graph, affine.input_name, besides=affine.nodes[0])
         if other_uses:
             return Refusal(f"{describe(producer)} output also feeds {', '.join(other_uses)}")
         absorbed = self.absorb(producer, affine, graph)
@@ -133,13 +180,15 @@ class IntoProducer(FoldRule):
         return FoldPlan(
             rule=self.name,
             affine=affine,
-            target=producer,
+            target=producer if absorbed.target is None else absorbed.target,
             direction="backward",
             updates=absorbed.updates,
             attributes=absorbed.attributes,
             notes=absorbed.notes,
-            also_targets=absorbed.also_changed,
+            also_targets=[*absorbed.also_changed, *shape_readers],
             added_biases=absorbed.added_biases,
+            retyped=absorbed.retyped,
+            replaced=absorbed.replaced,
         )
 
     @abstractmethod
@@ -167,8 +216,8 @@ class ScaledLayerIntoProducer(IntoProducer):
         weight, bias = found
         attributes_now = attributes(producer)
         refusal = (
-            self.weight_refusal(producer, attributes_now, weight, affine)
-            or channel_axis_refusal(affine, producer, axis=1, rank=self.output_rank(weight))
+            channel_axis_refusal(affine, producer, axis=1, rank=self.output_rank(weight))
+            or self.weight_refusal(producer, attributes_now, weight, affine)
             or self.bias_refusal(producer, bias, affine)
         )
         if refusal:
@@ -238,7 +287,7 @@ class IntoConsumer(FoldRule):
         consumers: list[onnx.NodeProto] = []
         shape_readers: list[onnx.NodeProto] = []
         for node in graph.consumers_of(affine.output_name):
-            (shape_readers if is_standard(node) and node.op_type in SHAPE_READERS else consumers).append(node)
+            (shape_readers if reads_only_shape(node, affine.output_name) else consumers).append(node)
         if not any(is_standard(node) and node.op_type in self.consumer_ops for node in consumers):
             return None
         if affine.output_name in graph.graph_outputs:
@@ -269,6 +318,8 @@ class IntoConsumer(FoldRule):
             notes=[note for fold in folds for note in fold.notes],
             also_targets=[*consumers[1:], *shape_readers, *(node for fold in folds for node in fold.also_changed)],
             added_biases=[added for fold in folds for added in fold.added_biases],
+            retyped=[retyped for fold in folds for retyped in fold.retyped],
+            replaced=[replaced for fold in folds for replaced in fold.replaced],
         )
 
     @abstractmethod

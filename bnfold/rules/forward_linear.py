@@ -1,4 +1,4 @@
-"""BatchNormalization → Gemm / MatMul, directly or through a Flatten: fold into the next layer.
+"""BatchNormalization → Gemm / MatMul: fold into the next layer.
 
 With ``BN(x) = s * x + t`` on the layer's input columns (K of them) and
 ``Y = alpha * A B + beta * C``::
@@ -14,35 +14,35 @@ so row k of B (column k when ``transB=1``) is scaled by ``s[k]`` and
    (axis 1 of a rank-2 tensor for a BatchNormalization node);
 4. B / the MatMul weight is a constant 2-D float tensor with K input rows.
 
-MatMul has no bias input, so ``t B`` is added by a new Add node after it. That is
-the one form that is right for every reader of the MatMul output and needs no
-second pattern (a following ``Add(const)`` would have to be single-use and
-broadcast-compatible); the BN node is replaced by that Add, so the node count
-stays and the BN's four parameter vectors shrink to one bias.
+MatMul has no bias input. When its input is known to be a matrix (rank 2), the MatMul
+becomes a Gemm whose C is ``t W``, and a bias Add that alone reads the MatMul joins C too:
+one node, as onnxruntime's own BatchNormalization + MatMul fusion makes it
+(:func:`~bnfold.rules.base.becomes_gemm`). Of any other rank, ``t W`` is added by a new Add
+node after it, the one form that is right for every reader of the MatMul output; the BN node
+is replaced by that Add, so the node count stays and the BN's four parameter vectors shrink
+to one bias.
 
-Through a plain flatten (``Flatten`` at axis 1, or ``Reshape`` to ``[N | 0 | -1, C*H*W]``)
-of a BN output ``[N, C, H, W]`` with static spatial sizes, channel c owns input
-columns ``c*H*W ... (c+1)*H*W - 1``: the same fold with ``s`` and ``t`` repeated
-``H*W`` times; the Flatten then reads the BN's input.
+A BN before a Flatten or a Reshape into ``[N, C·H·W]`` reaches the layer through the
+reshape mover (:mod:`bnfold.rules.move_reshape`), which repeats ``s`` and ``t`` once per
+column of a channel.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex, attribute, attributes, describe, is_standard
-from bnfold.rules.base import Absorbed, IntoConsumer
-from bnfold.rules.plan import Affine, Refusal, RuleOptions
+from bnfold.graph import GraphIndex, attributes, describe
+from bnfold.rules.base import Absorbed, IntoConsumer, becomes_gemm
+from bnfold.rules.matmul_add import matmul_and_bias_slot
+from bnfold.rules.plan import Affine, OpTypeUpdate, Refusal, Replaced, RuleOptions, TensorUpdate
 from bnfold.rules.weights import (
     added_bias,
     cast_tensor,
-    constant_input,
     constant_weight_and_bias,
     matmul_weight,
+    require_float,
     scaled_weight,
 )
 
@@ -78,6 +78,37 @@ def _into_gemm(gemm: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphI
     return new_bias if isinstance(new_bias, Refusal) else Absorbed([new_weight, new_bias])
 
 
+def _bias_add_after(matmul: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.NodeProto, np.ndarray] | None:
+    """The Add of a constant bias (at most a matrix) that alone reads ``matmul``, and the bias."""
+    readers = graph.consumers_of(matmul.output[0])
+    if len(readers) != 1 or graph.use_count(matmul.output[0]) != 1:
+        return None
+    found = matmul_and_bias_slot(readers[0], graph)
+    if found is None:
+        return None
+    bias = graph.constant_value(readers[0].input[found[1]])
+    if bias is None or require_float(bias, readers[0], "bias") or bias.ndim > 2:
+        return None
+    return readers[0], bias
+
+
+def _into_gemm_from_matmul(
+    matmul: onnx.NodeProto, new_weight: TensorUpdate, offset: np.ndarray, dtype: np.dtype, graph: GraphIndex
+) -> Absorbed | Refusal:
+    """The MatMul as a Gemm whose C is the shift's offset, plus the bias of an Add after it."""
+    bias_add = _bias_add_after(matmul, graph)
+    exact = offset if bias_add is None else offset + bias_add[1].astype(np.float64)
+    new_bias = cast_tensor(matmul, 2, exact, dtype, "bias")
+    if isinstance(new_bias, Refusal):
+        return new_bias
+    notes = [f"{describe(matmul)} becomes a Gemm whose C holds the BN's shift"]
+    replaced = []
+    if bias_add is not None:
+        replaced = [Replaced(bias_add[0], matmul)]
+        notes[0] += f" and the bias of {describe(bias_add[0])}"
+    return Absorbed([new_weight, new_bias], retyped=[OpTypeUpdate(matmul, "Gemm")], replaced=replaced, notes=notes)
+
+
 def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: GraphIndex) -> Absorbed | Refusal:
     weight = matmul_weight(graph, matmul, s.shape[0], axis=0)
     if isinstance(weight, Refusal):
@@ -85,9 +116,12 @@ def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: Gr
     new_weight = scaled_weight(matmul, 1, weight, fold_math.axis_factor(s, 2, axis=0))
     if isinstance(new_weight, Refusal):
         return new_weight
+    offset = fold_math.linear_offset(weight, t, input_axis=0)
+    if becomes_gemm(graph, matmul, weight.dtype):
+        return _into_gemm_from_matmul(matmul, new_weight, offset, weight.dtype, graph)
     if not np.any(t):
         return Absorbed([new_weight])  # a scale alone (a Mul): nothing to add after the MatMul
-    shift = added_bias(matmul, fold_math.linear_offset(weight, t, input_axis=0), weight.dtype, "bias")
+    shift = added_bias(matmul, offset, weight.dtype, "bias")
     if isinstance(shift, Refusal):
         return shift
     return Absorbed(
@@ -102,7 +136,8 @@ def into_linear(layer: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: Grap
 
 
 class BnLinear(IntoConsumer):
-    """``Gemm(BN(x), B, C)`` → ``Gemm(x, diag(s) B, C + (alpha/beta) t B)``; MatMul likewise, plus an Add."""
+    """``Gemm(BN(x), B, C)`` → ``Gemm(x, diag(s) B, C + (alpha/beta) t B)``; a MatMul likewise
+    becomes a Gemm (a matrix input) or gets an Add."""
 
     name = "bn-linear"
     consumer_ops = LINEAR_OPS
@@ -124,91 +159,3 @@ class BnLinear(IntoConsumer):
                     f"but {describe(consumer)} multiplies its last axis"
                 )
         return into_linear(consumer, affine.s, affine.t, graph)
-
-
-def _flatten_refusal(
-    flatten: onnx.NodeProto, shape: tuple[int | None, ...], columns: int, graph: GraphIndex
-) -> Refusal | None:
-    """None when ``flatten`` turns ``[N, C, ...]`` into ``[N, columns]`` keeping the channel order."""
-    if flatten.op_type == "Flatten":
-        axis = int(attribute(flatten, "axis", 1))
-        if axis + (len(shape) if axis < 0 else 0) != 1:
-            return Refusal(f"{describe(flatten)} flattens from axis {axis}, not from the channel axis 1")
-        return None
-    if len(flatten.input) > 1 and graph.constant_value(flatten.input[1]) is None:
-        return _runtime_reshape_refusal(flatten, graph)
-    target = constant_input(graph, flatten, 1, "shape")
-    if target is None or isinstance(target, Refusal):
-        return target or Refusal(f"{describe(flatten)} has no shape input")
-    dims = [int(d) for d in np.asarray(target).reshape(-1)]
-    batch = shape[0]
-    keeps_batch = {0, -1} | ({batch} if batch is not None else set())
-    plain = len(dims) == 2 and (
-        (dims[1] == columns and dims[0] in keeps_batch) or (dims[1] == -1 and dims[0] in keeps_batch - {-1})
-    )
-    if not plain or (0 in dims and int(attribute(flatten, "allowzero", 0))):
-        return Refusal(f"{describe(flatten)} reshapes to {dims}, not to [N, {columns}]")
-    return None
-
-
-def _runtime_reshape_refusal(reshape: onnx.NodeProto, graph: GraphIndex) -> Refusal | None:
-    """None when a Reshape to a shape computed at run time (``x.view(x.size(0), -1)``) is a flatten.
-
-    A 2-D result ``[d0, d1]`` read by a Gemm / MatMul whose weight takes exactly the
-    ``C*H*W`` columns (checked by :func:`into_linear`) must have ``d1 = C*H*W``, else the
-    layer could not run; so ``d0 = N`` and the Reshape is the plain flatten, whatever
-    computed its shape. Only the length of the shape tensor is needed.
-    """
-    length = graph.static_shape(reshape.input[1])
-    if length == (2,):
-        return None
-    known = None if length is None or None in length else [d for d in length if d is not None]
-    entries = "an unknown number of" if known is None else f"{math.prod(known)}"
-    return Refusal(
-        f"{describe(reshape)} reshapes to a shape computed at run time with {entries} entries, not [N, C*H*W]"
-    )
-
-
-class BnFlattenLinear(IntoConsumer):
-    """``Gemm(Flatten(BN(x)))`` → ``Gemm(Flatten(x))`` with ``s``, ``t`` repeated per channel's columns."""
-
-    name = "bn-flatten-linear"
-    consumer_ops = frozenset({"Flatten", "Reshape"})
-
-    def absorb(
-        self, flatten: onnx.NodeProto, affine: Affine, graph: GraphIndex, options: RuleOptions
-    ) -> Absorbed | Refusal:
-        if affine.channel_axis != 1:
-            return Refusal(
-                f"the BN normalizes axis {affine.channel_axis}, not the channel axis {describe(flatten)} keeps"
-            )
-        shape = graph.static_shape(affine.input_name)
-        if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
-            known = "unknown" if shape is None else [d if d is not None else "?" for d in shape]
-            return Refusal(
-                f"the BN input shape is {known}: without static spatial sizes, the columns "
-                f"{describe(flatten)} gives each channel are unknown"
-            )
-        dims = [d for d in shape[1:] if d is not None]  # all known: checked above
-        columns, per_channel = math.prod(dims), math.prod(dims[1:])
-        refusal = _flatten_refusal(flatten, shape, columns, graph)
-        if refusal:
-            return refusal
-        flat = flatten.output[0]
-        readers = graph.consumers_of(flat)
-        if flat in graph.graph_outputs or not readers:
-            return Refusal(f"{describe(flatten)} output is a graph output")
-        s, t = np.repeat(affine.s, per_channel), np.repeat(affine.t, per_channel)
-        folded = Absorbed(updates=[], also_changed=readers)
-        for reader in readers:
-            if not (is_standard(reader) and reader.op_type in LINEAR_OPS):
-                return Refusal(f"{describe(flatten)} output also feeds {describe(reader)}, which cannot absorb the BN")
-            if list(reader.input).count(flat) != 1 or reader.input[0] != flat:
-                return Refusal(f"{describe(reader)} reads {describe(flatten)} output other than as its data input")
-            absorbed = into_linear(reader, s, t, graph)
-            if isinstance(absorbed, Refusal):
-                return absorbed
-            folded.updates += absorbed.updates
-            folded.added_biases += absorbed.added_biases
-            folded.notes += absorbed.notes
-        return folded

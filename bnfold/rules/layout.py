@@ -78,6 +78,14 @@ def axis_move(node: onnx.NodeProto, graph: GraphIndex) -> AxisMove | Refusal:
     return AxisMove([None if axis in added else next(kept) for axis in range(output_rank)], input_rank)
 
 
+def absolute_axis(axis: int, rank: int | None) -> int | None:
+    """A channel axis counted from the start of a rank-``rank`` tensor; None when it is out of
+    range, or negative on a tensor of unknown rank."""
+    if rank is None:
+        return axis if axis >= 0 else None
+    return axis % rank if -rank <= axis < rank else None
+
+
 def channel_axis(axis: int, rank: int) -> int:
     """An absolute axis as the rules name a channel axis: 1 (NCHW) as it is, any other counted
     from the end (-1: the last)."""

@@ -1,4 +1,4 @@
-"""MatMul → BatchNormalization: scale the weight's columns, add the shift with an Add.
+"""MatMul → BatchNormalization: scale the weight's columns; the shift goes into a Gemm's C or an Add.
 
 ``Y = X W`` with a constant 2-D ``W = [K, C]``: output channel c is column c of W, on Y's
 *last* axis. So ``BN(Y) = X (W * s) + t`` only when the affine's channel axis is Y's last
@@ -6,11 +6,13 @@ axis: always for a decomposed affine by a ``[C]`` constant, and for a BatchNorma
 (axis 1) only when Y is rank 2. For ``[N, T, C]`` a BN normalizes T, which no column of W
 owns, so that is refused (as is an unknown rank).
 
-A MatMul has no bias input, so ``t`` goes into an Add node added after it (none when
-``t = 0``). We keep MatMul + Add rather than rewriting a rank-2 MatMul into a Gemm: it works
-for every rank, keeps the op the exporter chose, and onnxruntime fuses MatMul + Add on its
-own. A lone bias Add/Sub after a MatMul is left alone: it already is the folded form (the
-driver never lets a fold merely move a bias Add).
+A MatMul has no bias input. When its input X is known to be a matrix (rank 2, as for a BN1d
+after a Linear), the MatMul becomes a Gemm whose C is ``t``: one node, as onnxruntime's own
+MatMul + BatchNormalization fusion makes it (:func:`~bnfold.rules.base.becomes_gemm`). Of
+any other rank, or of unknown rank, ``t`` goes into an Add node after it, which works for
+every rank (Gemm multiplies matrices only). With ``t = 0`` the MatMul stays as it is, scaled.
+A lone bias Add/Sub after a MatMul is left alone: it already is the folded form (the driver
+never lets a fold merely move a bias into another node).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import numpy as np
 import onnx
 
 from bnfold import fold_math
-from bnfold.graph import GraphIndex
-from bnfold.rules.base import Absorbed, IntoProducer, channel_axis_refusal, matmul_output_rank
-from bnfold.rules.plan import Affine, Refusal
-from bnfold.rules.weights import added_bias, matmul_weight, scaled_weight
+from bnfold.graph import GraphIndex, describe
+from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal, matmul_output_rank
+from bnfold.rules.plan import Affine, OpTypeUpdate, Refusal
+from bnfold.rules.weights import added_bias, cast_tensor, matmul_weight, scaled_weight
 
 
 class MatMulBn(IntoProducer):
-    """``BN(MatMul(X, W))`` → ``Add(MatMul(X, W * s), t)``."""
+    """``BN(MatMul(X, W))`` → ``Gemm(X, W * s, t)`` for a matrix X, else ``Add(MatMul(X, W * s), t)``."""
 
     name = "matmul-bn"
     producer_ops = frozenset({"MatMul"})
@@ -43,5 +45,11 @@ class MatMulBn(IntoProducer):
             return scaled
         if not np.any(affine.t):
             return Absorbed([scaled])
+        if becomes_gemm(graph, producer, weight.dtype):
+            bias = cast_tensor(producer, 2, affine.t, weight.dtype, "bias")
+            if isinstance(bias, Refusal):
+                return bias
+            return Absorbed([scaled, bias], retyped=[OpTypeUpdate(producer, "Gemm")],
+                            notes=[f"{describe(producer)} becomes a Gemm whose C holds the shift"])
         shift = added_bias(producer, affine.t, weight.dtype, "bias")
         return shift if isinstance(shift, Refusal) else Absorbed([scaled], added_biases=[shift])

@@ -1,9 +1,12 @@
 """MatMul → Add(constant bias) → BatchNormalization: how many exporters write a Linear.
 
 ``BN(X W + b) = X (W * s) + (b * s + t)``: the MatMul's weight columns are scaled and the
-existing bias Add takes the folded bias and the BN's output, so the pair stays one MatMul +
-one Add. As for a lone MatMul, the affine's channel axis must be the last axis of the Add's
-output (a BN qualifies only at rank 2), and the MatMul's output must feed nothing but the Add.
+bias is folded. When X is known to be a matrix (rank 2) and the bias is at most a matrix,
+the MatMul becomes a Gemm whose C holds the folded bias and takes over the Add: one node
+(:func:`~bnfold.rules.base.becomes_gemm`). Otherwise the existing bias Add takes the folded
+bias and the BN's output, so the pair stays one MatMul + one Add, which works for every rank.
+As for a lone MatMul, the affine's channel axis must be the last axis of the Add's output (a
+BN qualifies only at rank 2), and the MatMul's output must feed nothing but the Add.
 """
 
 from __future__ import annotations
@@ -12,14 +15,14 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, describe, is_standard
-from bnfold.rules.base import Absorbed, IntoProducer, channel_axis_refusal
-from bnfold.rules.plan import Affine, FoldPlan, Refusal, RuleSet
+from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal
+from bnfold.rules.plan import Affine, FoldPlan, OpTypeUpdate, Refusal, Replaced, RuleSet
 from bnfold.rules.weights import cast_tensor, matmul_weight, require_float, scaled_weight
 
 
 def matmul_and_bias_slot(add: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.NodeProto, int] | None:
     """For ``Add(MatMul(...), constant)`` (either order): the MatMul and the constant's slot."""
-    if len(add.input) != 2 or not is_standard(add):
+    if add.op_type != "Add" or len(add.input) != 2 or not is_standard(add):
         return None
     constant_slots = [slot for slot, name in enumerate(add.input) if graph.constant_value(name) is not None]
     if len(constant_slots) != 1:
@@ -32,7 +35,8 @@ def matmul_and_bias_slot(add: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.N
 
 
 class MatMulAddBn(IntoProducer):
-    """``BN(Add(MatMul(X, W), b))`` → ``Add(MatMul(X, W * s), b * s + t)``."""
+    """``BN(Add(MatMul(X, W), b))`` → ``Gemm(X, W * s, b * s + t)`` for a matrix X, else
+    ``Add(MatMul(X, W * s), b * s + t)``."""
 
     name = "matmul-add-bn"
     producer_ops = frozenset({"Add"})
@@ -70,10 +74,17 @@ class MatMulAddBn(IntoProducer):
         scaled = scaled_weight(matmul, 1, weight, fold_math.axis_factor(affine.s, 2, axis=1))
         if isinstance(scaled, Refusal):
             return scaled
-        # The Add's bias broadcasts against MatMul's output, whose channels are last.
-        folded_bias = cast_tensor(
-            producer, bias_slot, fold_math.fold_bias(bias, affine.s, affine.t, axis=-1), bias.dtype, "bias"
-        )
+        exact_bias = fold_math.fold_bias(bias, affine.s, affine.t, axis=-1)
+        if bias.ndim <= 2 and becomes_gemm(graph, matmul, weight.dtype):
+            gemm_bias = cast_tensor(matmul, 2, exact_bias, bias.dtype, "bias")
+            if isinstance(gemm_bias, Refusal):
+                return gemm_bias
+            return Absorbed(
+                [scaled, gemm_bias], retyped=[OpTypeUpdate(matmul, "Gemm")], replaced=[Replaced(producer, matmul)],
+                target=matmul,
+                notes=[f"{describe(matmul)} becomes a Gemm whose C holds the bias of {describe(producer)}"],
+            )
+        folded_bias = cast_tensor(producer, bias_slot, exact_bias, bias.dtype, "bias")
         if isinstance(folded_bias, Refusal):
             return folded_bias
         return Absorbed([scaled, folded_bias])

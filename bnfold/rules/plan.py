@@ -174,6 +174,32 @@ class AttributeUpdate:
     value: float | int
 
 
+@dataclass(frozen=True)
+class OpTypeUpdate:
+    """Turn ``node`` into a ``op_type`` node of the standard domain, keeping its name, inputs and outputs.
+
+    A rank-2 MatMul that absorbs a BN's shift becomes a Gemm, whose input C holds the bias
+    (the plan's :class:`TensorUpdate` of slot 2 adds it); Gemm's default attributes
+    (``alpha = beta = 1``, no transposes) make it compute ``X W + C`` from the MatMul's inputs.
+    """
+
+    node: onnx.NodeProto
+    op_type: str
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """``node`` is removed and ``by`` writes its (first) output from now on.
+
+    A MatMul turned into a Gemm takes over the bias Add after it, whose constant the Gemm's C
+    now holds. Applied before the backward renaming, so a target that takes over a node may
+    then take the affine's output name too.
+    """
+
+    node: onnx.NodeProto
+    by: onnx.NodeProto
+
+
 @dataclass
 class FoldPlan:
     """Everything needed to remove one affine by changing the nodes around it."""
@@ -184,9 +210,9 @@ class FoldPlan:
     target: onnx.NodeProto
     """The node that takes the affine's place.
 
-    backward: it writes the affine's output name from now on (the producer that absorbed
-    the affine, the op nearest to the affine that it moved through, or the Concat or Add
-    whose inputs it was split over).
+    backward: it writes the affine's output name from now on, in place of the output the
+    affine read (the producer that absorbed the affine, the op nearest to the affine that it
+    moved through, or the Concat or Add whose inputs it was split over).
     forward: it reads the affine's *input* name from now on (the first consumer).
     sibling: the affine read the same input as ``target``, a branch summed with it, and is
     added into it; the term the affine added to the sum is dropped (``dropped_terms``).
@@ -200,9 +226,13 @@ class FoldPlan:
 
     forward: every one of them that reads the affine's output reads its input instead (the
     other consumers; a Shape node reading it; the op the affine moved through).
-    backward: they keep their names (the layer behind the ops the affine moved through).
+    backward: they keep their names (the layer behind the ops the affine moved through), and
+    one that reads the value ``target`` wrote (a Shape node: it reads only the shape, which
+    the fold keeps) reads it under its new name, the affine's output.
     """
     added_biases: list[AddedBias] = field(default_factory=list)
+    retyped: list[OpTypeUpdate] = field(default_factory=list)
+    replaced: list[Replaced] = field(default_factory=list)
     inserted_affines: list[InsertedAffine] = field(default_factory=list)
     """Pieces of the affine that stay in the graph, on the edges no layer could absorb them
     from: the plan then removes the affine only partly (:attr:`partial`)."""
@@ -226,6 +256,8 @@ class FoldPlan:
             *(update.node for update in self.updates),
             *(added.node for added in self.added_biases),
             *(update.node for update in self.attributes),
+            *(update.node for update in self.retyped),
+            *(replaced.node for replaced in self.replaced),
             *(inserted.reader for inserted in self.inserted_affines),
             *_sum_nodes(self.dropped_terms),
         ]
@@ -305,6 +337,11 @@ class Mover(ABC):
     Movers do not fold anything; the travelling rules (:mod:`bnfold.rules.travel`) move an
     affine across chains of them until a layer rule absorbs it. A new op is one module with
     one subclass, and one line in the registry.
+
+    On the other side the affine may scale another axis (a Transpose), or have a different
+    number of channels: a reshape that merges each channel with the axes after it
+    (``[N, C, H, W] ↔ [N, C*H*W]``) repeats each ``s`` and ``t`` once per merged entry.
+    Either way the answer says the same map in the other side's terms, exactly, or refuses.
     """
 
     ops: frozenset[str]
@@ -312,19 +349,26 @@ class Mover(ABC):
 
     @abstractmethod
     def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        """The affine on ``node``'s input such that ``node`` after it equals ``affine`` after ``node``.
+        """The affine on ``node``'s data input such that ``node`` after it equals ``affine`` after ``node``.
 
-        ``affine`` reads ``node``'s output. Return it with ``s``, ``t`` and ``channel_axis`` as
-        they lie on the input (names are set by the caller), a refusal, or None when ``node``
-        is not one this mover knows.
+        ``affine`` reads one of :meth:`affine_outputs`. Return it with ``s``, ``t``,
+        ``channel_axis`` and ``exact_channels`` as they lie on the input (names are set by the
+        caller), a refusal, or None when ``node`` is not one this mover knows.
         """
 
     @abstractmethod
     def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        """The affine on ``node``'s output such that it after ``node`` equals ``node`` after ``affine``.
+        """The affine on ``node``'s outputs such that it after ``node`` equals ``node`` after ``affine``.
 
-        ``affine``'s output is ``node``'s data input. Same answers as :meth:`backward`.
+        ``affine``'s output is ``node``'s data input (input 0); the answer holds on every one
+        of :meth:`affine_outputs`. Same answers as :meth:`backward`.
         """
+
+    def affine_outputs(self, node: onnx.NodeProto) -> list[int]:
+        """The outputs of ``node`` that the moved affine lies on: the first, unless the op
+        writes several values of the same kind (Split). Every other output of ``node``
+        (MaxPool's indices, Dropout's mask) must be unused for the affine to cross."""
+        return [0]
 
 
 @dataclass(frozen=True)
