@@ -195,8 +195,8 @@ def fold(
         )
         options = fold_options(
             comparison, output=scratch.folder / "folded.onnx" if returns_model else output,
-            verify=verify, skip=skip, only=only, exact_padding=exact_padding,
-            keep_overridable=keep_overridable, dry_run=dry_run, in_place=in_place, keep_failed=keep_failed or returns_model, report_file=report_file,
+            verify=verify, skip=skip, only=only, exact_padding=exact_padding, keep_overridable=keep_overridable,
+            dry_run=dry_run, in_place=in_place, keep_failed=keep_failed or returns_model, report_file=report_file,
         )
         report = fold_file(source, options, progress=progress)
         folded = None

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
+import bnfold
 from bnfold.graph import GraphIndex
 from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
@@ -103,6 +104,14 @@ def test_keep_overridable_refuses_every_fold_that_reads_them(seed: int) -> None:
     assert not check.outcome.folds and not check.outcome.overridable_inputs_removed
     assert check.folded.SerializeToString() == check.original.SerializeToString()
     assert all("--keep-overridable" in left.reason for left in check.outcome.left)
+
+
+def test_the_api_folds_them_too_and_keeps_them_when_asked() -> None:
+    model = overridable_weights(7).model
+    folded = bnfold.fold(model)
+    assert folded.report.overridable_inputs_removed and folded.report.passed
+    kept = bnfold.fold(model, keep_overridable=True)
+    assert not kept.report.folds and not kept.report.overridable_inputs_removed and kept.report.passed
 
 
 def test_cli_reports_the_overridable_inputs_removed_and_check_compares_the_two_models(tmp_path: Path) -> None:
@@ -755,3 +764,46 @@ def test_a_guess_that_still_cannot_run_is_named_with_its_reason(tmp_path: Path) 
     path = tmp_path / "fixed.onnx"
     onnx.save(b.model(opset=13), str(path))
     assert_one_line_error(run_cli(path, "--dry-run"), 3, "x was 1,3,2,2 (multiples of 2:", "--input-shape")
+
+
+# -- arithmetic that computes nothing (PaddleOCR's swish: x * sigmoid(1.0 * x)) ------------------
+
+
+def swish_by_one(seed: int) -> Generated:
+    """Conv → BN → ``y * sigmoid(op(y))`` with ``op`` one of ``y * 1``, ``1 * y``, ``y / 1``,
+    ``y - 0`` (by a scalar or a ``[C, 1, 1]`` constant), as PaddleOCR exports swish."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(seed=seed)
+    channels = int(rng.integers(2, 6))
+    y = b.batchnorm(b.conv(b.input("x", ["N", 3, "H", "W"]), 3, channels), channels)
+    op = str(rng.choice(["Mul", "Div", "Sub"]))
+    shape = [] if rng.random() < 0.5 else [channels, 1, 1]
+    constant = b.const("k", np.full(shape, 0.0 if op == "Sub" else 1.0, np.float32), as_node=bool(rng.random() < 0.3))
+    inner = b.node(op, [constant, y] if op == "Mul" and rng.random() < 0.5 else [y, constant])
+    b.output(b.node("Mul", [y, b.node("Sigmoid", [inner])]))
+    return Generated(b.model(), shapes={"x": (1, 3, 4, 5)})
+
+
+@settings(max_examples=EXAMPLES)
+@given(seed=seeds)
+def test_arithmetic_that_computes_nothing_is_removed(seed: int) -> None:
+    generated = swish_by_one(seed)
+    check = fold_and_compare(generated.model, shapes=generated.shapes)
+    assert [node.op_type for node in check.folded.graph.node] == ["Conv", "Sigmoid", "Mul"]
+    assert sorted(fold.rule for fold in check.outcome.folds) == ["conv-bn", "identity"]
+
+
+def test_arithmetic_that_only_looks_like_nothing_stays() -> None:
+    """``y + 0`` (turns -0.0 into +0.0), ``y * 2 * 0.5`` (may overflow half-way), a graph output,
+    and a ``[C]`` constant of ones on data whose size might be 1 (it would widen it)."""
+    b = GraphBuilder(seed=5)
+    y = b.node("Relu", [b.input("x", ["N", "C", "L"])])
+    b.output(b.node("Mul", [y, b.node("Sigmoid", [b.node("Add", [y, b.const("zero", np.float32(0.0))])])]))
+    doubled = b.node("Mul", [y, b.const("two", np.float32(2.0))])
+    b.output(b.node("Mul", [y, b.node("Sigmoid", [b.node("Mul", [doubled, b.const("half", np.float32(0.5))])])]))
+    b.output(b.node("Mul", [y, b.const("one", np.float32(1.0))]))
+    b.output(b.node("Sigmoid", [b.node("Mul", [y, b.const("ones", np.ones(4, np.float32))])]))
+    model = b.model()
+    check = fold_and_compare(model, shapes={"x": (2, 3, 4)})
+    assert not check.outcome.folds
+    assert check.folded.SerializeToString() == model.SerializeToString()

@@ -11,7 +11,8 @@ A new pattern is one module and one line here:
   layer rule;
 * another form of affine map (like the Mul/Add chains tf2onnx writes): a reader in
   ``AFFINE_READERS``; if the rules need it restated first (a scalar affine repeated over a
-  layer's channels), a rule in ``RESTATING``;
+  layer's channels), a rule in ``RESTATING``; an affine removed outright (one that computes
+  nothing), a rule in ``REMOVALS``;
 * an op whose inputs each take a piece of an affine after it (Concat, Add): a split in
   ``SPLITS``, which hands each piece to the layer, travelling and split rules;
 * an affine that a branch summed with it absorbs: a rule in ``SIBLINGS``; branches summed
@@ -37,6 +38,7 @@ from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import BnConv
 from bnfold.rules.forward_linear import BnLinear
 from bnfold.rules.gemm import GemmBn
+from bnfold.rules.identity import IdentityAffine
 from bnfold.rules.layout import LayoutMover
 from bnfold.rules.matmul import MatMulBn
 from bnfold.rules.matmul_add import MatMulAddBn
@@ -65,7 +67,10 @@ from bnfold.rules.uniform import UniformAffine, read_uniform_affine
 # Functions that recognise a removable per-channel affine map at a node (or None).
 AFFINE_READERS = (read_batchnorm, read_decomposed_affine, read_uniform_affine)
 
-# Tried first: they restate an affine (a scalar one, over a layer's channels) for the other rules.
+# Tried first: affines that computing nothing removes outright.
+REMOVALS: tuple[FoldRule, ...] = (IdentityAffine(),)
+
+# Tried next: they restate an affine (a scalar one, over a layer's channels) for the other rules.
 RESTATING: tuple[FoldRule, ...] = (UniformAffine(),)
 
 BACKWARD_RULES: tuple[FoldRule, ...] = (ConvBn(), GemmBn(), ConvTransposeBn(), MatMulBn(), MatMulAddBn())
@@ -108,6 +113,7 @@ def build_rules(
     """The rule set of a run, with the user's options; the registry's rules unless given."""
     into_producers = (*backward, ThroughIntoProducer(), *splits)
     order = (
+        *REMOVALS,
         *RESTATING,
         *into_producers,
         *forward, ThroughIntoConsumer(),
@@ -123,7 +129,7 @@ RULES = build_rules()
 """The default rule set."""
 
 __all__ = [
-    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MERGES", "MOVERS", "RESTATING", "RULES",
-    "SIBLINGS", "SPLITS", "Affine", "FoldPlan", "FoldRule", "MergeRule", "Mover", "Refusal", "RuleOptions", "RuleSet",
+    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MERGES", "MOVERS", "REMOVALS", "RESTATING",
+    "RULES", "SIBLINGS", "SPLITS", "Affine", "FoldPlan", "FoldRule", "MergeRule", "Mover", "Refusal", "RuleOptions", "RuleSet",
     "TensorUpdate", "build_rules",
 ]
