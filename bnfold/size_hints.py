@@ -11,9 +11,9 @@ hints at, looked for in this order:
 2. the model's metadata: Ultralytics writes ``imgsz`` (``[320, 320]``), the size it was trained
    and exported for;
 3. the graph: the largest factor by which strided Conv / pooling nodes shrink the input on any
-   path (ConvTranspose and Resize scales grow it back), when the model upsamples at all: sizes
-   that are multiples of it keep every map at least 1 and every upsampled map the size of the
-   one it joins.
+   path (ConvTranspose and Resize scales grow it back, and maps joined together take the finer
+   one's factor), when the model upsamples at all: sizes that are multiples of it keep every map
+   at least 1 and every upsampled map the size of the one it joins.
 
 Each hint is for the spatial axes of an ``[N, C, D1, ...]`` input (axes 2 and on).
 """
@@ -101,7 +101,9 @@ def downsampling(model: onnx.ModelProto, name: str, rank: int) -> SizeHint | Non
         known = [factors[value] for value in node.input if value in factors]
         if not known or not is_standard(node):
             continue
-        factor = np.max(known, axis=0)
+        # Maps joined together (Add, Concat) have one size: an upsampled map takes the size of
+        # the finer map it joins, whatever a Resize to computed sizes did before.
+        factor = np.min(known, axis=0)
         if node.op_type in STRIDED | {"ConvTranspose"}:
             strides = np.asarray(attribute(node, "strides", [1] * spatial), np.float64)
             if strides.shape == (spatial,):

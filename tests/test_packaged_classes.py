@@ -675,9 +675,10 @@ def test_functions_whose_batchnorms_need_their_callers_are_inlined_and_fold(seed
 
 def feature_pyramid(seed: int, join: str | None = None) -> tuple[Generated, int]:
     """A detector's feature pyramid on symbolic H, W: strided Convs (or pooling) down, Resize
-    (nearest, by 2) back up, each upsampled map joined to the lateral one (Add, or Concat as the
-    DB head does), with BNs on the way; sometimes its size in the metadata as Ultralytics writes
-    it (``imgsz``), or in value_info. Returns the model and the multiple its sizes must have."""
+    (nearest, by 2 or to the lateral map's computed size) back up, each upsampled map joined to
+    the lateral one (Add, or Concat as the DB head does), sometimes a bottom-up path after it, with
+    BNs on the way; sometimes its size in the metadata as Ultralytics writes it (``imgsz``), or in
+    value_info. Returns the model and the multiple its sizes must have."""
     rng = np.random.default_rng(seed)
     join = join or str(rng.choice(["Add", "Concat"]))
     b = GraphBuilder(seed=seed)
@@ -692,11 +693,17 @@ def feature_pyramid(seed: int, join: str | None = None) -> tuple[Generated, int]
         maps.append(y)
         c_in = channels
     top, width = maps[-1], channels
+    computed_sizes = rng.random() < 0.4
     for lateral in reversed(maps[:-1]):
-        scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
-        up = b.node("Resize", [top, "", scales], mode="nearest")
+        if computed_sizes:  # F.interpolate(top, size=lateral.shape[2:]), as paddle2onnx writes it for SLANet
+            up = b.node("Resize", [top, "", "", b.node("Shape", [lateral])], mode="nearest")
+        else:
+            up = b.node("Resize", [top, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
         top = b.node("Add", [up, lateral]) if join == "Add" else b.node("Concat", [up, lateral], axis=1)
         width += 0 if join == "Add" else channels
+    if computed_sizes and join == "Add":  # and a bottom-up path (PAN) back down the levels
+        for lateral in maps[1:]:
+            top = b.node("Add", [b.conv(top, channels, channels, (3, 3), strides=[2, 2]), lateral])
     b.output(b.batchnorm(b.conv(top, width, 1, (1, 1), pads=[0] * 4), 1))
     model = b.model(opset=13)
     multiple = 2**levels
