@@ -29,7 +29,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -120,10 +120,12 @@ def fold_options(
     in_place: bool = False,
     keep_failed: bool = False,
     report_file: str | os.PathLike[str] | None = None,
+    before_commit: Callable[[FoldReport], None] | None = None,
 ) -> FoldOptions:
     """The options of one fold (those of ``bnfold fold``), verified as ``comparison`` says.
     ``report_file`` is where the caller will write the report (``--json``): refused, before
-    any work, when it is a file the run reads or writes."""
+    any work, when it is a file the run reads or writes. ``before_commit`` sees the finished
+    report before the output is moved into place (:attr:`FoldOptions.before_commit`)."""
     return FoldOptions(
         output=None if output is None else Path(output),
         in_place=in_place, verify=verify, dry_run=dry_run, keep_failed=keep_failed,
@@ -131,6 +133,7 @@ def fold_options(
         selection=Selection(_patterns(skip, "skip"), _patterns(only, "only")),
         verify_options=comparison,
         report=None if report_file is None else Path(report_file),
+        before_commit=before_commit,
     )
 
 
@@ -166,6 +169,7 @@ def fold(
     raise_on_mismatch: bool = False,
     progress: Progress | None = None,
     report_file: str | os.PathLike[str] | None = None,
+    before_commit: Callable[[FoldReport], None] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and verify the result in onnxruntime.
 
@@ -179,7 +183,8 @@ def fold(
     a BN's node or output name), ``exact_padding``, ``keep_overridable``, ``dry_run``,
     ``in_place``, ``keep_failed``. ``progress(stage, bytes)`` hears of each stage as it starts.
     ``report_file`` names a file the caller will write the report to: it is refused when it
-    is one the run reads or writes.
+    is one the run reads or writes. ``before_commit(report)`` is called with the finished
+    report before the output is moved into place: an exception there leaves no output.
 
     Raises:
         InputError: unusable model, inputs or options.
@@ -197,6 +202,7 @@ def fold(
             comparison, output=scratch.folder / "folded.onnx" if returns_model else output,
             verify=verify, skip=skip, only=only, exact_padding=exact_padding, keep_overridable=keep_overridable,
             dry_run=dry_run, in_place=in_place, keep_failed=keep_failed or returns_model, report_file=report_file,
+            before_commit=before_commit,
         )
         report = fold_file(source, options, progress=progress)
         folded = None

@@ -10,23 +10,31 @@ outranks success, and a model that could not be folded or verified at all (2 bad
 input, 3 onnxruntime cannot run it) outranks one verified and found different
 (1): the run then vouches for fewer models than it was given.
 
-With ``jobs > 1`` models are folded in worker processes; everything a worker
-returns is picklable, and results are reported in input order whatever order
-they finish in. Ctrl-C stops the workers through SIGTERM, which each worker
-turns into an exception so the staging folder of the model it was writing is
+With ``jobs > 1`` models are folded in worker processes, one model at a time each;
+everything a worker returns is picklable, and results are reported in input order
+whatever order they finish in. A worker that dies hard (a segfault in a native
+library, the out-of-memory killer) costs only the model it held: that model's row is
+an internal error (exit 4), its staging folder is removed by the parent, and a fresh
+worker takes the next model. Ctrl-C stops the workers through SIGTERM, which each
+worker turns into an exception so the staging folder of the model it was writing is
 removed before it exits: no partial output is ever left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import multiprocessing
 import os
 import signal
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,7 +43,7 @@ from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError,
 from bnfold.inputs import check_option_values, files_read_by_inputs
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles
-from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path
+from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, remove_staging_of
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
 from bnfold.schema import BATCH_SCHEMA, plain
 
@@ -212,15 +220,76 @@ def _fold_in_worker(model: Path, options: FoldOptions) -> ModelResult:
         os._exit(EXIT_INTERRUPTED)
 
 
-def _stop_workers(executor: ProcessPoolExecutor) -> None:
-    """Cancel queued models and stop the running ones, waiting until their cleanup is done."""
-    processes = list((executor._processes or {}).values())  # noqa: SLF001 - no public handle before 3.14
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join()
+def _serve(connection: Connection) -> None:
+    """A worker's life: fold the models the parent sends, one at a time, until it sends None.
+
+    What escapes a model's fold (:func:`fold_one` turns every ``Exception`` into the model's
+    result; a KeyboardInterrupt or SystemExit is left) goes to the parent, which raises it.
+    """
+    _start_worker()
+    while (task := connection.recv()) is not None:
+        index, model, options = task
+        try:
+            outcome: ModelResult | BaseException = _fold_in_worker(model, options)
+        except BaseException as escaped:  # noqa: BLE001 - handed to the parent, which raises it
+            outcome = escaped
+        connection.send((index, outcome))
+        if isinstance(outcome, BaseException):
+            return
+
+
+@dataclass
+class _Worker:
+    """A worker process, the parent's end of its pipe, and the model it is folding."""
+
+    process: BaseProcess
+    connection: Connection
+    task: int | None = None
+    started: float = 0.0
+
+
+def _start(context: BaseContext) -> _Worker:
+    """A worker process waiting for its first model at the other end of a pipe."""
+    parent_end, worker_end = context.Pipe()
+    process = context.Process(target=_serve, args=(worker_end,), daemon=True)  # type: ignore[attr-defined]
+    process.start()
+    worker_end.close()
+    return _Worker(process, parent_end)
+
+
+def _death(process: BaseProcess) -> str:
+    """How a worker process ended, in words: 'killed by SIGKILL', 'exited with code 1'."""
+    process.join()
+    code = process.exitcode or 0
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _dead_worker_result(worker: _Worker, model: Path, options: FoldOptions) -> ModelResult:
+    """The error row of a model whose worker died hard, after removing what it was staging.
+
+    A segfault in a native library or the out-of-memory killer ends the process without any
+    cleanup: its staging folders (beside the output, or in the temporary folder for a dry run)
+    are removed here. Nothing was committed: that happens last, after verification.
+    """
+    how = _death(worker.process)
+    output = options.output or default_output_path(model)
+    for folder in (output.parent, Path(tempfile.gettempdir())):
+        remove_staging_of(worker.process.pid or 0, folder)
+    message = (f"internal error (the worker process folding it died: {how}; a crash in a native library, "
+               "or killed for memory); nothing was written")
+    return ModelResult(model, None, message, EXIT_INTERNAL, time.perf_counter() - worker.started)
+
+
+def _stop_workers(workers: Sequence[_Worker]) -> None:
+    """Stop every worker, waiting until their cleanup is done (SIGTERM: see the module docstring)."""
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()
+    for worker in workers:
+        worker.process.join()
 
 
 def fold_models(
@@ -260,18 +329,62 @@ def fold_models(
 def _fold_in_workers(
     models: Sequence[Path], per_model: Sequence[FoldOptions], jobs: int, notify: Callable[[ModelResult], None]
 ) -> list[ModelResult]:
-    executor = ProcessPoolExecutor(max_workers=min(jobs, len(models)), initializer=_start_worker)
+    """Fold the models in ``jobs`` worker processes, each told one model at a time.
+
+    The parent knows which model every worker holds, so a worker that dies hard costs only
+    that model (its error row, exit 4): a fresh worker takes its place and the run goes on.
+    """
+    context = multiprocessing.get_context()
+    queued = deque(range(len(models)))
+    results: list[ModelResult | None] = [None] * len(models)
+    workers: list[_Worker] = []
+
+    def give_work(position: int) -> None:
+        """Send the next queued model to the worker at ``position`` (a fresh one if it died idle)."""
+        worker = workers[position]
+        worker.task = queued.popleft() if queued else None
+        if worker.task is None:
+            return
+        task = (worker.task, models[worker.task], per_model[worker.task])
+        try:
+            worker.connection.send(task)
+        except OSError:  # it died between two models
+            worker.process.join()
+            workers[position] = _start(context)
+            workers[position].task = worker.task
+            workers[position].connection.send(task)
+        workers[position].started = time.perf_counter()
+
     try:
-        futures: dict[Future[ModelResult], int] = {
-            executor.submit(_fold_in_worker, model, model_options): index
-            for index, (model, model_options) in enumerate(zip(models, per_model))
-        }
-        results: list[ModelResult | None] = [None] * len(models)
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            notify(future.result())
+        for position in range(min(jobs, len(models))):
+            workers.append(_start(context))
+            give_work(position)
+        while busy := [position for position, worker in enumerate(workers) if worker.task is not None]:
+            wait([workers[p].connection for p in busy] + [workers[p].process.sentinel for p in busy])
+            for position in busy:
+                worker = workers[position]
+                result = None
+                with contextlib.suppress(EOFError, OSError):  # it died while sending: as if before
+                    if worker.connection.poll():
+                        _index, result = worker.connection.recv()
+                if result is None and worker.process.is_alive():
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                index = worker.task
+                if index is None:  # busy workers have a task: only a changed loop gets here
+                    continue
+                if result is None:
+                    result = _dead_worker_result(worker, models[index], per_model[index])
+                    workers[position] = _start(context)
+                results[index] = result
+                notify(result)
+                give_work(position)
     except BaseException:
-        _stop_workers(executor)
+        _stop_workers(workers)
         raise
-    executor.shutdown()
+    for worker in workers:
+        with contextlib.suppress(OSError):
+            worker.connection.send(None)
+        worker.process.join()
     return [result for result in results if result is not None]

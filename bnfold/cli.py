@@ -34,6 +34,7 @@ from bnfold.inputs import files_read_by_inputs
 from bnfold.io.paths import PathClash, RunFiles
 from bnfold.io.save import default_output_path, output_folder
 from bnfold.options import DEFAULT_TOLERANCES
+from bnfold.pipeline import FoldReport
 from bnfold.schema import BATCH_SCHEMA, CHECK_SCHEMA, FOLD_SCHEMA, failure_document
 
 EXIT_CODES_HELP = """\b
@@ -234,16 +235,24 @@ def _refuse_clobbering_report(json_path: str | None, models: Iterable[Path], out
     files.check()
 
 
-def _emit(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> None:
-    """stdout gets JSON (``--json -``), one line (``--quiet``) or the tables."""
+def _rendered(document: dict[str, Any], human: Any, quiet_line: str, json_path: str | None, quiet: bool) -> str:
+    """What stdout gets, rendered now and printable (:func:`bnfold.report.printable`): JSON
+    (``--json -``), one line (``--quiet``) or the tables; a JSON report file is written now too.
+
+    A fold does this before its output is moved into place (``FoldOptions.before_commit``),
+    so that an error while rendering or writing the report leaves no output behind.
+    """
+    if json_path == "-":
+        return render.dump_json(document) + "\n"  # ASCII: non-ASCII characters are escaped
     if json_path:
         _write_json(document, json_path)
-    if json_path == "-":
-        return
-    if quiet:
-        click.echo(quiet_line)
-    else:
-        render.print_human(human)
+    return render.printable(quiet_line + "\n" if quiet else render.human_text(human))
+
+
+def _print(text: str) -> None:
+    """Write what :func:`_rendered` made, as it is: rich chose its colours for stdout already."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 FailureDocument = Callable[[str, int], dict[str, Any]]
@@ -275,7 +284,7 @@ def _fail(prefix: str, message: str, exit_code: int, json_path: str | None, fail
             _write_json(failure(message, exit_code), json_path)
         except InputError as error:
             line += f" (and {error})"
-    click.echo(line, err=True)
+    click.echo(render.printable(line), err=True)
     sys.exit(exit_code)
 
 
@@ -395,21 +404,28 @@ def _output_dir(folder: Path | None, dry_run: bool) -> Iterator[None]:
 def _fold_one_model(model: Path, output: Path | None, settings: dict[str, Any], comparison: dict[str, Any],
                     json_path: str | None, quiet: bool) -> int:
     """The full report of one model (a lone file argument, not a folder)."""
+    shown: list[str] = []
+
+    def render_before_commit(report: FoldReport) -> None:
+        shown.append(_rendered(report.to_dict(), render.render_fold_report(report), render.quiet_fold_line(report),
+                               json_path, quiet))
+
     with render.run_status(model.name, quiet=quiet) as progress:
         result = api.fold(model, output=output or default_output_path(model), progress=progress,
-                          report_file=_report_path(json_path), **settings, **comparison)
-    report = result.report
-    _emit(report.to_dict(), render.render_fold_report(report), render.quiet_fold_line(report), json_path, quiet)
-    return report.exit_code
+                          report_file=_report_path(json_path), before_commit=render_before_commit,
+                          **settings, **comparison)
+    _print(shown[0])
+    return result.report.exit_code
 
 
 def _fold_many_models(models: list[Path], output_dir: Path | None, jobs: int, settings: dict[str, Any],
                       comparison: dict[str, Any], json_path: str | None, quiet: bool) -> int:
     """One summary row per model, a progress bar on a terminal, the worst exit code."""
-    options = api.fold_options(api.verify_options(**comparison), report_file=_report_path(json_path), **settings)
+    options = api.fold_options(api.verify_options(**comparison), report_file=_report_path(json_path),
+                               before_commit=render.rehearse_batch_row, **settings)
     with render.batch_progress(len(models), quiet=quiet) as advance:
         result = fold_models(models, options, output_dir=output_dir, jobs=jobs, on_result=advance)
-    _emit(result.to_dict(), render.batch_table(result), render.quiet_batch_lines(result), json_path, quiet)
+    _print(_rendered(result.to_dict(), render.batch_table(result), render.quiet_batch_lines(result), json_path, quiet))
     return result.exit_code
 
 
@@ -430,8 +446,8 @@ def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **co
         with render.run_status(folded.name, quiet=quiet) as progress:
             report = api.check(original, folded, progress=progress, report_file=_report_path(json_path),
                                **comparison)
-        _emit(report.to_dict(), render.render_check_report(report), render.quiet_check_line(report),
-              json_path, quiet)
+        _print(_rendered(report.to_dict(), render.render_check_report(report), render.quiet_check_line(report),
+                         json_path, quiet))
         return report.exit_code
 
     def failure(message: str, exit_code: int) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from bnfold.graph import (
 )
 from bnfold.inline import inline_for_folding
 from bnfold.io.store import TensorStore
-from bnfold.rewrite import apply_plans, remove_unused_constants
+from bnfold.rewrite import apply_plans, initializers_to_constants, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
 from bnfold.rules.plan import MergePlan
 from bnfold.rules.batchnorm import is_batchnorm
@@ -252,6 +252,8 @@ def _fold_scope(
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
     then drop the constants of ``graph`` that only those bodies read and no longer do."""
     _fold_graph(run, model, graph, parent, scope)
+    if parent is not None and model.ir_version < 4:
+        initializers_to_constants(model, graph, run.store)
     index = _index(run, model, graph, parent)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
@@ -275,13 +277,9 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
     _fold_scope(run, view, view.graph, None, f"function '{function.name}' / ")
     if (len(run.outcome.folds), len(run.outcome.merges)) == before:
         return
-    constants = [
-        helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}_constant",
-                         value=run.store.materialize(tensor))
-        for tensor in view.graph.initializer
-    ]
+    initializers_to_constants(view, view.graph, run.store)
     del function.node[:]
-    function.node.extend([*constants, *view.graph.node])
+    function.node.extend(view.graph.node)
 
 
 def _fold_graph(

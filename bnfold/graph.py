@@ -130,6 +130,37 @@ def node_id(node: onnx.NodeProto) -> str:
     return f"→ '{next((name for name in node.output if name), '?')}'"
 
 
+def _evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[Any] | None:
+    """Run one standard-domain node on constant inputs with onnx's reference evaluator, as the
+    version of the op that ``opset`` imports; None when it cannot be evaluated.
+
+    The node is wrapped in a one-node graph: for a bare NodeProto the evaluator ignores
+    ``opsets`` and runs the newest version of the op, which rejects the forms of older opsets
+    (Unsqueeze's ``axes`` attribute before 13, Clip's ``min``/``max`` before 11, Pad's ``pads``
+    before 11...). An op the evaluator implements only from a later version on (DequantizeLinear
+    before 19) falls back to the newest version: it accepts the old form where that is still
+    valid, with the same meaning, and rejects it otherwise.
+    """
+    # Imported on first use: most models never need it, and loading it costs 15 ms.
+    from onnx.reference import ReferenceEvaluator
+
+    untyped = onnx.TypeProto()
+    single = helper.make_graph(
+        [node], "constant", [helper.make_value_info(name, untyped) for name in feeds],
+        [helper.make_value_info(name, untyped) for name in node.output if name],
+    )
+    for version in dict.fromkeys((opset, onnx.defs.onnx_opset_version())):
+        try:
+            evaluator = ReferenceEvaluator(single, opsets={"": version})
+        except Exception:  # noqa: BLE001 - no implementation of the op at this version
+            continue
+        try:
+            return list(evaluator.run(None, feeds))
+        except Exception:  # noqa: BLE001 - any evaluator failure just means "not foldable"
+            return None
+    return None
+
+
 class GraphIndex:
     """Producers, consumers, initializers and constant values of one graph.
 
@@ -290,13 +321,8 @@ class GraphIndex:
             if value is None:
                 return None
             feeds[input_name] = value
-        # Imported on first use: most models never need it, and loading it costs 15 ms.
-        from onnx.reference import ReferenceEvaluator
-
-        try:
-            evaluator = ReferenceEvaluator(node, opsets={"": self.default_opset()})
-            outputs = evaluator.run(None, feeds)
-        except Exception:  # noqa: BLE001 - any evaluator failure just means "not foldable"
+        outputs = _evaluate(node, feeds, self.default_opset())
+        if outputs is None:
             return None
         for output_name, output_value in zip(node.output, outputs):
             if output_name:
@@ -323,10 +349,13 @@ class GraphIndex:
         """The shape of value ``name`` (None for a symbolic dimension), or None if even
         the rank is unknown.
 
-        Declared shapes come from the graph's inputs, outputs and value_info; shape
-        inference runs once per index, and only when a rule asks (most folds never
-        need a shape), on a weight-less copy so its cost does not grow with the
-        weights. A model that cannot be inferred simply has unknown shapes.
+        Declared shapes come from the inputs, outputs, value_info and initializers of this
+        graph and of the graphs enclosing it (a body reads their values by name); shape
+        inference runs once per index, and only when a rule asks (most folds never need a
+        shape), on a weight-less copy of the whole model so its cost does not grow with the
+        weights. Inference annotates the values created inside If/Loop/Scan bodies too, which
+        are found by the body's place in the model. A model that cannot be inferred simply
+        has its declared shapes.
         """
         shape = self.symbolic_shape(name)
         return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
@@ -339,18 +368,49 @@ class GraphIndex:
         if self._shapes is None:
             self._shapes = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model, dense_sparse=True)).graph
+                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model, dense_sparse=True))
             except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
-                inferred = self.graph
-            for value in (*inferred.input, *inferred.output, *inferred.value_info):
-                if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-                    self._shapes[value.name] = tuple(
-                        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
-                        for dim in value.type.tensor_type.shape.dim
-                    )
-            self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in self.graph.initializer)
+                inferred = self.model
+            for graph in self._enclosing_graphs(inferred):
+                for value in (*graph.input, *graph.output, *graph.value_info):
+                    if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                        self._shapes[value.name] = tuple(
+                            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                            for dim in value.type.tensor_type.shape.dim
+                        )
+                self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in graph.initializer)
             self._shapes.update((name, tuple(sparse.dims)) for name, sparse in self.sparse_initializers.items())
         return self._shapes.get(name)
+
+    def _location(self) -> tuple[tuple[int, str], ...] | None:
+        """Where this graph sits in the model: per level, the position of the node that holds
+        it and the attribute key (``then_branch``, ``body``...); ``()`` for the main graph, None
+        if it is not found among the parent's bodies.
+
+        Found by identity: the driver hands each body over as the very message object that
+        its node's attribute holds, and protobuf returns that same object while it is alive.
+        """
+        if self.parent is None:
+            return ()
+        outer = self.parent._location()
+        if outer is None:
+            return None
+        for position, node in enumerate(self.parent.nodes):
+            for key, body in subgraphs(node):
+                if body is self.graph:
+                    return (*outer, (position, key))
+        return None
+
+    def _enclosing_graphs(self, model: onnx.ModelProto) -> list[onnx.GraphProto]:
+        """The graphs of ``model`` (this index's model or a copy of it with the same nodes)
+        from the main graph down to this one; only this graph when its place is unknown."""
+        location = self._location()
+        if location is None:
+            return [self.graph]
+        chain = [model.graph]
+        for position, key in location:
+            chain.append(dict(subgraphs(chain[-1].node[position]))[key])
+        return chain
 
     def shape_entries(self, name: str, depth: int = 0) -> list[Dim] | None:
         """The entries of a 1-D integer tensor that computes a shape (a Reshape's or Resize's):

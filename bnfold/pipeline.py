@@ -3,7 +3,9 @@
 The folded model is written to a hidden staging folder first and verified *as
 written* (onnxruntime loads the staged file), so what is checked is exactly what
 lands on disk. It is moved into place only when verification passes (or was
-skipped, or ``keep_failed``); otherwise nothing is left behind.
+skipped, or ``keep_failed``); otherwise nothing is left behind. The move is the last
+step: attribution and the caller's rendering of the report (``before_commit``) run
+while the output is still staged, so that a failure in them leaves no output either.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from bnfold.inputs import (
     prepare_trials,
     runtime_inputs,
 )
-from bnfold.io.load import LoadedModel, check_model, load_model
+from bnfold.io.load import LoadedModel, checker_complaint, load_model
 from bnfold.io.paths import RunFiles, validate_output_path
 from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleOptions, RuleSet
 from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
 from bnfold.selection import Selection
-from bnfold.verify import Verification, check_provider, verify_equivalence
+from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, verify_equivalence
 
 Progress = Callable[[str, int | None], None]
 """Told as each stage of a run starts ("load", "fold", "save", "verify", "attribution"),
@@ -70,6 +72,10 @@ class FoldOptions:
     report: Path | None = None
     """The ``--json`` file the caller will write: checked with the files the run reads and
     writes before any work, so that it can never overwrite one of them."""
+    before_commit: Callable[[FoldReport], None] | None = None
+    """Called with the finished report while the output is still staged. Whatever shows the
+    report (the CLI renders every view of it here) runs before the output is moved into place,
+    so that an error in it leaves no output behind. Module-level for ``-j`` (it is pickled)."""
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
@@ -132,6 +138,12 @@ class FoldReport:
     attribution: Attribution | None
     """Which fold(s) broke equivalence, found when verification failed."""
     timings: dict[str, float]
+    verification_skipped: str | None = None
+    """Why no verification ran, when none did: ``--no-verify``, or the problem that makes the
+    folded model unusable (then there is nothing to verify)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know that does not stop the fold (the input fails the checker
+    for a field onnxruntime does without)."""
 
     @property
     def batchnorms_folded(self) -> int:
@@ -212,6 +224,22 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
+def _readable(loaded: LoadedModel, which: str) -> list[str]:
+    """The warnings of a model the checker rejects but onnxruntime loads (a graph output
+    declared without a shape, say): bnfold works on what onnxruntime can run. ``which``
+    names the model in the warning ("the input").
+
+    Raises:
+        InputError: the checker rejects the model and onnxruntime cannot load it either.
+    """
+    if loaded.checker_complaint is None:
+        return []
+    if not loads_in_onnxruntime(loaded.path):
+        raise InputError(f"{loaded.path}: fails onnx.checker ({loaded.checker_complaint}); "
+                         "onnxruntime cannot load it either")
+    return [f"{which} fails onnx.checker ({loaded.checker_complaint}); onnxruntime loads it"]
+
+
 def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | None = None) -> FoldReport:
     """Fold one model file. Raises :class:`~bnfold.errors.BnfoldError` for unusable input."""
     progress = progress or _no_progress
@@ -219,6 +247,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
     check_option_values(options.verify_options)
     progress("load", _file_size(input_path))
     loaded = load_model(input_path)
+    warnings = _readable(loaded, "the input")
     _require_known_outputs(loaded, options.verify_options)
     output = options.output or default_output_path(loaded.path)
     files = RunFiles()
@@ -252,9 +281,13 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
         # byte for byte, every tensor with the fields it was written with (before, a folded
         # weight was a stand-in the checker could not see). Reading the file back would
         # parse every weight of a self-contained model again (0.12 s per 100 MB).
+        # An input the checker rejects gives the same complaint after folding: only a new one
+        # is the fold's. (The checker stops at its first complaint, so there onnxruntime's
+        # verification is what proves the folded model.)
         problem = None
-        if not check_model(model, staged.staged_path, full_check=loaded.passes_full_check, raise_error=False):
-            problem = "the folded model fails onnx.checker"
+        complaint = checker_complaint(model, full_check=loaded.passes_full_check)
+        if complaint is not None and complaint != loaded.checker_complaint:
+            problem = f"the folded model fails onnx.checker ({complaint})"
         del model
         loaded.release_model()  # before onnxruntime loads two copies of the weights
         after = ModelStats(after.op_counts, after.nodes, after.parameters, staged.file_bytes)
@@ -278,27 +311,31 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
                                             merges=outcome.merges)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
-        written = not options.dry_run and (equivalent or options.keep_failed)
-        if written:
+        report = FoldReport(
+            input=loaded.path,
+            output=None if options.dry_run else output,
+            written=not options.dry_run and (equivalent or options.keep_failed),
+            dry_run=options.dry_run,
+            before=before,
+            after=after,
+            folds=outcome.folds,
+            left=outcome.left,
+            merges=outcome.merges,
+            removed_initializers=outcome.removed_initializers,
+            overridable_inputs_removed=outcome.overridable_inputs_removed,
+            inlined_functions=outcome.inlined_functions,
+            verification=verification,
+            problem=problem,
+            attribution=attribution,
+            timings=clock.total(),
+            verification_skipped=None if verification else ("--no-verify" if not options.verify else problem),
+            warnings=warnings,
+        )
+        if options.before_commit is not None:
+            options.before_commit(report)
+        if report.written:
             staged.commit()
-    return FoldReport(
-        input=loaded.path,
-        output=None if options.dry_run else output,
-        written=written,
-        dry_run=options.dry_run,
-        before=before,
-        after=after,
-        folds=outcome.folds,
-        left=outcome.left,
-        merges=outcome.merges,
-        removed_initializers=outcome.removed_initializers,
-        overridable_inputs_removed=outcome.overridable_inputs_removed,
-        inlined_functions=outcome.inlined_functions,
-        verification=verification,
-        problem=problem,
-        attribution=attribution,
-        timings=clock.total(),
-    )
+    return report
 
 
 @dataclass
@@ -312,6 +349,8 @@ class CheckReport:
     after: ModelStats
     verification: Verification
     timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    """As :attr:`FoldReport.warnings`, for either model."""
 
     @property
     def status(self) -> str:
@@ -363,6 +402,7 @@ def check_files(
     if report is not None:
         files.write_report(report)
     files.check()
+    warnings = _readable(original_model, "the original") + _readable(folded_model, "the folded model")
     _require_same_inputs(original_model, folded_model)
     _require_known_outputs(original_model, options)
     trials = _trials(original_model.model, options)
@@ -383,4 +423,5 @@ def check_files(
         after=model_stats(folded_model.model, folded_model.file_bytes),
         verification=verification,
         timings=clock.total(),
+        warnings=warnings,
     )

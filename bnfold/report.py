@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,23 +42,37 @@ def dump_json(document: dict[str, Any]) -> str:
 
 # -- human output -------------------------------------------------------------------------------
 
+def printable(text: str) -> str:
+    """``text`` as every terminal and pipe can take it: the bytes of a file name that are not
+    UTF-8 (which Python holds as surrogate escapes) shown as ``\\xe9``, the rest unchanged.
+
+    Used on paths before they are laid out in a table (so columns line up) and by the CLI on
+    everything it prints.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # Wider than any line a report can have: the measuring console never wraps.
 _UNBOUNDED = 1_000_000
 
 
-def print_human(renderable: RenderableType) -> None:
-    """Print a report on stdout: fitted to the window on a terminal; elsewhere (a CI log, a
-    pipe, a file) at its natural width, so that no column is squeezed or cut and no name is
-    wrapped, and without the trailing spaces a fixed width would pad every line with."""
+def human_text(renderable: RenderableType) -> str:
+    """A report as stdout will show it: fitted to the window on a terminal (with its colours);
+    elsewhere (a CI log, a pipe, a file) at its natural width, so that no column is squeezed or
+    cut and no name is wrapped, and without the trailing spaces a fixed width would pad every
+    line with. Rendered apart from printing so that a fold can render before it commits."""
     console = Console(soft_wrap=False)
     if console.is_terminal:
-        console.print(renderable)
-        return
+        with console.capture() as capture:
+            console.print(renderable)
+        return capture.get()
     width = Measurement.get(console, console.options.update_width(_UNBOUNDED), renderable).maximum
     buffer = io.StringIO()
     Console(file=buffer, width=max(width, 1), soft_wrap=False, color_system=None).print(renderable)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
-    sys.stdout.flush()
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
 
 
 def _titled(title: str, table: Table) -> Group:
@@ -94,7 +107,7 @@ def stats_table(before: ModelStats, after: ModelStats, titles: tuple[str, str] =
     table.add_column("Δ", justify="right")
     for op in sorted(set(before.op_counts) | set(after.op_counts)):
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
-        table.add_row(op, str(b), str(a), _delta(b, a))
+        table.add_row(Text(op), str(b), str(a), _delta(b, a))
     table.add_section()
     table.add_row("nodes", f"{before.nodes:,}", f"{after.nodes:,}", _delta(before.nodes, after.nodes))
     table.add_row(
@@ -165,8 +178,8 @@ def _comparison_table(title: str, comparisons: list[OutputComparison], with_tria
         ]
         table.add_row(
             verdict,
-            f"{output.name}\n{_shape(output.dtype, output.shape)}",
-            *([output.trial] if with_trial else []),
+            Text(f"{output.name}\n{_shape(output.dtype, output.shape)}"),
+            *([Text(output.trial)] if with_trial else []),
             *cells,
         )
         if output.problem:
@@ -200,8 +213,8 @@ def attribution_table(attribution: Attribution) -> Group:
         table.add_column(column, justify="right" if column.startswith(("max", "out")) else "left")
     for guilty in attribution.guilty:
         table.add_row(
-            "\n".join(guilty.batchnorms), "\n".join(guilty.targets), "\n".join(guilty.rules), guilty.output,
-            _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
+            Text("\n".join(guilty.batchnorms)), Text("\n".join(guilty.targets)), Text("\n".join(guilty.rules)),
+            Text(guilty.output), _fmt(guilty.max_abs_error), _fmt(guilty.max_rel_error), f"{guilty.mismatches:,}",
         )
     return _titled(f"Broken by ({attribution.verifications} partial folds verified)", table)
 
@@ -212,7 +225,7 @@ def _name(path: Path | None, in_memory: str) -> str:
 
 
 def _headline(source: str, target: str, status: str) -> Text:
-    line = Text.assemble(("bnfold ", "bold"), source, " → ", target, "  ")
+    line = Text.assemble(("bnfold ", "bold"), printable(source), " → ", printable(target), "  ")
     line.append(status, style=STATUS_STYLE[status])
     return line
 
@@ -223,7 +236,7 @@ NAMES_SHOWN = 5
 
 def _some_names(names: list[str]) -> str:
     """``'a', 'b', 'c'``, or the first few of them ``and 12 more``."""
-    shown = ", ".join(f"'{name}'" for name in names[:NAMES_SHOWN])
+    shown = ", ".join(f"'{printable(name)}'" for name in names[:NAMES_SHOWN])
     return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
 
 
@@ -247,6 +260,10 @@ def inlined_line(names: list[str]) -> Text:
     )
 
 
+def _warnings(warnings: list[str]) -> list[Text]:
+    return [Text(f"Warning: {printable(warning)}", style="yellow") for warning in warnings]
+
+
 def render_fold_report(report: FoldReport) -> Group:
     """The full human summary of one fold run."""
     if report.dry_run:
@@ -255,7 +272,8 @@ def render_fold_report(report: FoldReport) -> Group:
         target = str(report.output)
     else:
         target = "(in memory)" if report.output is None else f"{report.output} (not written)"
-    parts: list[Any] = [_headline(_name(report.input, "<model>"), target, report.status), ""]
+    parts: list[Any] = [_headline(_name(report.input, "<model>"), target, report.status), *_warnings(report.warnings),
+                        ""]
     parts.append(stats_table(report.before, report.after))
     folds = Table(box=box.SIMPLE_HEAD)
     for column in ("folded", "into", "rule", "max rel Δw", "rounding", "notes"):
@@ -264,8 +282,8 @@ def render_fold_report(report: FoldReport) -> Group:
         # A decomposed BN (e.g. Mul+Add) is named by its first node: say what it was.
         folded = fold.batchnorm if fold.kind == "BatchNormalization" else f"{fold.batchnorm} ({fold.kind})"
         folded += " (partly)" if fold.partial else ""
-        folds.add_row(folded, fold.target, fold.rule, _measured(fold.max_relative_weight_change),
-                      _measured(fold.max_rounding_error), "; ".join(fold.notes))
+        folds.add_row(Text(folded), Text(fold.target), Text(fold.rule), _measured(fold.max_relative_weight_change),
+                      _measured(fold.max_rounding_error), Text("; ".join(fold.notes)))
     parts.append(_titled(f"Folded ({len(report.folds)})", folds))
     if report.overridable_inputs_removed:
         parts.append(overridable_line(report.overridable_inputs_removed))
@@ -276,7 +294,7 @@ def render_fold_report(report: FoldReport) -> Group:
         for column in ("merged", "into", "rule", "rounding", "notes"):
             merges.add_column(column, justify="right" if column == "rounding" else "left")
         for merge in report.merges:
-            merges.add_row(Text(merge.merged), Text(merge.target), merge.rule, _measured(merge.max_rounding_error),
+            merges.add_row(Text(merge.merged), Text(merge.target), Text(merge.rule), _measured(merge.max_rounding_error),
                            Text("; ".join(merge.notes)))
         parts.append(_titled(f"Merged branches ({len(report.merges)})", merges))
     if report.left:
@@ -284,14 +302,15 @@ def render_fold_report(report: FoldReport) -> Group:
         left.add_column("BatchNormalization")
         left.add_column("reason")
         for record in report.left:
-            left.add_row(record.batchnorm, record.reason)
+            left.add_row(Text(record.batchnorm), Text(record.reason))
         parts.append(_titled(f"Left in place ({len(report.left)})", left))
     if report.problem:
         parts.append(Text(f"Problem: {report.problem}", style="red"))
     if report.verification:
         parts.append(verification_table(report.verification))
-    else:
-        parts.append(Text("Verification skipped (--no-verify).", style="yellow"))
+    elif report.verification_skipped:
+        style = "red" if report.problem else "yellow"
+        parts.append(Text(f"Verification skipped ({report.verification_skipped}).", style=style))
     if report.attribution:
         parts.append(attribution_table(report.attribution))
     parts.append(Text("Timings: " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()), style="dim"))
@@ -301,6 +320,7 @@ def render_fold_report(report: FoldReport) -> Group:
 def render_check_report(report: CheckReport) -> Group:
     return Group(
         _headline(_name(report.original, "<original>"), _name(report.folded, "<folded>"), report.status),
+        *_warnings(report.warnings),
         "",
         stats_table(report.before, report.after, titles=("original", "folded")),
         verification_table(report.verification),
@@ -323,6 +343,10 @@ def _merges(report: FoldReport) -> str:
     return f", merged {count} sibling branch{'es' if count != 1 else ''}" if count else ""
 
 
+def _quiet_warnings(warnings: list[str]) -> str:
+    return "".join(f"; warning: {warning}" for warning in warnings)
+
+
 def quiet_fold_line(report: FoldReport) -> str:
     if report.dry_run:
         where = "dry run"
@@ -340,13 +364,13 @@ def quiet_fold_line(report: FoldReport) -> str:
     return (
         f"{_name(report.input, '<model>')} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
         f"BatchNormalization{_affines(report)}{_merges(report)}, {report.status}"
-        f"{_worst_error(report.verification)}{inputs}{culprits}"
+        f"{_worst_error(report.verification)}{inputs}{culprits}{_quiet_warnings(report.warnings)}"
     )
 
 
 def quiet_check_line(report: CheckReport) -> str:
     original, folded = _name(report.original, "<original>"), _name(report.folded, "<folded>")
-    return f"{original} vs {folded}: {report.status}{_worst_error(report.verification)}"
+    return f"{original} vs {folded}: {report.status}{_worst_error(report.verification)}{_quiet_warnings(report.warnings)}"
 
 
 def _error_message(result: ModelResult) -> str:
@@ -380,19 +404,19 @@ def batch_table(report: BatchReport) -> Group:
     "BNs" is BatchNormalization nodes folded/present, then "+N" decomposed affines folded.
     """
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    longest_name = max((len(str(result.input)) for result in report.results), default=16)
+    longest_name = max((len(printable(str(result.input))) for result in report.results), default=16)
     table.add_column("model", overflow="fold", min_width=min(max(longest_name, 16), 24))
     for column in ("BNs", "nodes", "size", "status", "max |Δ|", "time"):
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for result in report.results:
         seconds = f"{result.seconds:.2f}s"
         if result.report is None:
-            model = Text.assemble(str(result.input), "\n", (_error_message(result), "red"))
+            model = Text.assemble(printable(str(result.input)), "\n", (printable(_error_message(result)), "red"))
             table.add_row(model, "-", "-", "-", _status_cell(result), "-", seconds)
             continue
         folded = result.report
         table.add_row(
-            str(result.input),
+            Text(printable(str(result.input))),
             _batchnorm_counts(folded.batchnorms_folded, folded.batchnorms_total, folded.affines_folded),
             _change(f"{folded.before.nodes:,}", f"{folded.after.nodes:,}"),
             _size_change(folded.before.file_bytes, folded.after.file_bytes),
@@ -429,6 +453,17 @@ def quiet_batch_lines(report: BatchReport) -> str:
     return "\n".join(lines)
 
 
+def rehearse_batch_row(report: FoldReport) -> None:
+    """Render everything a batch run shows of one model (its table row, quiet line and JSON)
+    to nowhere, as :attr:`~bnfold.pipeline.FoldOptions.before_commit`: a model whose report
+    cannot be shown fails (an internal error in its row) before its output is moved into place."""
+    label = report.input if report.input is not None else Path("<model>")
+    alone = BatchReport([ModelResult(label, report, None, report.exit_code, 0.0)], jobs=1, seconds=0.0)
+    Console(file=io.StringIO(), width=100).print(batch_table(alone))
+    quiet_batch_lines(alone)
+    dump_json(alone.to_dict())
+
+
 @contextlib.contextmanager
 def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult], None]]:
     """A progress bar on stderr, shown only on a terminal and without ``--quiet``.
@@ -436,10 +471,11 @@ def batch_progress(total: int, *, quiet: bool) -> Iterator[Callable[[ModelResult
     Yields the callback that advances it as each model finishes.
     """
     console = Console(stderr=True)
-    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}"), console=console,
+    # The file name is shown as it is (markup=False): a name like "[bold]x.onnx" is not markup.
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[last]}", markup=False), console=console,
                   disable=quiet or not console.is_terminal, transient=True) as progress:
         task = progress.add_task("folding", total=total, last="")
-        yield lambda result: progress.update(task, advance=1, last=str(result.input))
+        yield lambda result: progress.update(task, advance=1, last=printable(str(result.input)))
 
 
 STATUS_AFTER_SECONDS = 0.5

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper
 
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
+from bnfold.io.store import TensorStore
 from bnfold.rules.plan import AddedBias, AttributeUpdate, DroppedTerm, FoldPlan, InsertedAffine, MergePlan, TensorUpdate
 
 
@@ -61,6 +62,28 @@ class _NameAllocator:
             candidate = f"{base}_bnfold{counter}"
         self._taken.add(candidate)
         return candidate
+
+
+def initializers_to_constants(model: onnx.ModelProto, graph: onnx.GraphProto, store: TensorStore) -> None:
+    """Turn the initializers of ``graph`` into Constant nodes at its start.
+
+    For the graphs that cannot hold initializers: a model-local function's body, and an
+    If/Loop/Scan body of an IR < 4 model (there every initializer must also be an input of its
+    graph, which a body's fixed signature cannot have). Folds there create initializers like
+    anywhere else; they are turned into nodes once the body is folded.
+    """
+    if not graph.initializer:
+        return
+    names = _NameAllocator(model)
+    constants = [
+        helper.make_node("Constant", [], [tensor.name], name=names.fresh(f"{tensor.name}_constant"),
+                         value=store.materialize(tensor))
+        for tensor in graph.initializer
+    ]
+    nodes = [*constants, *graph.node]
+    del graph.initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _set_attribute(update: AttributeUpdate) -> None:

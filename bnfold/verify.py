@@ -15,7 +15,11 @@ Real inputs may ship expected outputs; the folded model is checked against them 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -108,9 +112,53 @@ def open_session(path: Path, label: str, provider: str) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user through the exception, once
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+        with _path_for_onnxruntime(path) as readable:
+            return ort.InferenceSession(readable, sess_options=options, providers=[provider])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
         raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
+
+
+def loads_in_onnxruntime(path: Path) -> bool:
+    """Whether onnxruntime (CPU) can load the model at ``path``."""
+    try:
+        open_session(path, "input", "CPUExecutionProvider")
+    except RuntimeFailure:
+        return False
+    return True
+
+
+@contextmanager
+def _path_for_onnxruntime(path: Path) -> Iterator[str]:
+    """``path`` as onnxruntime can take it: a UTF-8 string.
+
+    A POSIX file name in another encoding reaches Python as a str with surrogate escapes,
+    which onnxruntime refuses. Such a model is reached through a scratch folder of symbolic
+    links with UTF-8 names: one to the model, and one to every UTF-8-named entry of its folder,
+    where external data lives (the model names its data files in UTF-8, relative to itself, and
+    onnxruntime resolves them beside the path it is given). The links are needed only while the
+    session loads.
+    """
+    text = str(path)
+    if _is_utf8(text):
+        yield text
+        return
+    folder = path.absolute().parent
+    with tempfile.TemporaryDirectory(prefix="bnfold-path-") as scratch:
+        for entry in os.listdir(folder):
+            if _is_utf8(entry):
+                os.symlink(folder / entry, Path(scratch, entry))
+        alias = Path(scratch, f".bnfold-{uuid.uuid4().hex}.onnx")  # no entry of the folder has this name
+        os.symlink(path.absolute(), alias)
+        yield str(alias)
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (surrogate escapes in Python)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:

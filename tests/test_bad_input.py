@@ -8,16 +8,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner, Result
 from onnx import helper
 
-from bnfold.cli import main
+from tests.support import assert_one_line_error, run_cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def digest(path: Path) -> str:
@@ -66,24 +63,20 @@ def checker_failing_model_bytes() -> bytes:
 def test_unusable_model_files(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     path = write_bytes(tmp_path, name, content)
     before = digest(path)
-    result = invoke(path)
-    expected = message.format(path=path)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"bnfold: error: {expected}")
-    assert len(result.stderr.splitlines()) == 1
-    assert "Traceback" not in result.output
+    result = run_cli(path)
+    assert_one_line_error(result, 2, f"bnfold: error: {message.format(path=path)}")
     assert digest(path) == before
     assert {p.name for p in tmp_path.iterdir()} == {name}
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    assert_clean_failure(invoke(tmp_path / "nope.onnx"), f"{tmp_path / 'nope.onnx'}: no such file", tmp_path, set())
+    assert_clean_failure(run_cli(tmp_path / "nope.onnx"), f"{tmp_path / 'nope.onnx'}: no such file", tmp_path, set())
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     folder = tmp_path / "models.onnx"
     folder.mkdir()
-    assert_clean_failure(invoke(folder), f"{folder}: is a directory, not an ONNX file", tmp_path, {"models.onnx"})
+    assert_clean_failure(run_cli(folder), f"{folder}: is a directory, not an ONNX file", tmp_path, {"models.onnx"})
 
 
 @pytest.fixture
@@ -94,14 +87,14 @@ def model(tmp_path: Path) -> Path:
 def test_output_equal_to_input_needs_in_place(model: Path) -> None:
     before = digest(model)
     assert_clean_failure(
-        invoke(model, "-o", model),
+        run_cli(model, "-o", model),
         f"{model}: output path is the input file; pass --in-place to overwrite it", model.parent, {"m.onnx"},
     )
     assert digest(model) == before
 
 
 def test_in_place_overwrites_the_input(model: Path) -> None:
-    result = invoke(model, "-o", model, "--in-place", "--quiet")
+    result = run_cli(model, "-o", model, "--in-place", "--quiet")
     assert result.exit_code == 0, result.output
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(model)).graph.node) == 0
     assert {p.name for p in model.parent.iterdir()} == {"m.onnx"}
@@ -109,13 +102,13 @@ def test_in_place_overwrites_the_input(model: Path) -> None:
 
 def test_missing_output_folder(model: Path) -> None:
     target = model.parent / "missing" / "out.onnx"
-    assert_clean_failure(invoke(model, "-o", target), f"{target}: output folder does not exist", model.parent, {"m.onnx"})
+    assert_clean_failure(run_cli(model, "-o", target), f"{target}: output folder does not exist", model.parent, {"m.onnx"})
 
 
 def test_output_path_that_is_a_directory(model: Path) -> None:
     (model.parent / "out").mkdir()
     target = model.parent / "out"
-    assert_clean_failure(invoke(model, "-o", target), f"{target}: output path is a directory", model.parent, {"m.onnx", "out"})
+    assert_clean_failure(run_cli(model, "-o", target), f"{target}: output path is a directory", model.parent, {"m.onnx", "out"})
 
 
 def test_symlinked_output_is_refused(model: Path) -> None:
@@ -123,7 +116,7 @@ def test_symlinked_output_is_refused(model: Path) -> None:
     link.symlink_to(model)
     before = digest(model)
     assert_clean_failure(
-        invoke(model, "-o", link),
+        run_cli(model, "-o", link),
         f"{link}: output path is a symbolic link; refusing to write through it", model.parent, {"m.onnx", "link.onnx"},
     )
     assert digest(model) == before
@@ -131,7 +124,7 @@ def test_symlinked_output_is_refused(model: Path) -> None:
 
 def test_unwritable_json_report_path(model: Path) -> None:
     target = model.parent / "no" / "report.json"
-    result = invoke(model, "--json", target, "--quiet")
+    result = run_cli(model, "--json", target, "--quiet")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"bnfold: error: {target}: cannot write JSON report")
 
@@ -139,10 +132,7 @@ def test_unwritable_json_report_path(model: Path) -> None:
 def test_output_folder_that_refuses_files(model: Path) -> None:
     """/proc accepts no new files, even from root (for whom permission bits do not count)."""
     target = Path("/proc/bnfold-out.onnx")
-    result = invoke(model, "-o", target)
-    assert result.exit_code == 2
-    assert result.stderr.startswith(f"bnfold: error: {target}: cannot write in /proc (")
-    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output
+    assert_one_line_error(run_cli(model, "-o", target), 2, f"bnfold: error: {target}: cannot write in /proc (")
 
 
 def test_graph_with_a_cycle_is_refused(tmp_path: Path) -> None:
@@ -152,7 +142,7 @@ def test_graph_with_a_cycle_is_refused(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])],
     )
     path = write_bytes(tmp_path, "cycle.onnx", helper.make_model(graph).SerializeToString())
-    result = invoke(path)
+    result = run_cli(path)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"bnfold: error: {path}: fails onnx.checker (")
     assert "topologically sorted" in result.stderr
@@ -164,7 +154,7 @@ def test_initializer_with_the_wrong_number_of_bytes_is_refused(tmp_path: Path) -
     weight = next(t for t in model.graph.initializer if len(t.raw_data) > 2048)
     weight.raw_data = weight.raw_data[:-4]
     path = write_bytes(tmp_path, "short.onnx", model.SerializeToString())
-    result = invoke(path)
+    result = run_cli(path)
     assert result.exit_code == 2
     assert result.stderr == (
         f"bnfold: error: {path}: initializer '{weight.name}' holds {len(weight.raw_data)} bytes "

@@ -13,19 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from bnfold import pipeline
 from bnfold.batch import BatchReport, ModelResult, find_models, fold_models
-from bnfold.cli import main
 from bnfold.pipeline import FoldOptions
-from tests.support import write_model_onnxruntime_cannot_run
+from tests.support import run_cli, write_model_onnxruntime_cannot_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 
-def run(*args: object, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def copy_sample(name: str, target: Path) -> Path:
@@ -63,7 +59,7 @@ def test_find_models_searches_folders_in_order_and_skips_outputs_and_staging(tre
 
 
 def test_every_model_gets_a_row_and_the_broken_one_does_not_stop_the_others(tree: Path) -> None:
-    result = run("models", "broken.onnx", env={"COLUMNS": "200"})
+    result = run_cli("models", "broken.onnx", env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -82,7 +78,7 @@ def test_every_model_gets_a_row_and_the_broken_one_does_not_stop_the_others(tree
 
 
 def test_json_lists_every_full_report_and_the_totals(tree: Path) -> None:
-    result = run("models", "broken.onnx", "--json", "-")
+    result = run_cli("models", "broken.onnx", "--json", "-")
     assert result.exit_code == 2
     document = json.loads(result.stdout)
     assert document["schema"] == "bnfold.batch/1"
@@ -103,7 +99,7 @@ def test_json_lists_every_full_report_and_the_totals(tree: Path) -> None:
 
 
 def test_quiet_prints_a_line_per_model_and_the_totals(tree: Path) -> None:
-    result = run("models", "broken.onnx", "-q", "--dry-run")
+    result = run_cli("models", "broken.onnx", "-q", "--dry-run")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("models/a.onnx → dry run: folded 6 of 6 BatchNormalization, equivalent")
     assert lines[1].startswith("models/deep/b.onnx → dry run: folded 3 of 3 BatchNormalization, equivalent")
@@ -114,7 +110,7 @@ def test_quiet_prints_a_line_per_model_and_the_totals(tree: Path) -> None:
 
 def test_exit_code_is_the_worst_over_all_models(tree: Path) -> None:
     write_model_onnxruntime_cannot_run(tree / "custom.onnx")
-    result = run("models", "custom.onnx", "broken.onnx", "--json", "-")
+    result = run_cli("models", "custom.onnx", "broken.onnx", "--json", "-")
     document = json.loads(result.stdout)
     assert [m["exit_code"] for m in document["models"]] == [0, 0, 3, 2]
     assert document["models"][2]["error"].startswith("onnxruntime cannot load the original model: ")
@@ -138,8 +134,8 @@ def _without_timings(document: object) -> object:
 
 def test_two_jobs_give_the_same_results_in_the_same_order_as_one(tree: Path) -> None:
     copy_sample("refused_bn.onnx", tree / "models" / "c.onnx")
-    one = run("models", "broken.onnx", "--dry-run", "--json", "-")
-    two = run("models", "broken.onnx", "--dry-run", "--json", "-", "-j", "2")
+    one = run_cli("models", "broken.onnx", "--dry-run", "--json", "-")
+    two = run_cli("models", "broken.onnx", "--dry-run", "--json", "-", "-j", "2")
     assert one.exit_code == two.exit_code == 2
     documents = json.loads(one.stdout), json.loads(two.stdout)
     assert documents[1]["jobs"] == 2
@@ -149,7 +145,7 @@ def test_two_jobs_give_the_same_results_in_the_same_order_as_one(tree: Path) -> 
 
 def test_output_dir_receives_every_folded_model(tree: Path) -> None:
     (tree / "out").mkdir()
-    result = run("models", "--output-dir", "out", "-q")
+    result = run_cli("models", "--output-dir", "out", "-q")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tree / "out").iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
     assert not (tree / "models" / "a.folded.onnx").exists()
@@ -158,7 +154,7 @@ def test_output_dir_receives_every_folded_model(tree: Path) -> None:
 
 def test_output_dir_with_one_model_keeps_the_full_report(tree: Path) -> None:
     (tree / "out").mkdir()
-    result = run("models/a.onnx", "--output-dir", "out")
+    result = run_cli("models/a.onnx", "--output-dir", "out")
     assert result.exit_code == 0, result.output
     assert "Before / after" in result.stdout and (tree / "out" / "a.folded.onnx").is_file()
 
@@ -166,7 +162,7 @@ def test_output_dir_with_one_model_keeps_the_full_report(tree: Path) -> None:
 def test_same_named_models_colliding_in_output_dir_are_refused_before_any_work(tree: Path) -> None:
     (tree / "out").mkdir()
     copy_sample("conv_no_bias.onnx", tree / "other" / "a.onnx")
-    result = run("models", "other", "--output-dir", "out")
+    result = run_cli("models", "other", "--output-dir", "out")
     assert result.exit_code == 2
     assert result.stderr == (
         f"bnfold: error: models/a.onnx and other/a.onnx would both be written to {Path('out/a.folded.onnx')}; "
@@ -176,30 +172,30 @@ def test_same_named_models_colliding_in_output_dir_are_refused_before_any_work(t
 
 
 def test_missing_output_dir_is_created_with_its_parents(tree: Path) -> None:
-    result = run("models", "--output-dir", "new/folded")
+    result = run_cli("models", "--output-dir", "new/folded")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tree / "new" / "folded").iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
 
 
 @pytest.mark.parametrize("models", [["models/a.onnx", "broken.onnx"], ["models"], ["models/deep"]])
 def test_output_is_refused_with_several_models_or_a_folder(tree: Path, models: list[str]) -> None:
-    result = run(*models, "-o", "x.onnx")
+    result = run_cli(*models, "-o", "x.onnx")
     assert result.exit_code == 2
     assert "-o/--output names one file; with several models or a folder use --output-dir DIR" in result.stderr
     assert not (tree / "x.onnx").exists() and not (tree / "models" / "a.folded.onnx").exists()
 
 
 def test_output_and_output_dir_cannot_be_combined(tree: Path) -> None:
-    result = run("models/a.onnx", "-o", "x.onnx", "--output-dir", ".")
+    result = run_cli("models/a.onnx", "-o", "x.onnx", "--output-dir", ".")
     assert result.exit_code == 2
     assert "-o/--output and --output-dir cannot be combined" in result.stderr
 
 
 def test_no_progress_bar_when_piped_and_one_on_a_terminal_unless_quiet(tree: Path) -> None:
-    assert run("models", "--dry-run").stderr == ""
-    on_terminal = run("models", "--dry-run", env={"FORCE_COLOR": "1"})
+    assert run_cli("models", "--dry-run").stderr == ""
+    on_terminal = run_cli("models", "--dry-run", env={"FORCE_COLOR": "1"})
     assert "folding" in on_terminal.stderr and "100%" in on_terminal.stderr
-    assert run("models", "--dry-run", "-q", env={"FORCE_COLOR": "1"}).stderr == ""
+    assert run_cli("models", "--dry-run", "-q", env={"FORCE_COLOR": "1"}).stderr == ""
 
 
 def test_library_folds_without_the_cli_and_reports_in_input_order(tree: Path) -> None:
@@ -233,7 +229,7 @@ def interrupt_verifying(model_name: str, others_take: float = 0.0, done: Path | 
 
 def test_interrupted_single_run_leaves_nothing(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "verify_equivalence", interrupt_verifying("a.onnx"))
-    result = run("models/a.onnx")
+    result = run_cli("models/a.onnx")
     assert result.exit_code == 130
     assert result.stderr == "bnfold: interrupted; nothing was written\n"
     assert sorted(p.name for p in (tree / "models").iterdir()) == [".bnfold-abc", "a.onnx", "deep", "old.folded.onnx"]
@@ -243,7 +239,7 @@ def test_interrupted_batch_keeps_finished_models_and_leaves_no_partial_output(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline, "verify_equivalence", interrupt_verifying("b.onnx"))
-    result = run("models", "broken.onnx")
+    result = run_cli("models", "broken.onnx")
     assert result.exit_code == 130
     assert result.stderr == "bnfold: interrupted; models finished before were written; no partial output was left\n"
     assert (tree / "models" / "a.folded.onnx").is_file()
@@ -260,7 +256,7 @@ def test_interrupted_workers_are_stopped_and_clean_up(tree: Path, monkeypatch: p
     done = tree / "done"
     done.mkdir()
     monkeypatch.setattr(pipeline, "verify_equivalence", interrupt_verifying("a.onnx", others_take=10.0, done=done))
-    result = run("models", "-j", "2")
+    result = run_cli("models", "-j", "2")
     assert result.exit_code == 130
     assert list(done.iterdir()) == [], "the busy worker was stopped, not waited for"
     assert leftovers(tree) == [tree / "models" / ".bnfold-abc"]

@@ -12,16 +12,14 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
 from bnfold import pipeline
-from bnfold.cli import main
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.io.store import TensorStore
 from bnfold.rules import RuleSet
 from sample_models.modelkit import GraphBuilder
-from tests.support import write_model_onnxruntime_cannot_run
+from tests.support import assert_one_line_error, run_cli, write_model_onnxruntime_cannot_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -32,13 +30,11 @@ def cnn(tmp_path: Path) -> Path:
     return Path(shutil.copy(SAMPLES / "cnn_residual.onnx", tmp_path / "cnn.onnx"))
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_default_command_writes_folded_model_beside_input(cnn: Path) -> None:
     before = cnn.read_bytes()
-    result = run(cnn)
+    result = run_cli(cnn)
     assert result.exit_code == 0, result.output
     output = cnn.with_name("cnn.folded.onnx")
     assert output.is_file()
@@ -53,19 +49,19 @@ def test_default_command_writes_folded_model_beside_input(cnn: Path) -> None:
 def test_explicit_fold_command_and_output_path(cnn: Path, tmp_path: Path) -> None:
     target = tmp_path / "out" / "model.onnx"
     target.parent.mkdir()
-    result = run("fold", cnn, "-o", target)
+    result = run_cli("fold", cnn, "-o", target)
     assert result.exit_code == 0
     assert target.is_file()
 
 
 def test_options_may_come_before_the_model(cnn: Path, tmp_path: Path) -> None:
-    result = run("-q", "-o", tmp_path / "x.onnx", cnn)
+    result = run_cli("-q", "-o", tmp_path / "x.onnx", cnn)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "x.onnx").is_file()
 
 
 def test_quiet_prints_one_line(cnn: Path) -> None:
-    result = run(cnn, "--quiet")
+    result = run_cli(cnn, "--quiet")
     assert result.exit_code == 0
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -73,7 +69,7 @@ def test_quiet_prints_one_line(cnn: Path) -> None:
 
 
 def test_json_to_stdout_carries_the_report(cnn: Path) -> None:
-    result = run(cnn, "--json", "-")
+    result = run_cli(cnn, "--json", "-")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["schema"] == "bnfold.fold/1"
@@ -91,14 +87,14 @@ def test_json_to_stdout_carries_the_report(cnn: Path) -> None:
 
 def test_json_to_file_and_tables_to_stdout(cnn: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
-    result = run(cnn, "--json", report_path)
+    result = run_cli(cnn, "--json", report_path)
     assert result.exit_code == 0
     assert json.loads(report_path.read_text())["status"] == "equivalent"
     assert "Before / after" in result.stdout
 
 
 def test_input_shape_sets_symbolic_dimensions(cnn: Path) -> None:
-    result = run(cnn, "--input-shape", "image:4,3,32,32", "--json", "-")
+    result = run_cli(cnn, "--input-shape", "image:4,3,32,32", "--json", "-")
     assert json.loads(result.stdout)["verification"]["trials"][0]["inputs"][0]["shape"] == [4, 3, 32, 32]
 
 
@@ -108,21 +104,21 @@ def test_input_shape_sets_symbolic_dimensions(cnn: Path) -> None:
     ("image:1,3", "--input-shape image: rank 2 but the model declares rank 4"),
 ])
 def test_bad_input_shapes_are_usage_errors(cnn: Path, value: str, message: str) -> None:
-    result = run(cnn, "--input-shape", value)
+    result = run_cli(cnn, "--input-shape", value)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
 
 
 def test_dry_run_writes_nothing(cnn: Path) -> None:
-    result = run(cnn, "--dry-run", "--quiet")
+    result = run_cli(cnn, "--dry-run", "--quiet")
     assert result.exit_code == 0
     assert sorted(p.name for p in cnn.parent.iterdir()) == ["cnn.onnx"]
     assert "dry run" in result.stdout and "equivalent" in result.stdout
 
 
 def test_no_verify_reports_unverified(cnn: Path) -> None:
-    result = run(cnn, "--no-verify", "--json", "-")
+    result = run_cli(cnn, "--no-verify", "--json", "-")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["status"] == "unverified" and report["verification"] is None and report["written"] is True
@@ -138,7 +134,7 @@ def corrupting_fold(model: onnx.ModelProto, rules: RuleSet, *, store: TensorStor
 
 def test_failed_verification_exits_1_and_writes_nothing(cnn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "fold_batchnorms", corrupting_fold)
-    result = run(cnn, "--json", "-")
+    result = run_cli(cnn, "--json", "-")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["status"] == "not-equivalent" and report["written"] is False
@@ -150,7 +146,7 @@ def test_failed_verification_exits_1_and_writes_nothing(cnn: Path, monkeypatch: 
 
 def test_keep_failed_writes_the_failing_model(cnn: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "fold_batchnorms", corrupting_fold)
-    result = run(cnn, "--keep-failed", "--quiet")
+    result = run_cli(cnn, "--keep-failed", "--quiet")
     assert result.exit_code == 1
     assert cnn.with_name("cnn.folded.onnx").is_file()
     assert "not-equivalent" in result.stdout
@@ -158,24 +154,21 @@ def test_keep_failed_writes_the_failing_model(cnn: Path, monkeypatch: pytest.Mon
 
 def test_model_onnxruntime_cannot_run_exits_3(tmp_path: Path) -> None:
     path = write_model_onnxruntime_cannot_run(tmp_path / "custom.onnx")
-    result = run(path)
-    assert result.exit_code == 3
-    assert result.stderr.startswith("bnfold: error: onnxruntime cannot load the original model: ")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_cli(path), 3, "bnfold: error: onnxruntime cannot load the original model: ")
     assert not (tmp_path / "custom.folded.onnx").exists()
 
 
 def test_help_documents_exit_codes() -> None:
     for args in ([], ["fold"], ["check"]):
-        result = run(*args, "--help")
+        result = run_cli(*args, "--help")
         assert result.exit_code == 0
         assert "Exit codes:" in result.output
         assert "3  onnxruntime cannot load or run a given model (its message is shown)" in result.output
 
 
 def test_check_command_compares_two_models(cnn: Path) -> None:
-    assert run(cnn, "--quiet").exit_code == 0
-    result = run("check", cnn, cnn.with_name("cnn.folded.onnx"), "--quiet")
+    assert run_cli(cnn, "--quiet").exit_code == 0
+    result = run_cli("check", cnn, cnn.with_name("cnn.folded.onnx"), "--quiet")
     assert result.exit_code == 0
     assert ": equivalent (max |Δ| " in result.stdout
 
@@ -186,7 +179,7 @@ def test_check_command_detects_a_different_model(cnn: Path, tmp_path: Path) -> N
     bias = next(t for t in model.graph.initializer if t.name.startswith("c"))
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), bias.name))
     onnx.save(model, str(other))
-    result = run("check", cnn, other, "--json", "-")
+    result = run_cli("check", cnn, other, "--json", "-")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["status"] == "not-equivalent"
 
@@ -212,7 +205,7 @@ def test_unexpected_exception_is_one_line_with_exit_4(cnn: Path, monkeypatch: py
         raise ZeroDivisionError("division by zero\nand more detail")
 
     monkeypatch.setattr(pipeline, "fold_batchnorms", broken)
-    result = run(cnn)
+    result = run_cli(cnn)
     assert result.exit_code == 4
     assert result.stderr == (
         "bnfold: internal error (ZeroDivisionError: division by zero); please report it with the model\n"
@@ -243,10 +236,10 @@ def test_a_model_that_needs_real_sizes_gets_a_hint(tmp_path: Path) -> None:
     b.output(b.node("Reshape", [y, b.const("shape", np.array([1, 2, 16], np.int64))]))
     path = tmp_path / "fixed.onnx"
     onnx.save(b.model(), str(path))
-    result = run(path)
+    result = run_cli(path)
     assert result.exit_code == 3
     assert result.stderr.startswith("bnfold: error: onnxruntime cannot run the original model: ")
     assert result.stderr.endswith(
         "(symbolic dims of image were set to 1; give real sizes with --input-shape NAME:D1,D2,...)\n"
     )
-    assert run(path, "--input-shape", "image:1,2,4,4", "-q").exit_code == 0
+    assert run_cli(path, "--input-shape", "image:1,2,4,4", "-q").exit_code == 0

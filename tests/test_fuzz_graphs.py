@@ -2,8 +2,10 @@
 
 The strategy chains and branches Conv / ConvTranspose / Gemm / MatMul / BatchNormalization /
 Relu / Add / Flatten with random shapes, groups, strides, pads and dilations, in float32 and
-float16, with hostile BN statistics (tiny variance, large mean, zero scale). The property:
-folding keeps the function, and every BatchNormalization left has a reason. The absolute
+float16, with hostile BN statistics (tiny variance, large mean, zero scale), decomposed BNs
+(Mul → Add by per-channel constants), constants that broadcast one channel to several, and If
+nodes whose two branches both hold folds. The property: folding keeps the function (every If
+branch taken), every BatchNormalization left has a reason, a broadcasting Mul is never folded. The absolute
 tolerance scales with the output's magnitude (see tests/support.py): the hostile statistics
 make outputs in the thousands next to elements near zero that come from cancellation, whose
 rounding error (in the original as much as in the folded model) is relative to the large
@@ -22,7 +24,9 @@ import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
+from bnfold.inputs import generate_inputs, input_specs
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
@@ -99,8 +103,54 @@ def random_conv_transpose(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tens
     return Tensor4D(name, out_per_group * group, out)
 
 
+def per_channel_scale(draw: st.DrawFn, b: GraphBuilder, x: str, channels: int) -> str:
+    """``x * c + d`` by per-channel constants (``[1, C, 1, 1]`` or ``[C, 1, 1]``): a decomposed BN."""
+    shape = [1, channels, 1, 1] if draw(st.booleans()) else [channels, 1, 1]
+    scaled = b.node("Mul", [x, b.const("c", b.rng.uniform(0.5, 1.5, shape).astype(b.dtype))])
+    return b.node("Add", [scaled, b.random("d", shape)])
+
+
+def same_shape_fold(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> str:
+    """A foldable block that keeps ``x``'s shape: Conv → BN, BN → Conv or Mul → Add → Conv."""
+    kind = draw(st.sampled_from(["conv_bn", "bn_conv", "scale_conv"]))
+    if kind == "conv_bn":
+        return hostile_batchnorm(draw, b, b.conv(x.name, x.channels, x.channels, (3, 3)), x.channels)
+    normalized = (hostile_batchnorm(draw, b, x.name, x.channels) if kind == "bn_conv"
+                  else per_channel_scale(draw, b, x.name, x.channels))
+    return b.conv(normalized, x.channels, x.channels, (1, 1), pads=[0, 0, 0, 0])
+
+
+def if_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """An If whose two branches both hold folds, with their own weights (the condition is a
+    new graph input, which the property sets both ways)."""
+    cond = b.input(b.fresh("cond"), [], TensorProto.BOOL)
+    branches = []
+    for name in ("then", "else"):
+        with b.collecting() as (nodes, initializers):
+            y = same_shape_fold(draw, b, x)
+        declared = helper.make_tensor_value_info(y, b.elem_type, [2, x.channels, x.size, x.size])
+        branches.append(helper.make_graph(nodes, name, [], [declared], initializers))
+    return Tensor4D(b.node("If", [cond], then_branch=branches[0], else_branch=branches[1]), x.channels, x.size)
+
+
+def broadcast_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
+    """The channel mean times ``c[1, K, 1, 1]`` plus ``d``: constants that broadcast one
+    channel to K, which must never be folded as a per-channel affine."""
+    channels = draw(st.integers(2, 4))
+    mean = b.node("ReduceMean", [x.name], axes=[1], keepdims=1)
+    spread = b.node("Mul", [mean, b.random("c", [1, channels, 1, 1])])
+    return Tensor4D(b.node("Add", [spread, b.random("d", [1, channels, 1, 1])]), channels, x.size)
+
+
 def random_block(draw: st.DrawFn, b: GraphBuilder, x: Tensor4D) -> Tensor4D:
-    kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn"]))
+    kind = draw(st.sampled_from(["conv_bn", "conv_bn_relu", "convT_bn", "bn", "relu", "residual", "bn_conv", "bn_bn",
+                                 "if", "broadcast", "scale"]))
+    if kind == "if":
+        return if_block(draw, b, x)
+    if kind == "broadcast":
+        return broadcast_block(draw, b, x)
+    if kind == "scale":
+        return Tensor4D(per_channel_scale(draw, b, x.name, x.channels), x.channels, x.size)
     if kind in ("conv_bn", "conv_bn_relu"):
         y = random_conv(draw, b, x)
         y = Tensor4D(hostile_batchnorm(draw, b, y.name, y.channels), y.channels, y.size)
@@ -150,13 +200,43 @@ def random_models(draw: st.DrawFn) -> onnx.ModelProto:
     return b.model(f"fuzz_{np.dtype(dtype).name}")
 
 
+def seeds_taking_every_branch(model: onnx.ModelProto) -> list[int]:
+    """Input seeds under which every If condition is seen both true and false (one seed when
+    the model has no If): each branch, and so each fold in it, is compared in onnxruntime."""
+    specs = input_specs(model, {})
+    conditions = [spec.name for spec in specs if spec.dtype == "bool"]
+    seen: dict[str, set[bool]] = {name: set() for name in conditions}
+    seeds = [0]
+    for seed in range(64):
+        feeds = generate_inputs(specs, seed)
+        if any(bool(feeds[name]) not in seen[name] for name in conditions):
+            seeds.append(seed)
+            for name in conditions:
+                seen[name].add(bool(feeds[name]))
+        if all(len(values) == 2 for values in seen.values()):
+            break
+    return sorted(set(seeds))
+
+
+def all_op_count(model: onnx.ModelProto, op_type: str) -> int:
+    """How many ``op_type`` nodes the main graph and the If branches in it hold."""
+    branches = [attribute.g for node in model.graph.node for attribute in node.attribute
+                if attribute.type == onnx.AttributeProto.GRAPH]
+    return op_count(model, op_type) + sum(node.op_type == op_type for graph in branches for node in graph.node)
+
+
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(model=random_models())
 def test_random_graphs_fold_to_equivalent_models(model: onnx.ModelProto) -> None:
-    batchnorms_before = op_count(model, "BatchNormalization")
-    check = fold_and_compare(model, atol_scales_with_output=True)
-    left = op_count(check.folded, "BatchNormalization")
+    batchnorms_before = all_op_count(model, "BatchNormalization")
+    for seed in seeds_taking_every_branch(model):
+        check = fold_and_compare(model, seed=seed, atol_scales_with_output=True)
+    left = all_op_count(check.folded, "BatchNormalization")
     assert len(check.outcome.left) == left
     assert all(record.reason for record in check.outcome.left)
     folded_batchnorms = sum(record.kind == "BatchNormalization" for record in check.outcome.folds)
     assert batchnorms_before - folded_batchnorms == left
+    # A Mul that broadcasts one channel to K is never folded away.
+    means = {node.output[0] for node in model.graph.node if node.op_type == "ReduceMean"}
+    broadcasts = {node.name for node in model.graph.node if node.op_type == "Mul" and node.input[0] in means}
+    assert broadcasts <= {node.name for node in check.folded.graph.node}

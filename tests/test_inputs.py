@@ -8,18 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from bnfold.cli import main
 from bnfold.inputs import generate_inputs, input_specs
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from sample_models.generate import cnn_residual
-from tests.support import run_onnxruntime
-
-
-def _run(*args: str):  # noqa: ANN202 - click Result
-    return CliRunner().invoke(main, list(args))
+from tests.support import run_cli, run_onnxruntime
 
 
 def _assert_one_line_error(result, message: str) -> None:  # noqa: ANN001
@@ -91,17 +85,17 @@ def test_single_trial_can_miss_what_trials_find(tmp_path: Path) -> None:
 
 
 def test_batch_sets_symbolic_first_dims_and_input_shape_wins(cnn: Path) -> None:
-    result = _run("check", str(cnn), str(cnn), "--batch", "4", "--json", "-")
+    result = run_cli("check", str(cnn), str(cnn), "--batch", "4", "--json", "-")
     assert result.exit_code == 0
     [trial] = json.loads(result.stdout)["verification"]["trials"]
     assert trial["inputs"] == [{"name": "image", "shape": [4, 3, 32, 32], "dtype": "float32"}]
-    result = _run("check", str(cnn), str(cnn), "--batch", "4", "--input-shape", "image:2,3,32,32", "--json", "-")
+    result = run_cli("check", str(cnn), str(cnn), "--batch", "4", "--input-shape", "image:2,3,32,32", "--json", "-")
     assert json.loads(result.stdout)["verification"]["trials"][0]["inputs"][0]["shape"] == [2, 3, 32, 32]
 
 
 def test_input_shape_with_wrong_rank_exits_2(cnn: Path) -> None:
     _assert_one_line_error(
-        _run("check", str(cnn), str(cnn), "--input-shape", "image:1,3,32"),
+        run_cli("check", str(cnn), str(cnn), "--input-shape", "image:1,3,32"),
         "--input-shape image: rank 3 but the model declares rank 4",
     )
 
@@ -125,7 +119,7 @@ def test_generated_inputs_per_dtype() -> None:
 def test_npz_inputs_are_used(cnn: Path, tmp_path: Path) -> None:
     npz = tmp_path / "inputs.npz"
     np.savez(npz, image=_image(7, batch=2))
-    result = _run("check", str(cnn), str(cnn), "--inputs", str(npz), "--json", "-")
+    result = run_cli("check", str(cnn), str(cnn), "--inputs", str(npz), "--json", "-")
     assert result.exit_code == 0, result.output
     [trial] = json.loads(result.stdout)["verification"]["trials"]
     assert trial == {"label": "inputs.npz", "seed": None,
@@ -145,24 +139,24 @@ def test_npz_inputs_are_used(cnn: Path, tmp_path: Path) -> None:
 def test_npz_mismatch_is_one_error_line(cnn: Path, tmp_path: Path, arrays: dict, message: str) -> None:
     npz = tmp_path / "inputs.npz"
     np.savez(npz, **arrays)
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(npz)), f"--inputs {npz}: {message}")
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(npz)), f"--inputs {npz}: {message}")
 
 
 def test_unreadable_npz_and_missing_path(cnn: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_text("not a zip")
-    result = _run("check", str(cnn), str(cnn), "--inputs", str(bad))
+    result = run_cli("check", str(cnn), str(cnn), "--inputs", str(bad))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"bnfold: error: --inputs {bad}: not a readable .npz file")
     missing = tmp_path / "absent.npz"
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(missing)),
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(missing)),
                            f"--inputs {missing}: no such file or folder")
 
 
 def test_inputs_cannot_be_combined_with_generation_options(cnn: Path, tmp_path: Path) -> None:
     npz = tmp_path / "inputs.npz"
     np.savez(npz, image=_image(0))
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(npz), "--batch", "2"),
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(npz), "--batch", "2"),
                            "--batch shapes generated inputs; it cannot be combined with --inputs")
 
 
@@ -190,7 +184,7 @@ def test_wrong_expected_output_fails_the_fold(cnn: Path, tmp_path: Path) -> None
     [expected] = _reference_outputs(cnn, {"image": image})
     _write_tensor(tmp_path / "input_0.pb", image)
     _write_tensor(tmp_path / "output_0.pb", expected + 1.0, "batchnormalization5_out")
-    result = _run(str(cnn), "--dry-run", "--inputs", str(tmp_path), "--json", "-")
+    result = run_cli(str(cnn), "--dry-run", "--inputs", str(tmp_path), "--json", "-")
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert all(output["passed"] for output in document["verification"]["outputs"])  # the fold itself is fine
@@ -201,18 +195,18 @@ def test_wrong_expected_output_fails_the_fold(cnn: Path, tmp_path: Path) -> None
 def test_folder_without_test_data_is_an_error(cnn: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(empty)),
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(empty)),
                            f"--inputs {empty}: no test_data_set_* folders or input_*.pb files")
 
 
 def test_misnamed_tensor_in_folder_is_an_error(cnn: Path, tmp_path: Path) -> None:
     _write_tensor(tmp_path / "test_data_set_0" / "input_0.pb", _image(0), "pixels")
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(tmp_path)),
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(tmp_path)),
                            f"--inputs {tmp_path}: no value for model input 'image' (in test_data_set_0)")
 
 
 def test_too_many_unnamed_inputs_is_an_error(cnn: Path, tmp_path: Path) -> None:
     for index in range(2):
         _write_tensor(tmp_path / f"input_{index}.pb", _image(index))
-    _assert_one_line_error(_run("check", str(cnn), str(cnn), "--inputs", str(tmp_path)),
+    _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(tmp_path)),
                            f"--inputs {tmp_path / 'input_1.pb'}: the model has only 1 inputs")

@@ -106,7 +106,7 @@ def test_folded_model_failing_the_checker_above_the_limit_is_not_written(
     monkeypatch.setattr("bnfold.pipeline.fold_batchnorms", fold_that_breaks)
     output = tmp_path / "out.onnx"
     report = fold_file(source, FoldOptions(output=output))
-    assert report.problem == "the folded model fails onnx.checker" and not report.written
+    assert report.problem.startswith("the folded model fails onnx.checker (") and not report.written
     assert not output.exists() and not (tmp_path / "out.onnx.data").exists()
 
 

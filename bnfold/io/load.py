@@ -44,7 +44,13 @@ class LoadedModel:
     external_data_files: tuple[str, ...]
     """Relative locations of external data files, empty for a self-contained model."""
     passes_full_check: bool
-    """Whether the input passes ``check_model(full_check=True)``; the output must then too."""
+    """Whether the input passes the checker with ``full_check``; the output must then too."""
+    checker_complaint: str | None = None
+    """What the checker says against the input even without ``full_check`` (None: nothing).
+
+    Such a model is not refused here: one that onnxruntime loads (a graph output declared
+    without a shape, say) is folded, with the complaint shown as a warning. Whoever folds or
+    compares it must find out whether onnxruntime can read it and refuse it if not."""
     store: TensorStore = field(default_factory=TensorStore)
 
     def release_model(self) -> None:
@@ -113,6 +119,10 @@ def _check_data_sizes(model: onnx.ModelProto, path: Path, lengths: list[int | No
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Read and validate a model; external data stays on disk until it is needed.
 
+    A model that fails the checker is returned with the complaint
+    (:attr:`LoadedModel.checker_complaint`), not refused: only onnxruntime can tell whether
+    it is readable after all.
+
     Raises:
         InputError: with a one-line reason for any unusable file.
     """
@@ -139,15 +149,14 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
     locations, data_size = _check_external_data(model, path)
     _check_data_sizes(model, path, lengths)
-    passes_full_check = check_model(model, path, full_check=True, raise_error=False)
-    if not passes_full_check:
-        check_model(model, path, full_check=False, raise_error=True)
+    passes_full_check = checker_complaint(model, full_check=True) is None
     return LoadedModel(
         model=model,
         path=path,
         file_bytes=size + data_size,
         external_data_files=locations,
         passes_full_check=passes_full_check,
+        checker_complaint=None if passes_full_check else checker_complaint(model, full_check=False),
         store=TensorStore(path.parent),
     )
 
@@ -246,14 +255,13 @@ def _stand_in_subgraph_tensors(attribute: onnx.AttributeProto) -> None:
                     _stand_in_subgraph_tensors(inner)
 
 
-def check_model(model: onnx.ModelProto, path: Path, *, full_check: bool, raise_error: bool) -> bool:
-    """Run ``onnx.checker`` (optionally with strict shape inference) on a model's structure.
+def checker_complaint(model: onnx.ModelProto, *, full_check: bool) -> str | None:
+    """What ``onnx.checker`` (optionally with strict shape inference) says against a model's
+    structure, in one line; None when it passes.
 
     Checks a weight-less copy from a scratch folder (see :func:`weightless_copy`), which also
-    works above protobuf's 2 GiB limit. ``path`` only names the model in messages. With
-    ``raise_error`` a failure is an :class:`InputError`. The weights' sizes, which the copy
-    leaves out, are checked once, on loading: a fold writes its tensors from arrays of the
-    right shape.
+    works above protobuf's 2 GiB limit. The weights' sizes, which the copy leaves out, are
+    checked once, on loading: a fold writes its tensors from arrays of the right shape.
     """
     skeleton = weightless_copy(model)
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as scratch:
@@ -263,7 +271,5 @@ def check_model(model: onnx.ModelProto, path: Path, *, full_check: bool, raise_e
         try:
             onnx.checker.check_model(str(skeleton_path), full_check=full_check)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-            if raise_error:
-                raise InputError(f"{path}: fails onnx.checker ({first_line(error)})") from None
-            return False
-    return True
+            return first_line(error)
+    return None

@@ -38,7 +38,8 @@ _FOLDED = ".folded"
 FOLDED_SUFFIX = f"{_FOLDED}.onnx"
 """What ``model.onnx`` becomes by default: ``model.folded.onnx`` beside it."""
 STAGING_PREFIX = ".bnfold-"
-"""Hidden folders where outputs are written before they are moved into place."""
+"""Hidden folders where outputs are written before they are moved into place, named
+``.bnfold-<process id>-<random>`` so that the folders of a process that died can be found."""
 
 # Offsets in a data file written here are aligned so that onnxruntime can map the file.
 _ALIGNMENT = 4096
@@ -76,8 +77,13 @@ def output_folder(folder: Path) -> Iterator[Path]:
 
 
 def output_data_location(output: Path) -> str:
-    """Where a model saved with external data keeps it: ``<output name>.data`` beside it."""
-    return f"{output.name}.data"
+    """Where a model saved with external data keeps it: ``<output name>.data`` beside it.
+
+    The model names the file in UTF-8 (a protobuf string), so bytes of the output's name that
+    are not UTF-8 are written as ``\\xe9`` in the data file's name, as bnfold shows them.
+    """
+    name = output.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"{name}.data"
 
 
 class StagedOutput:
@@ -135,7 +141,8 @@ def stage(model: onnx.ModelProto, target: Path, store: TensorStore, *, external_
     folder = target.parent if str(target.parent) else Path(".")
     # The name is chosen before the folder exists, so that an interrupt landing anywhere
     # (even between mkdir and the return) still finds it to remove.
-    staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex}"  # 128 random bits: never an existing folder
+    # 128 random bits: never an existing folder.
+    staging = folder / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
         try:
             staging.mkdir(mode=0o700)
@@ -223,6 +230,13 @@ def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str,
             offset += size
     store.drop_unclaimed()
     onnx.save_model(model, os.fspath(path))
+
+
+def remove_staging_of(process_id: int, folder: Path) -> None:
+    """Remove the staging folders that process ``process_id`` left in ``folder``: a process
+    killed hard (a crash in a native library, the out-of-memory killer) cleans up nothing."""
+    for staging in folder.glob(f"{STAGING_PREFIX}{process_id}-*"):
+        remove_folder(staging)
 
 
 def remove_folder(folder: Path) -> None:

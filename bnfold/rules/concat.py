@@ -28,7 +28,15 @@ import onnx
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, attribute, describe, is_standard
 from bnfold.rules.base import AbsorbedPiece, Piece, absorb_piece, split_plan
-from bnfold.rules.plan import Affine, FoldPlan, FoldRule, InsertedAffine, Refusal, RuleSet, TensorUpdate
+from bnfold.rules.plan import (
+    Affine,
+    FoldPlan,
+    FoldRule,
+    InsertedAffine,
+    Refusal,
+    RuleSet,
+    TensorUpdate,
+)
 from bnfold.rules.weights import cast_tensor
 
 

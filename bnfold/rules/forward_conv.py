@@ -29,7 +29,12 @@ from bnfold import fold_math
 from bnfold.graph import GraphIndex, attributes, describe
 from bnfold.rules.base import Absorbed, IntoConsumer
 from bnfold.rules.plan import Affine, Refusal, RuleOptions
-from bnfold.rules.weights import added_bias, cast_tensor, constant_weight_and_bias, scaled_weight
+from bnfold.rules.weights import (
+    added_bias,
+    cast_tensor,
+    constant_weight_and_bias,
+    scaled_weight,
+)
 
 
 class BnConv(IntoConsumer):

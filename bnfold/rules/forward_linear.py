@@ -36,7 +36,14 @@ from bnfold import fold_math
 from bnfold.graph import GraphIndex, attributes, describe
 from bnfold.rules.base import Absorbed, IntoConsumer, becomes_gemm
 from bnfold.rules.matmul_add import matmul_and_bias_slot
-from bnfold.rules.plan import Affine, OpTypeUpdate, Refusal, Replaced, RuleOptions, TensorUpdate
+from bnfold.rules.plan import (
+    Affine,
+    OpTypeUpdate,
+    Refusal,
+    Replaced,
+    RuleOptions,
+    TensorUpdate,
+)
 from bnfold.rules.weights import (
     added_bias,
     cast_tensor,
@@ -120,7 +127,9 @@ def _into_matmul(matmul: onnx.NodeProto, s: np.ndarray, t: np.ndarray, graph: Gr
     if becomes_gemm(graph, matmul, weight.dtype):
         return _into_gemm_from_matmul(matmul, new_weight, offset, weight.dtype, graph)
     if not np.any(t):
-        return Absorbed([new_weight])  # a scale alone (a Mul): nothing to add after the MatMul
+        # A pure scale (a Mul): no shift to add. An Add of zeros would be read as an affine
+        # itself and folded back into the MatMul, reported as a fold of a node bnfold made.
+        return Absorbed([new_weight])
     shift = added_bias(matmul, offset, weight.dtype, "bias")
     if isinstance(shift, Refusal):
         return shift

@@ -22,7 +22,13 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, describe
-from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal, matmul_output_rank
+from bnfold.rules.base import (
+    Absorbed,
+    IntoProducer,
+    becomes_gemm,
+    channel_axis_refusal,
+    matmul_output_rank,
+)
 from bnfold.rules.plan import Affine, OpTypeUpdate, Refusal
 from bnfold.rules.weights import added_bias, cast_tensor, matmul_weight, scaled_weight
 

@@ -17,7 +17,12 @@ from bnfold import fold_math
 from bnfold.graph import GraphIndex, describe, is_standard
 from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal
 from bnfold.rules.plan import Affine, FoldPlan, OpTypeUpdate, Refusal, Replaced, RuleSet
-from bnfold.rules.weights import cast_tensor, matmul_weight, require_float, scaled_weight
+from bnfold.rules.weights import (
+    cast_tensor,
+    matmul_weight,
+    require_float,
+    scaled_weight,
+)
 
 
 def matmul_and_bias_slot(add: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.NodeProto, int] | None:

@@ -17,7 +17,7 @@ import onnx
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, attribute, describe
 from bnfold.rules.layout import absolute_axis
-from bnfold.rules.plan import Affine, Mover, Refusal
+from bnfold.rules.plan import Affine, Refusal, SymmetricMover
 
 
 def _constant_ints(node: onnx.NodeProto, slot: int, graph: GraphIndex) -> list[int] | Refusal | None:
@@ -49,19 +49,12 @@ def _pads_and_value(node: onnx.NodeProto, graph: GraphIndex) -> tuple[list[int],
     return pads or [], axes, value  # type: ignore[return-value]
 
 
-class PadMover(Mover):
+class PadMover(SymmetricMover):
     """``affine(pad(x)) = pad(affine(x))`` when padding copies values or writes one the affine keeps."""
 
     ops = frozenset({"Pad"})
 
-    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    @staticmethod
-    def _crossed(node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
+    def cross(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
         found = _pads_and_value(node, graph)
         if isinstance(found, Refusal):
             return found

@@ -35,6 +35,7 @@ from bnfold.graph import Dim, GraphIndex, attribute, describe
 from bnfold.rules.layout import channel_axis
 from bnfold.rules.plan import Affine, Mover, Refusal
 
+
 def _product(dims: list[Dim]) -> tuple[int, Counter[str]] | None:
     """A product of sizes as a number times symbolic names; None when a size is unknown."""
     if any(dim is None for dim in dims):

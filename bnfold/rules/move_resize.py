@@ -27,7 +27,7 @@ import onnx
 from bnfold import fold_math
 from bnfold.graph import Dim, GraphIndex, attribute, describe
 from bnfold.rules.layout import absolute_axis
-from bnfold.rules.plan import Affine, Mover, Refusal
+from bnfold.rules.plan import Affine, Refusal, SymmetricMover
 
 
 def _text(value: object, default: str) -> str:
@@ -75,19 +75,12 @@ def _factors(node: onnx.NodeProto, graph: GraphIndex, opset: int) -> tuple[str, 
     return "sizes", _sizes(node, graph)
 
 
-class ResizeMover(Mover):
+class ResizeMover(SymmetricMover):
     """``affine(resize(x)) = resize(affine(x))`` for interpolations whose weights sum to 1."""
 
     ops = frozenset({"Resize", "Upsample"})
 
-    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    @staticmethod
-    def _crossed(node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
+    def cross(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
         shape = graph.static_shape(node.input[0])
         rank = None if shape is None else len(shape)
         axis = absolute_axis(affine.channel_axis, rank)

@@ -14,10 +14,10 @@ import onnx
 
 from bnfold.graph import GraphIndex, attribute, describe
 from bnfold.rules.layout import absolute_axis
-from bnfold.rules.plan import Affine, Mover, Refusal
+from bnfold.rules.plan import Affine, Refusal, SymmetricMover
 
 
-class SplitMover(Mover):
+class SplitMover(SymmetricMover):
     """``affine(part(x)) = part(affine(x))`` for each part of a Split off the channel axis."""
 
     ops = frozenset({"Split"})
@@ -25,14 +25,7 @@ class SplitMover(Mover):
     def affine_outputs(self, node: onnx.NodeProto) -> list[int]:
         return list(range(len(node.output)))
 
-    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._crossed(node, affine, graph)
-
-    @staticmethod
-    def _crossed(node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
+    def cross(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
         rank = graph.rank_of(node.input[0])
         split_axis = absolute_axis(int(attribute(node, "axis", 0)), rank)
         axis = absolute_axis(affine.channel_axis, rank)

@@ -12,22 +12,15 @@ from __future__ import annotations
 import onnx
 
 from bnfold.graph import GraphIndex, attribute, describe
-from bnfold.rules.plan import Affine, Mover, Refusal
+from bnfold.rules.plan import Affine, Refusal, SymmetricMover
 
 
-class PassThroughMover(Mover):
+class PassThroughMover(SymmetricMover):
     """``affine(Identity(x)) = Identity(affine(x))``; likewise for an inference Dropout."""
 
     ops = frozenset({"Identity", "Dropout"})
 
-    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._unchanged(node, affine, graph)
-
-    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
-        return self._unchanged(node, affine, graph)
-
-    @staticmethod
-    def _unchanged(node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
+    def cross(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal:
         if node.op_type == "Dropout":
             mask_used = len(node.output) > 1 and node.output[1] and graph.use_count(node.output[1])
             training = graph.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else False

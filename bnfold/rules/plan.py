@@ -371,6 +371,23 @@ class Mover(ABC):
         return [0]
 
 
+class SymmetricMover(Mover):
+    """A mover whose op treats the affine alike in both directions: the op keeps every value on
+    its channel (Identity, Pad, Split) or mixes only values of one channel with weights that
+    sum to one (Resize), so the affine lies the same way on either side. Subclasses say once
+    what crossing takes (:meth:`cross`)."""
+
+    def backward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        return self.cross(node, affine, graph)
+
+    def forward(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        return self.cross(node, affine, graph)
+
+    @abstractmethod
+    def cross(self, node: onnx.NodeProto, affine: Affine, graph: GraphIndex) -> Affine | Refusal | None:
+        """The affine on the other side of ``node`` (either side), a refusal, or None."""
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """The rules of one run, by kind, and the order the driver tries them in (see
