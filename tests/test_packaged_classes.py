@@ -32,10 +32,9 @@ seeds = st.integers(min_value=0, max_value=2**32 - 1)
 
 @dataclass
 class Generated:
-    """A generated model and what an ideal fold leaves of it."""
+    """A generated model, and the input sizes to verify it with when it has symbolic dims."""
 
     model: onnx.ModelProto
-    batchnorms_left: int = 0
     shapes: dict[str, tuple[int, ...]] | None = None
 
 
@@ -128,7 +127,6 @@ def test_cli_reports_the_overridable_inputs_removed_and_check_compares_the_two_m
     assert run_cli("check", original, tmp_path / "exported.folded.onnx").exit_code == 0
     kept = run_cli(original, "--keep-overridable", "-o", tmp_path / "kept.onnx", "-q")
     assert kept.exit_code == 0 and "folded 0 of" in kept.stdout and "overridable" not in kept.stdout
-
 
 
 # -- BN → 1×1 Conv with auto_pad=SAME_* on symbolic sizes ---------------------------------------
