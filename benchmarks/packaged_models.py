@@ -11,7 +11,7 @@ with the input sizes the package itself feeds), after onnxslim's ``slim`` and
 after onnxsim's ``simplify`` (each only where installed; they are not
 dependencies), and checks each peer's result with bnfold's own comparison. It
 also records whether bnfold can verify the model with no sizes given (symbolic
-dims guessed as 1), which many detectors with Resize cannot.
+dims guessed, and the sizes it guessed).
 
 ``--write-manifest`` writes ``tests/fixtures/packaged/peers.json``: the peers'
 counts with the tool versions, which ``tests/test_packaged_models.py`` holds
@@ -63,7 +63,7 @@ class PackagedModel:
     sha256: str
     shapes: Shapes = field(default_factory=dict)
     """Input sizes for verification, as the package's own code feeds the model
-    (symbolic dims are otherwise guessed as 1, which some models cannot run)."""
+    (symbolic dims are otherwise guessed, which some models cannot run)."""
     package: str = ""
     """``name==version``, filled in by :class:`Package`."""
 
@@ -398,12 +398,15 @@ def run_bnfold(path: Path, shapes: Shapes, scratch: Path) -> dict[str, object]:
 
 
 def verifies_with_guess(path: Path) -> dict[str, object]:
-    """Whether bnfold verifies the model with no sizes given (symbolic dims set to 1)."""
+    """Whether bnfold verifies the model with no sizes given (symbolic dims guessed), and what it guessed."""
     try:
         report = fold_file(path, FoldOptions(dry_run=True))
     except BnfoldError as error:
         return {"status": "error", "exit_code": error.exit_code, "error": first_line(error)}
-    return {"status": report.status, "exit_code": report.exit_code}
+    guessed = [] if report.verification is None else report.verification.guessed_sizes
+    return {"status": report.status, "exit_code": report.exit_code,
+            "guessed": [{"input": guess.input, "shape": list(guess.shape), "reason": guess.reason}
+                        for guess in guessed if guess.beyond_batch]}
 
 
 def run_peer(tool: str, path: Path, shapes: Shapes, scratch: Path) -> dict[str, object] | None:
@@ -500,7 +503,7 @@ def print_table(entries: dict[str, dict[str, object]]) -> None:
     print(f"{'total BatchNormalization left':62s} {'':22s} {'':2s} {'':3s} {totals['BN']:4d} "
           f"{totals['bnfold']:7d} {totals['onnxslim']:5d} {totals['onnxsim']:5d}")
     print("* the tool's result did not verify as equivalent (or could not be run); "
-          "status: bnfold with the package's input sizes / with symbolic dims guessed as 1")
+          "status: bnfold with the package's input sizes / with symbolic dims guessed")
 
 
 def manifest(entries: dict[str, dict[str, object]]) -> dict[str, object]:

@@ -115,6 +115,7 @@ def fold_options(
     skip: Patterns = (),
     only: Patterns = (),
     exact_padding: bool = False,
+    keep_overridable: bool = False,
     dry_run: bool = False,
     in_place: bool = False,
     keep_failed: bool = False,
@@ -128,7 +129,7 @@ def fold_options(
     return FoldOptions(
         output=None if output is None else Path(output),
         in_place=in_place, verify=verify, dry_run=dry_run, keep_failed=keep_failed,
-        exact_padding=exact_padding,
+        exact_padding=exact_padding, keep_overridable=keep_overridable,
         selection=Selection(_patterns(skip, "skip"), _patterns(only, "only")),
         verify_options=comparison,
         report=None if report_file is None else Path(report_file),
@@ -161,6 +162,7 @@ def fold(
     skip: Patterns = (),
     only: Patterns = (),
     exact_padding: bool = False,
+    keep_overridable: bool = False,
     dry_run: bool = False,
     in_place: bool = False,
     keep_failed: bool = False,
@@ -178,8 +180,8 @@ def fold(
     (``--no-verify``), ``inputs`` (``--inputs``, or arrays by input name), ``input_shapes``
     (``--input-shape``), ``batch``, ``seed``, ``trials``, ``atol``, ``rtol``, ``tol``
     (``{output: (atol, rtol)}``), ``provider``, ``skip``/``only`` (shell-style patterns on
-    a BN's node or output name), ``exact_padding``, ``dry_run``, ``in_place``,
-    ``keep_failed``. ``progress(stage, bytes)`` hears of each stage as it starts.
+    a BN's node or output name), ``exact_padding``, ``keep_overridable``, ``dry_run``,
+    ``in_place``, ``keep_failed``. ``progress(stage, bytes)`` hears of each stage as it starts.
     ``report_file`` names a file the caller will write the report to: it is refused when it
     is one the run reads or writes. ``before_commit(report)`` is called with the finished
     report before the output is moved into place: an exception there leaves no output.
@@ -198,8 +200,8 @@ def fold(
         )
         options = fold_options(
             comparison, output=scratch.folder / "folded.onnx" if returns_model else output,
-            verify=verify, skip=skip, only=only, exact_padding=exact_padding, dry_run=dry_run,
-            in_place=in_place, keep_failed=keep_failed or returns_model, report_file=report_file,
+            verify=verify, skip=skip, only=only, exact_padding=exact_padding, keep_overridable=keep_overridable,
+            dry_run=dry_run, in_place=in_place, keep_failed=keep_failed or returns_model, report_file=report_file,
             before_commit=before_commit,
         )
         report = fold_file(source, options, progress=progress)

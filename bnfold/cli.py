@@ -150,7 +150,8 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
     names are the keyword arguments of :func:`bnfold.api.verify_options`."""
     decorators = [
         click.option("--input-shape", "input_shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
-                     help="Shape for a model input with symbolic dims (repeatable). Symbolic dims default to 1."),
+                     help="Shape for a model input with symbolic dims (repeatable). Otherwise symbolic dims are "
+                     "guessed from the model (image sizes it states or its strides), else 1."),
         click.option("--batch", type=int, default=None,
                      help="Size for every symbolic first dim (inputs without --input-shape)."),
         click.option("--seed", default=0, show_default=True, help="Seed for the generated inputs (0 or more)."),
@@ -333,11 +334,14 @@ def main() -> None:
 @click.option("--keep-failed", is_flag=True, help="Write the folded model even if verification fails.")
 @click.option("--exact-padding", is_flag=True,
               help="Also fold a BN into a following padded Conv, adding a per-position bias (static shapes only).")
+@click.option("--keep-overridable", is_flag=True,
+              help="Treat initializers also listed as graph inputs (IR 4+) as fed at run time and fold nothing "
+              "that reads them (by default they fold and leave the inputs).")
 @selection_options
 @verification_options
 def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None, jobs: int, in_place: bool,
-         no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, skip: tuple[str, ...],
-         only: tuple[str, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
+         no_verify: bool, dry_run: bool, keep_failed: bool, exact_padding: bool, keep_overridable: bool,
+         skip: tuple[str, ...], only: tuple[str, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Fold every foldable BatchNormalization of each MODEL, verify, and write the result.
 
     A MODEL may be a folder: its *.onnx files are folded (recursively, skipping
@@ -347,8 +351,8 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
     When the folded model is not equivalent, the folds are re-applied in groups on
     fresh copies of MODEL to name the fold(s) that broke it.
     """
-    settings = dict(verify=not no_verify, skip=skip, only=only, exact_padding=exact_padding, dry_run=dry_run,
-                    in_place=in_place, keep_failed=keep_failed)
+    settings = dict(verify=not no_verify, skip=skip, only=only, exact_padding=exact_padding,
+                    keep_overridable=keep_overridable, dry_run=dry_run, in_place=in_place, keep_failed=keep_failed)
     found = find_models(models)
     single = len(models) == 1 and found == list(models)  # a lone file, or a folder without models
     target = output_in(output_dir, models[0]) if single and output_dir else output

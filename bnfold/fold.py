@@ -22,7 +22,16 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import first_line
-from bnfold.graph import AttributeReference, GraphIndex, describe, names_used_by_subgraphs, node_id, subgraphs
+from bnfold.graph import (
+    AttributeReference,
+    GraphIndex,
+    describe,
+    function_view,
+    names_used_by_subgraphs,
+    node_id,
+    subgraphs,
+)
+from bnfold.inline import inline_for_folding
 from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, initializers_to_constants, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
@@ -76,6 +85,12 @@ class FoldOutcome:
     folds: list[FoldRecord] = field(default_factory=list)
     left: list[LeftRecord] = field(default_factory=list)
     removed_initializers: list[str] = field(default_factory=list)
+    overridable_inputs_removed: list[str] = field(default_factory=list)
+    """Initializers that were also graph inputs (IR 4+) and that folds replaced or removed, so
+    that they are no longer graph inputs: feeding them would not do what it did."""
+    inlined_functions: list[str] = field(default_factory=list)
+    """Model-local functions inlined before folding, because a BN in them (or next to their
+    calls) could only fold with what their callers pass (:mod:`bnfold.inline`)."""
     selectable: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Every BN (and decomposed affine) seen, by report label, with the names a ``--skip`` or
     ``--only`` pattern is matched against: a pattern matching none of them is refused."""
@@ -179,6 +194,8 @@ class _Run:
     selection: Selection
     store: TensorStore
     outcome: FoldOutcome
+    origins: dict[str, str] = field(default_factory=dict)
+    """Names that inlined nodes had in their functions (:attr:`bnfold.inline.Inlined.origins`)."""
 
 
 def body_scope(enclosing: str, node: onnx.NodeProto, where: str) -> str:
@@ -213,14 +230,32 @@ def fold_batchnorms(
     weights stay there as arrays until the model is written. Without one, the folded
     model holds its new values itself. ``selection`` (``--skip``/``--only``) keeps BNs
     out of the fold; they are reported as left with the pattern that kept them.
+    Model-local functions whose BNs can only fold with what their callers pass are
+    inlined first (:mod:`bnfold.inline`).
     """
     run = _Run(rules, may_fold or (lambda _label: True), selection, store or TensorStore(), FoldOutcome())
+    inlined = inline_for_folding(model)
+    run.outcome.inlined_functions, run.origins = inlined.functions, inlined.origins
+    top = _index(run, model, model.graph)
+    overridable = [name for name in _input_names(model) if top.is_overridable(name)]
     _fold_scope(run, model, model.graph, None, "")
     for function in model.functions:
         _fold_function(run, model, function)
+    still_inputs = set(_input_names(model))
+    run.outcome.overridable_inputs_removed = [name for name in overridable if name not in still_inputs]
     if store is None:
         run.store.embed(model)
     return run.outcome
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    return [value.name for value in model.graph.input]
+
+
+def _index(run: _Run, model: onnx.ModelProto, graph: onnx.GraphProto, parent: GraphIndex | None = None) -> GraphIndex:
+    """An index of ``graph`` as this run sees it (its store, and its view of overridable inputs)."""
+    return GraphIndex(model, graph, parent=parent, store=run.store,
+                      keep_overridable=run.rules.options.keep_overridable)
 
 
 def _fold_scope(
@@ -231,14 +266,14 @@ def _fold_scope(
     _fold_graph(run, model, graph, parent, scope)
     if parent is not None and model.ir_version < 4:
         initializers_to_constants(model, graph, run.store)
-    index = GraphIndex(model, graph, parent=parent, store=run.store)
+    index = _index(run, model, graph, parent)
     read_by_bodies = {name for node in index.nodes for name in names_used_by_subgraphs(node)}
     for node in index.nodes:
         for where, body in subgraphs(node):
             _fold_scope(run, model, body, index, body_scope(scope, node, where))
     still_read = {name for node in graph.node for name in names_used_by_subgraphs(node)}
     if read_by_bodies - still_read:
-        index = GraphIndex(model, graph, parent=parent, store=run.store)
+        index = _index(run, model, graph, parent)
         run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
 
 
@@ -249,16 +284,7 @@ def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionPro
     nodes. Its inputs are values of the caller: weights passed in are refused as
     graph inputs; only weights constant inside the function fold.
     """
-    view = helper.make_model(
-        helper.make_graph(
-            function.node,
-            function.name,
-            [helper.make_value_info(name, onnx.TypeProto()) for name in function.input],
-            [helper.make_value_info(name, onnx.TypeProto()) for name in function.output],
-        ),
-        opset_imports=function.opset_import,
-        ir_version=model.ir_version,
-    )
+    view = function_view(model, function)
     before = len(run.outcome.folds), len(run.outcome.merges)
     _fold_scope(run, view, view.graph, None, function_scope(function))
     if (len(run.outcome.folds), len(run.outcome.merges)) == before:
@@ -278,7 +304,7 @@ def _fold_graph(
     would hold a second copy of every weight. The next pass picks up the rest.
     """
     while True:
-        graph = GraphIndex(model, graph_proto, parent=parent, store=run.store)
+        graph = _index(run, model, graph_proto, parent)
         candidates: list[FoldPlan] = []
         merges: list[MergePlan] = []
         left: list[LeftRecord] = []
@@ -299,8 +325,9 @@ def _fold_graph(
             affine = _read_affine(node, graph)
             if affine is None:
                 continue
-            run.outcome.selectable[label] = matched_names(node)
-            unselected = run.selection.refusal(node)
+            names = matched_names(node) + ((run.origins[node.name],) if node.name in run.origins else ())
+            run.outcome.selectable[label] = names
+            unselected = run.selection.refusal(names)
             if unselected is not None:
                 result: FoldPlan | Refusal = Refusal(unselected)
             elif isinstance(affine, Refusal):
@@ -344,7 +371,7 @@ def _fold_graph(
                     target_label,
                     plan.rule,
                     plan.direction,
-                    tuple(plan.notes),
+                    tuple(note for note in (plan.affine.note, *plan.notes) if note),
                     _largest([update.relative_change for update in plan.updates]),
                     _largest([update.rounding_error for update in plan.updates]
                              + [added.rounding_error for added in plan.added_biases]),

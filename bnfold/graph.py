@@ -62,6 +62,22 @@ def names_used_by_subgraphs(node: onnx.NodeProto) -> Iterator[str]:
             yield from (output.name for output in graph.output)
 
 
+def function_view(model: onnx.ModelProto, function: onnx.FunctionProto) -> onnx.ModelProto:
+    """A model whose graph is ``function``'s body, its formal inputs as graph inputs (of unknown
+    type): rules read a function through the same index as a graph. The view shares nothing with
+    ``model``; nodes are copied."""
+    return helper.make_model(
+        helper.make_graph(
+            function.node,
+            function.name,
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.input],
+            [helper.make_value_info(name, onnx.TypeProto()) for name in function.output],
+        ),
+        opset_imports=function.opset_import,
+        ir_version=model.ir_version,
+    )
+
+
 def is_standard(node: onnx.NodeProto) -> bool:
     """Whether the node is in the default ``ai.onnx`` domain, whose op types the rules know."""
     return node.domain in ("", "ai.onnx")
@@ -161,12 +177,16 @@ class GraphIndex:
         *,
         parent: GraphIndex | None = None,
         store: TensorStore | None = None,
+        keep_overridable: bool = False,
     ) -> None:
         self.model = model
         self.graph = graph if graph is not None else model.graph
         self.parent = parent
         self.store: TensorStore = parent.store if parent is not None else (store or TensorStore())
         """Where the model's tensor values are read from and rewritten to."""
+        self.keep_overridable: bool = parent.keep_overridable if parent is not None else keep_overridable
+        """Whether initializers that are also graph inputs count as fed at run time
+        (:meth:`is_runtime_input`); the user's ``--keep-overridable``."""
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.opsets = {opset.domain or "": opset.version for opset in model.opset_import}
         self._producer: dict[str, int] = {}
@@ -182,6 +202,11 @@ class GraphIndex:
         self.initializers: dict[str, onnx.TensorProto] = {
             tensor.name: tensor for tensor in self.graph.initializer
         }
+        self.sparse_initializers: dict[str, onnx.SparseTensorProto] = {
+            sparse.values.name: sparse for sparse in self.graph.sparse_initializer
+        }
+        """Initializers stored sparse (named by their values tensor): constants like the others,
+        read dense (:meth:`~bnfold.io.store.TensorStore.read_sparse`)."""
         self.graph_inputs = {value.name for value in self.graph.input}
         self.graph_outputs = {value.name for value in self.graph.output}
         self._constants: dict[str, np.ndarray | None] = {}
@@ -219,26 +244,48 @@ class GraphIndex:
     # -- constants ---------------------------------------------------------------------------
 
     def is_runtime_input(self, name: str) -> bool:
-        """True for a graph input the caller may feed at run time.
+        """True for a graph input the caller feeds at run time, which is therefore no constant.
 
-        From IR version 4 on, an initializer that is also listed as a graph input is
-        only a default and may be overridden, so it is not a constant. Before IR 4
-        every initializer had to be listed as an input and they were all constants.
+        An initializer that is also listed as a graph input is, from IR version 4 on, only a
+        default the caller may override (:meth:`is_overridable`). Older exporters (PyTorch 1.x)
+        list every weight that way without meaning it, so it counts as the constant it is in
+        practice; the rewrite then drops each one it replaces from the inputs. With
+        ``keep_overridable`` it counts as fed at run time. Before IR 4 every initializer had
+        to be listed as an input and they were all constants. A body's inputs are fed by the op
+        that runs it, whatever initializer shares their name.
         """
         if self.parent is not None and self.is_outer(name):
             return self.parent.is_runtime_input(name)
         if name not in self.graph_inputs:
             return False
-        return not (name in self.initializers and self.model.ir_version < 4)
+        if not self.has_initializer(name):
+            return True
+        if self.model.ir_version < 4:
+            return False
+        return self.parent is not None or self.keep_overridable
+
+    def is_overridable(self, name: str) -> bool:
+        """True for an initializer of the main graph that is also a graph input from IR 4 on:
+        a default value that a caller may replace by feeding the input."""
+        if self.parent is not None and self.is_outer(name):
+            return self.parent.is_overridable(name)
+        return (
+            self.parent is None and self.model.ir_version >= 4
+            and self.has_initializer(name) and name in self.graph_inputs
+        )
+
+    def has_initializer(self, name: str) -> bool:
+        """Whether this graph stores a value for ``name``, dense or sparse."""
+        return name in self.initializers or name in self.sparse_initializers
 
     def is_outer(self, name: str) -> bool:
         """True for a name this graph reads but does not define (an outer-scope value)."""
-        return name not in self._producer and name not in self.initializers and name not in self.graph_inputs
+        return name not in self._producer and not self.has_initializer(name) and name not in self.graph_inputs
 
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of ``name`` if it is fixed at export time, else ``None``.
 
-        Constant means: a (non-overridable) initializer, a Constant node, or a
+        Constant means: an initializer (see :meth:`is_runtime_input`), a Constant node, or a
         deterministic standard-domain node whose inputs are all constant (Identity,
         Cast, Reshape, Unsqueeze... as exporters emit around weights), evaluated
         with onnx's reference evaluator.
@@ -246,7 +293,7 @@ class GraphIndex:
         if name in self._constants:
             return self._constants[name]
         value = self._compute_constant(name)
-        if name not in self.initializers:  # weights are re-read rather than held
+        if not self.has_initializer(name):  # weights are re-read rather than held
             self._constants[name] = value
         return value
 
@@ -257,6 +304,8 @@ class GraphIndex:
             return self.parent.constant_value(name)
         if name in self.initializers:
             return self.store.read(self.initializers[name])
+        if name in self.sparse_initializers:
+            return self.store.read_sparse(self.sparse_initializers[name])
         node = self.producer_of(name)
         if node is None or not is_standard(node) or node.op_type in NONDETERMINISTIC_OPS:
             return None
@@ -319,7 +368,7 @@ class GraphIndex:
         if self._shapes is None:
             self._shapes = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model))
+                inferred = onnx.shape_inference.infer_shapes(weightless_copy(self.model, dense_sparse=True))
             except Exception:  # noqa: BLE001 - inference failing just means "shape unknown"
                 inferred = self.model
             for graph in self._enclosing_graphs(inferred):
@@ -330,6 +379,7 @@ class GraphIndex:
                             for dim in value.type.tensor_type.shape.dim
                         )
                 self._shapes.update((tensor.name, tuple(tensor.dims)) for tensor in graph.initializer)
+            self._shapes.update((name, tuple(sparse.dims)) for name, sparse in self.sparse_initializers.items())
         return self._shapes.get(name)
 
     def _location(self) -> tuple[tuple[int, str], ...] | None:

@@ -15,7 +15,9 @@ come from
 Real inputs are validated against the model before anything runs, so a missing,
 misnamed or misshaped input is one clear error line (exit 2), not an onnxruntime
 traceback. Generated inputs take each input's declared shape, with symbolic dims from
-``--input-shape`` or ``--batch``, else 1 (a guess the error messages point out).
+``--input-shape`` or ``--batch``, else guessed: the sizes the model hints at for an image's
+spatial axes (:mod:`bnfold.size_hints`), else 1. The report and the error messages say which
+sizes were guessed and why.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import InputError, RuntimeFailure, first_line
 from bnfold.options import VerifyOptions
+from bnfold.size_hints import spatial_hint
 
 _NUMBERED_PB = re.compile(r"^(input|output)_(\d+)\.pb$")
 
@@ -102,16 +105,44 @@ def check_generated_size(specs: list[InputSpec], trials: int, limit: int | None)
     )
 
 
-def guessed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[str]:
-    """Inputs with a symbolic dim that bnfold set to 1 (no ``--input-shape`` for them;
-    ``--batch`` only covers the first dim): the first suspects when a model cannot run."""
+SET_TO_ONE = "symbolic dims set to 1"
+
+
+@dataclass(frozen=True)
+class GuessedSize:
+    """The shape generated for an input whose symbolic dims the user did not give, and why."""
+
+    input: str
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    """The symbolic axes whose sizes were guessed."""
+    reason: str
+    """``symbolic dims set to 1``, or the model's hint (:mod:`bnfold.size_hints`)."""
+
+    @property
+    def beyond_batch(self) -> bool:
+        """Whether a dim other than the first (the batch, which 1 rarely gets wrong) was guessed."""
+        return any(axis > 0 for axis in self.axes)
+
+
+def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[GuessedSize]:
+    """A shape for every runtime input with a symbolic dim that ``--input-shape`` does not give
+    (``--batch`` gives only the first dim): the model's hint for its spatial axes where it has
+    one, else 1 for every symbolic dim. These are the first suspects when a model cannot run."""
     guessed = []
     for value in runtime_inputs(model):
         if value.name in shapes or not value.type.tensor_type.HasField("shape"):
             continue
-        dims = value.type.tensor_type.shape.dim
-        if any(dim.dim_value <= 0 and not (axis == 0 and batch) for axis, dim in enumerate(dims)):
-            guessed.append(value.name)
+        dims = [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+        symbolic = [axis for axis, size in enumerate(dims) if size <= 0 and not (axis == 0 and batch)]
+        if not symbolic:
+            continue
+        shape = [size if size > 0 else (batch if axis == 0 and batch else 1) for axis, size in enumerate(dims)]
+        hint = spatial_hint(model, value.name, len(dims)) if any(axis >= 2 for axis in symbolic) else None
+        if hint is not None:
+            shape[2:] = [size if size > 0 else hinted for size, hinted in zip(dims[2:], hint.sizes)]
+        reason = SET_TO_ONE if hint is None else hint.reason
+        guessed.append(GuessedSize(value.name, tuple(shape), tuple(symbolic), reason))
     return guessed
 
 
@@ -120,11 +151,12 @@ def input_specs(
 ) -> list[InputSpec]:
     """Concrete shapes for every runtime input: fixed dims kept, symbolic ones from
     ``shapes`` (the user's ``--input-shape``), else ``batch`` for a symbolic first
-    dim (``--batch``), else 1."""
+    dim (``--batch``), else guessed (:func:`guess_sizes`)."""
     unknown = set(shapes) - {value.name for value in runtime_inputs(model)}
     if unknown:
         raise InputError(f"--input-shape names no model input: {', '.join(sorted(unknown))}")
     _require_at_least("--batch", batch, 1)
+    guessed = {guess.input: guess.shape for guess in guess_sizes(model, shapes, batch)}
     specs = []
     for value in runtime_inputs(model):
         tensor_type = value.type.tensor_type
@@ -140,10 +172,9 @@ def input_specs(
                 )
         elif not tensor_type.HasField("shape"):
             raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
-        else:
-            shape = tuple(
-                dim.dim_value if dim.dim_value > 0 else (batch if axis == 0 and batch else 1)
-                for axis, dim in enumerate(tensor_type.shape.dim)
+        else:  # every symbolic dim is guessed, unless it is the first one and --batch gives it
+            shape = guessed.get(value.name) or tuple(
+                dim.dim_value if dim.dim_value > 0 else (batch or 1) for dim in tensor_type.shape.dim
             )
         specs.append(InputSpec(value.name, tuple(shape), dtype.name))
     return specs
@@ -200,23 +231,26 @@ def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial
     return load_trials(options.inputs, model)
 
 
-def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[str]:
-    """Inputs whose generated shapes contain a guess (a symbolic dim set to 1)."""
-    return [] if options.inputs is not None else guessed_inputs(model, options.shapes, options.batch)
+def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[GuessedSize]:
+    """The generated shapes that contain a guess, and why (none with real ``--inputs``)."""
+    return [] if options.inputs is not None else guess_sizes(model, options.shapes, options.batch)
 
 
 @contextlib.contextmanager
-def explaining_guessed_shapes(guessed: list[str]) -> Iterator[None]:
-    """Add to onnxruntime's complaint which inputs had symbolic dims set to 1: a model
-    that needs real sizes (pooling, a fixed reshape) most often fails for that."""
+def explaining_guessed_shapes(guessed: list[GuessedSize]) -> Iterator[None]:
+    """Add to onnxruntime's complaint which inputs had guessed sizes: a model that needs real
+    sizes (pooling, a fixed reshape) most often fails for that."""
     try:
         yield
     except RuntimeFailure as failure:
         if not guessed:
             raise
-        names = ", ".join(guessed)
+        ones = [guess.input for guess in guessed if guess.reason == SET_TO_ONE]
+        hinted = [f"{guess.input} was {','.join(map(str, guess.shape))} ({guess.reason})"
+                  for guess in guessed if guess.reason != SET_TO_ONE]
+        said = ([f"symbolic dims of {', '.join(ones)} were set to 1"] if ones else []) + hinted
         raise RuntimeFailure(
-            f"{failure} (symbolic dims of {names} were set to 1; give real sizes with --input-shape NAME:D1,D2,...)"
+            f"{failure} ({'; '.join(said)}; give real sizes with --input-shape NAME:D1,D2,...)"
         ) from None
 
 

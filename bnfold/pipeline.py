@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from bnfold.io.load import LoadedModel, checker_complaint, load_model
 from bnfold.io.paths import RunFiles, validate_output_path
 from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
-from bnfold.rules import RULES, RuleSet, build_rules
+from bnfold.rules import RULES, RuleOptions, RuleSet
 from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
 from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, verify_equivalence
@@ -67,6 +67,9 @@ class FoldOptions:
     keep_failed: bool = False
     exact_padding: bool = False
     """Fold a BN into a following padded Conv, adding a per-position bias to stay exact."""
+    keep_overridable: bool = False
+    """Refuse folds that would replace an initializer also listed as a graph input (IR 4+), for
+    callers that really feed those inputs; by default they fold and leave the inputs."""
     selection: Selection = field(default_factory=Selection)
     """``--skip`` / ``--only``: BNs kept out of the fold (reported as left)."""
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
@@ -82,10 +85,8 @@ class FoldOptions:
 
     def rule_set(self) -> RuleSet:
         """The rules with the run's options applied."""
-        if self.exact_padding == self.rules.options.exact_padding:
-            return self.rules
-        return build_rules(exact_padding=self.exact_padding, backward=self.rules.backward,
-                           forward=self.rules.forward, movers=self.rules.movers)
+        wanted = RuleOptions(exact_padding=self.exact_padding, keep_overridable=self.keep_overridable)
+        return self.rules if wanted == self.rules.options else replace(self.rules, options=wanted)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,11 @@ class FoldReport:
     left: list[LeftRecord]
     merges: list[MergeRecord]
     removed_initializers: list[str]
+    overridable_inputs_removed: list[str]
+    """Initializers also listed as graph inputs that folds replaced or removed: they are no
+    longer inputs (``--keep-overridable`` refuses such folds instead)."""
+    inlined_functions: list[str]
+    """Model-local functions inlined so that the BNs in them, or next to their calls, could fold."""
     verification: Verification | None
     problem: str | None
     """A reason the folded model is unusable that is not a numeric mismatch."""
@@ -311,6 +317,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
                 )
                 if bodies is not None:
                     bodies.add_to(verification, staged.staged_path, tolerances=vo.tolerances, provider=vo.provider)
+            verification.guessed_sizes = guessed
             clock.lap("verify")
         attribution = None
         if verification is not None and not verification.passed and (outcome.folds or outcome.merges):
@@ -334,6 +341,8 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
             left=outcome.left,
             merges=outcome.merges,
             removed_initializers=outcome.removed_initializers,
+            overridable_inputs_removed=outcome.overridable_inputs_removed,
+            inlined_functions=outcome.inlined_functions,
             verification=verification,
             problem=problem,
             attribution=attribution,
@@ -458,11 +467,13 @@ def check_files(
     trials = _trials(original_model.model, options)
     clock.lap("load")
     progress("verify", original_model.file_bytes + folded_model.file_bytes)
-    with explaining_guessed_shapes(guessed_shapes(original_model.model, options)):
+    guessed = guessed_shapes(original_model.model, options)
+    with explaining_guessed_shapes(guessed):
         verification = verify_equivalence(
             original_model.path, folded_model.path, trials,
             tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
         )
+    verification.guessed_sizes = guessed
     clock.lap("verify")
     return CheckReport(
         original=original_model.path,

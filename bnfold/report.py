@@ -150,6 +150,15 @@ def _inputs_line(verification: Verification) -> str:
     return f"inputs {shapes}, {source}"
 
 
+def _guessed_lines(verification: Verification) -> str:
+    """One line per input whose sizes beyond the batch were guessed: what was used and why
+    (a batch of 1 goes without saying; the JSON report lists it too)."""
+    return "".join(
+        f"\nguessed {guess.input} [{','.join(map(str, guess.shape))}]: {guess.reason} (--input-shape gives exact sizes)"
+        for guess in verification.guessed_sizes if guess.beyond_batch
+    )
+
+
 def _comparison_table(title: str, comparisons: list[OutputComparison], with_trial: bool) -> Group:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("", no_wrap=True)
@@ -187,7 +196,7 @@ def verification_table(verification: Verification) -> Group:
     parts: list[RenderableType] = [
         _comparison_table(
             f"Verification: onnxruntime {verification.provider}, graph optimizations off\n"
-            f"{_inputs_line(verification)}",
+            f"{_inputs_line(verification)}{_guessed_lines(verification)}",
             verification.outputs,
             several,
         )
@@ -228,6 +237,36 @@ def _headline(source: str, target: str, status: str) -> Text:
     return line
 
 
+NAMES_SHOWN = 5
+"""Names listed in a one-line summary of many (the JSON report has them all)."""
+
+
+def _some_names(names: list[str]) -> str:
+    """``'a', 'b', 'c'``, or the first few of them ``and 12 more``."""
+    shown = ", ".join(f"'{printable(name)}'" for name in names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def overridable_line(names: list[str]) -> Text:
+    """``3 overridable initializers folded and removed from the inputs: a, b, c``."""
+    plural = "s" if len(names) != 1 else ""
+    return Text(
+        f"{len(names)} overridable initializer{plural} (also graph inputs) folded and removed from the inputs: "
+        f"{_some_names(names)} (--keep-overridable refuses such folds)",
+        style="yellow",
+    )
+
+
+def inlined_line(names: list[str]) -> Text:
+    """``2 model-local functions inlined ...: 'Block', 'BatchNorm2d'``."""
+    plural = "s" if len(names) != 1 else ""
+    return Text(
+        f"{len(names)} model-local function{plural} inlined, their BNs needing what their callers pass: "
+        f"{_some_names(names)}",
+        style="yellow",
+    )
+
+
 def _warnings(warnings: list[str]) -> list[Text]:
     return [Text(f"Warning: {printable(warning)}", style="yellow") for warning in warnings]
 
@@ -253,6 +292,10 @@ def render_fold_report(report: FoldReport) -> Group:
         folds.add_row(Text(folded), Text(fold.target), Text(fold.rule), _measured(fold.max_relative_weight_change),
                       _measured(fold.max_rounding_error), Text("; ".join(fold.notes)))
     parts.append(_titled(f"Folded ({len(report.folds)})", folds))
+    if report.overridable_inputs_removed:
+        parts.append(overridable_line(report.overridable_inputs_removed))
+    if report.inlined_functions:
+        parts.append(inlined_line(report.inlined_functions))
     if report.merges:
         merges = Table(box=box.SIMPLE_HEAD)
         for column in ("merged", "into", "rule", "rounding", "notes"):
@@ -323,10 +366,12 @@ def quiet_fold_line(report: FoldReport) -> str:
         culprits = "; broken by " + ", ".join(
             f"{'+'.join(g.batchnorms)} → {'+'.join(g.targets)}" for g in report.attribution.guilty
         )
+    removed = len(report.overridable_inputs_removed)
+    inputs = f"; {removed} overridable initializer{'s' * (removed != 1)} removed from the inputs" if removed else ""
     return (
         f"{_name(report.input, '<model>')} → {where}: folded {report.batchnorms_folded} of {report.batchnorms_total} "
         f"BatchNormalization{_affines(report)}{_merges(report)}, {report.status}"
-        f"{_worst_error(report.verification)}{culprits}{_quiet_warnings(report.warnings)}"
+        f"{_worst_error(report.verification)}{inputs}{culprits}{_quiet_warnings(report.warnings)}"
     )
 
 

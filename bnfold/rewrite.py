@@ -4,7 +4,10 @@ The rewrite never overwrites a tensor that anything else reads. A weight used
 only by the folded node is replaced under its own name (the diff stays readable);
 a shared one is left intact for its other users and the folded node gets a new
 tensor, which is noted in the report. Initializers and constant-producing nodes
-that the folds left unused are removed; nothing else is.
+that the folds left unused are removed; nothing else is. A sparse initializer a fold replaces
+is written dense under its name (its folded values are no longer sparse). An initializer that
+was also a graph input (IR 4+, an overridable default) leaves the inputs once a fold replaces
+or removes it.
 
 Besides new tensors, a plan may insert nodes (the bias Add of a layer without a bias
 input, the piece of an affine kept in front of a Concat) and drop terms from a sum (a
@@ -116,15 +119,24 @@ def _apply_update(
     node = update.node
     old_name = node.input[update.slot] if update.slot < len(node.input) else ""
     existing = index.initializers.get(old_name)
+    sparse = index.sparse_initializers.get(old_name)
+    stored = existing if existing is not None else sparse
     sole_reader = (
-        existing is not None
+        stored is not None
         and index.use_count(old_name) == 1
         and list(node.input).count(old_name) == 1
         and not index.is_runtime_input(old_name)
-        and list(existing.dims) == list(update.values.shape)
+        and list(stored.dims) == list(update.values.shape)
     )
-    if existing is not None and sole_reader:
-        index.store.replace(existing, update.values)
+    if sole_reader:
+        if existing is not None:
+            index.store.replace(existing, update.values)
+        else:  # the folded values are written dense, under the same name
+            _delete_where(graph.sparse_initializer, lambda tensor: tensor.values.name == old_name)
+            _add_initializer(index, old_name, update.values)
+        if index.is_overridable(old_name):
+            # Fed at run time, the input would now replace the folded values: it is no longer one.
+            _delete_where(graph.input, lambda value: value.name == old_name)
         return None, None
     base = old_name or f"{node.name or node.output[0]}_{update.role}"
     tensor = _add_initializer(index, names.fresh(base), update.values)
@@ -408,11 +420,12 @@ def _remove_dead_constants(
 
     used = _names_read(graph.node) | graph_outputs
     removed_initializers = [
-        name for name in dict.fromkeys(released) if name in index.initializers and name not in used
+        name for name in dict.fromkeys(released) if index.has_initializer(name) and name not in used
     ]
     stale_value_info.update(removed_initializers)
     dropped = set(removed_initializers)
     _delete_where(graph.initializer, lambda tensor: tensor.name in dropped)
+    _delete_where(graph.sparse_initializer, lambda tensor: tensor.values.name in dropped)
     _delete_where(graph.input, lambda value: value.name in dropped)
     _delete_where(graph.value_info, lambda value: value.name in stale_value_info)
     return removed_initializers

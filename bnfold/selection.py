@@ -4,7 +4,8 @@ A user keeps a BN on purpose (a quantization boundary, a layer still being tuned
 folds a few to bisect a problem by hand. Patterns are shell-style (:mod:`fnmatch`,
 case-sensitive) and match a BN's node name or its first output name, wherever the BN
 is: inside If/Loop/Scan bodies and functions the node's own name counts, not the
-label the report gives it. A BN kept by the selection is reported as left, with the
+label the report gives it (and for a BN of a function inlined to fold, also the name it
+had in the function). A BN kept by the selection is reported as left, with the
 pattern that kept it, so a report never hides a BN that was not folded.
 
 A pattern that matches nothing is almost always a typo, and silently folding
@@ -41,9 +42,10 @@ class Selection:
     def __bool__(self) -> bool:
         return bool(self.skip or self.only)
 
-    def refusal(self, node: onnx.NodeProto) -> str | None:
-        """Why the selection keeps ``node`` out of the fold, or None when it may be folded."""
-        names = matched_names(node)
+    def refusal(self, names: tuple[str, ...]) -> str | None:
+        """Why the selection keeps a BN out of the fold, given the names it is matched by
+        (:func:`matched_names`, and the name it had in a function inlined since), or None
+        when it may be folded."""
         skipped_by = _first_match(self.skip, names)
         if skipped_by is not None:
             return f"skipped by --skip {skipped_by}"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bnfold.errors import InputError, NotDeterministic, RuntimeFailure, first_line
-from bnfold.inputs import InputSpec, Trial
+from bnfold.inputs import GuessedSize, InputSpec, Trial
 from bnfold.options import Tolerances
 
 if TYPE_CHECKING:
@@ -119,6 +119,8 @@ class Verification:
     """Folded vs original, per output: the worst trial."""
     expected: list[OutputComparison] = field(default_factory=list)
     """Folded vs the expected outputs shipped with real inputs, per trial and output."""
+    guessed_sizes: list[GuessedSize] = field(default_factory=list)
+    """Generated inputs whose symbolic dims bnfold guessed, and why (given by the caller)."""
     bodies: list[BodyVerification] = field(default_factory=list)
     """Bodies holding folds, each compared on its own (a trial may not execute them)."""
     unverified_bodies: list[UnverifiedBody] = field(default_factory=list)

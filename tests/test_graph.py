@@ -25,8 +25,12 @@ def test_constant_subexpressions_evaluate_and_runtime_values_do_not() -> None:
     assert graph.constant_value(graph.nodes[3].output[0]) is None  # MatMul of a runtime input
 
 
-@pytest.mark.parametrize(("ir_version", "constant"), [(3, True), (8, False)])
-def test_an_initializer_listed_as_an_input_is_a_constant_only_before_ir4(ir_version: int, constant: bool) -> None:
+@pytest.mark.parametrize(("ir_version", "keep_overridable", "constant"),
+                         [(3, False, True), (3, True, True), (8, False, True), (8, True, False)])
+def test_an_initializer_listed_as_an_input_is_overridable_only_from_ir4(
+        ir_version: int, keep_overridable: bool, constant: bool) -> None:
+    """Before IR 4 every initializer is listed and constant; from IR 4 it is a default a caller may
+    override, which counts as a constant unless the user keeps it overridable."""
     b = GraphBuilder(seed=2)
     x = b.input("x", [2, 3])
     weight = b.random("W", [3, 4])
@@ -35,9 +39,10 @@ def test_an_initializer_listed_as_an_input_is_a_constant_only_before_ir4(ir_vers
     if ir_version >= 4:
         model.ir_version = ir_version
     assert any(value.name == weight for value in model.graph.input)
-    graph = GraphIndex(model)
+    graph = GraphIndex(model, keep_overridable=keep_overridable)
     assert (graph.constant_value(weight) is not None) == constant
     assert graph.is_runtime_input(weight) != constant
+    assert graph.is_overridable(weight) == (ir_version >= 4)
 
 
 def test_random_ops_are_never_constants() -> None:

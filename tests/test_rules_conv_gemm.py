@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.fold import fold_batchnorms
+from bnfold.rules import RULES, RuleSet, build_rules
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare, op_count
 
@@ -96,8 +97,8 @@ def test_gemm_bn_folds_for_every_attribute_and_bias_shape(trans_a, trans_b, alph
 # -- refusals --------------------------------------------------------------------------------
 
 
-def only_left_reason(model: onnx.ModelProto) -> str:
-    outcome = fold_batchnorms(model)
+def only_left_reason(model: onnx.ModelProto, rules: RuleSet = RULES) -> str:
+    outcome = fold_batchnorms(model, rules)
     assert not outcome.folds
     assert len(outcome.left) == 1
     return outcome.left[0].reason
@@ -151,12 +152,14 @@ def test_conv_weight_fed_at_run_time_is_refused() -> None:
     assert only_left_reason(b.model()) == "Conv 'conv0' weight 'weight' is not a constant (a graph input)"
 
 
-def test_overridable_initializer_weight_is_not_a_constant() -> None:
-    """From IR 4 on, an initializer also listed as a graph input can be overridden at run time."""
+def test_overridable_initializer_weight_kept_overridable_is_not_a_constant() -> None:
+    """From IR 4 on, an initializer also listed as a graph input can be overridden at run time;
+    with keep_overridable (--keep-overridable) it is not folded."""
     model = conv_bn_model()
     weight = next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1])
     model.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
-    assert only_left_reason(model) == f"Conv 'conv0' weight '{weight.name}' is not a constant (a graph input)"
+    reason = only_left_reason(model, build_rules(keep_overridable=True))
+    assert f"weight '{weight.name}' is not a constant" in reason and "--keep-overridable" in reason
 
 
 def test_producer_output_used_elsewhere_is_refused() -> None:

@@ -158,17 +158,28 @@ def _function_model() -> onnx.ModelProto:
     return model
 
 
-def test_model_local_function_folds_constant_weights_and_refuses_passed_ones() -> None:
+def test_model_local_function_with_a_weight_passed_in_is_inlined_and_every_bn_folds() -> None:
+    """The second Conv takes its weight from the call: inside the function its BN cannot fold,
+    so the function is inlined, and both BNs fold in the main graph."""
     check = fold_and_compare(_function_model())
+    assert not check.folded.functions and check.outcome.inlined_functions == ["Block"]
+    assert [node.op_type for node in check.folded.graph.node].count("Conv") == 2
+    assert _all_ops(check.folded.graph).count(BN) == 0 and not check.outcome.left
+    assert len(check.outcome.folds) == 2
+
+
+def test_model_local_function_with_constant_weights_folds_inside_and_stays() -> None:
+    model = _function_model()
+    (block,) = model.functions
+    first, second = (node for node in block.node if node.op_type == "Conv")
+    second.input[1] = first.input[1]  # both Convs read the function's own constant
+    check = fold_and_compare(model)
+    assert not check.outcome.inlined_functions
     (function,) = check.folded.functions
     ops = [node.op_type for node in function.node]
-    assert ops.count(BN) == 1 and ops.count("Conv") == 2
-    assert ops.count("Constant") == 2 + 4  # folded weight and bias; the kept BN's parameters
-    (fold,) = check.outcome.folds
-    assert fold.batchnorm == "function 'Block' / batchnormalization0"
-    (left,) = check.outcome.left
-    assert left.batchnorm == "function 'Block' / batchnormalization1"
-    assert left.reason == "Conv 'conv1' weight 'weight' is not a constant (a graph input)"
+    assert ops.count(BN) == 0 and ops.count("Conv") == 2
+    assert [fold.batchnorm for fold in check.outcome.folds] == [
+        "function 'Block' / batchnormalization0", "function 'Block' / batchnormalization1"]
 
 
 def test_outer_weight_shared_by_a_body_a_top_level_fold_and_a_plain_user_keeps_its_values() -> None:

@@ -214,7 +214,7 @@ def _stand_in(tensor: onnx.TensorProto) -> onnx.TensorProto:
     return stand_in
 
 
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def weightless_copy(model: onnx.ModelProto, *, dense_sparse: bool = False) -> onnx.ModelProto:
     """The model with each large or external tensor replaced by a stand-in of the same name,
     type and shape whose data lives in an (empty) placeholder file.
 
@@ -222,12 +222,20 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     the model serializes every weight, which costs as much as saving it (and is impossible
     above protobuf's 2 GiB). Small tensors, which may be shapes that inference reads, are kept.
     Subgraph tensors are replaced too, so weights of If branches in external data check alike.
+    With ``dense_sparse``, the main graph's sparse initializers become dense stand-ins too: shape
+    inference types a sparse initializer as a sparse tensor, which no op takes, and gives up.
     """
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     for tensor in model.graph.initializer:
         skeleton.graph.initializer.append(_stand_in(tensor) if _needs_stand_in(tensor) else tensor)
+    if dense_sparse:
+        for sparse in skeleton.graph.sparse_initializer:
+            values = sparse.values
+            skeleton.graph.initializer.append(
+                _stand_in(onnx.TensorProto(name=values.name, data_type=values.data_type, dims=sparse.dims)))
+        skeleton.graph.ClearField("sparse_initializer")
     for node in skeleton.graph.node:
         for attribute in node.attribute:
             if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):

@@ -137,6 +137,21 @@ class TensorStore:
             return _array_from_bytes(tensor, self.external_bytes(tensor))
         return numpy_helper.to_array(tensor)
 
+    def read_sparse(self, sparse: onnx.SparseTensorProto) -> np.ndarray:
+        """A sparse initializer's values as the dense array it stands for (zeros elsewhere).
+
+        Its indices are either linear (``[NNZ]``, into the flattened tensor) or coordinates
+        (``[NNZ, rank]``); the checker has verified them when the model was loaded.
+        """
+        values = np.asarray(self.read(sparse.values)).reshape(-1)
+        dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+        indices = np.asarray(self.read(sparse.indices)).astype(np.int64)
+        if indices.ndim == 1:
+            dense.reshape(-1)[indices] = values
+        else:
+            dense[tuple(indices.T)] = values
+        return dense
+
     def held_array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """The array a fold gave this tensor, if the store holds it."""
         if not uses_external_data(tensor):

@@ -10,7 +10,9 @@ A new pattern is one module and one line here:
   ``MOVERS``; the travelling rules then cross it in both directions, in chains, for every
   layer rule;
 * another form of affine map (like the Mul/Add chains tf2onnx writes): a reader in
-  ``AFFINE_READERS``;
+  ``AFFINE_READERS``; if the rules need it restated first (a scalar affine repeated over a
+  layer's channels), a rule in ``RESTATING``; an affine removed outright (one that computes
+  nothing), a rule in ``REMOVALS``;
 * an op whose inputs each take a piece of an affine after it (Concat, Add): a split in
   ``SPLITS``, which hands each piece to the layer, travelling and split rules;
 * an affine that a branch summed with it absorbs: a rule in ``SIBLINGS``; branches summed
@@ -36,6 +38,7 @@ from bnfold.rules.decomposed import read_decomposed_affine
 from bnfold.rules.forward_conv import BnConv
 from bnfold.rules.forward_linear import BnLinear
 from bnfold.rules.gemm import GemmBn
+from bnfold.rules.identity import IdentityAffine
 from bnfold.rules.layout import LayoutMover
 from bnfold.rules.matmul import MatMulBn
 from bnfold.rules.matmul_add import MatMulAddBn
@@ -59,9 +62,16 @@ from bnfold.rules.plan import (
     TensorUpdate,
 )
 from bnfold.rules.travel import ThroughIntoConsumer, ThroughIntoProducer
+from bnfold.rules.uniform import UniformAffine, read_uniform_affine
 
 # Functions that recognise a removable per-channel affine map at a node (or None).
-AFFINE_READERS = (read_batchnorm, read_decomposed_affine)
+AFFINE_READERS = (read_batchnorm, read_decomposed_affine, read_uniform_affine)
+
+# Tried first: affines that computing nothing removes outright.
+REMOVALS: tuple[FoldRule, ...] = (IdentityAffine(),)
+
+# Tried next: they restate an affine (a scalar one, over a layer's channels) for the other rules.
+RESTATING: tuple[FoldRule, ...] = (UniformAffine(),)
 
 BACKWARD_RULES: tuple[FoldRule, ...] = (ConvBn(), GemmBn(), ConvTransposeBn(), MatMulBn(), MatMulAddBn())
 
@@ -92,6 +102,7 @@ LAST_RESORT: tuple[FoldRule, ...] = (BnMerge(),)
 def build_rules(
     *,
     exact_padding: bool = False,
+    keep_overridable: bool = False,
     backward: tuple[FoldRule, ...] = BACKWARD_RULES,
     forward: tuple[FoldRule, ...] = FORWARD_RULES,
     movers: tuple[Mover, ...] = MOVERS,
@@ -102,12 +113,15 @@ def build_rules(
     """The rule set of a run, with the user's options; the registry's rules unless given."""
     into_producers = (*backward, ThroughIntoProducer(), *splits)
     order = (
+        *REMOVALS,
+        *RESTATING,
         *into_producers,
         *forward, ThroughIntoConsumer(),
         *siblings,
         *LAST_RESORT,
     )
-    return RuleSet(backward, forward, movers, order, RuleOptions(exact_padding=exact_padding),
+    return RuleSet(backward, forward, movers, order,
+                   RuleOptions(exact_padding=exact_padding, keep_overridable=keep_overridable),
                    into_producers=into_producers, merges=merges)
 
 
@@ -115,7 +129,7 @@ RULES = build_rules()
 """The default rule set."""
 
 __all__ = [
-    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MERGES", "MOVERS", "RULES", "SIBLINGS",
-    "SPLITS", "Affine", "FoldPlan", "FoldRule", "MergeRule", "Mover", "Refusal", "RuleOptions", "RuleSet",
+    "AFFINE_READERS", "BACKWARD_RULES", "FORWARD_RULES", "LAST_RESORT", "MERGES", "MOVERS", "REMOVALS", "RESTATING",
+    "RULES", "SIBLINGS", "SPLITS", "Affine", "FoldPlan", "FoldRule", "MergeRule", "Mover", "Refusal", "RuleOptions", "RuleSet",
     "TensorUpdate", "build_rules",
 ]

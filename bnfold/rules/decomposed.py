@@ -34,6 +34,8 @@ None, so the tail Add of ``x * m + a`` is never folded on its own.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,7 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, is_standard
+from bnfold.rules.layernorm import layernorm_note
 from bnfold.rules.plan import Affine
 
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -83,14 +86,10 @@ def per_channel_vector(constant: np.ndarray, data_rank: int | None) -> tuple[np.
 
 def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
     """Read one Mul/Add/Sub/Div of a runtime value and a per-channel constant (see the table)."""
-    if node.op_type not in AFFINE_OPS or not is_standard(node) or len(node.input) != 2:
+    operand = constant_operand(node, graph)
+    if operand is None:
         return None
-    values = [graph.constant_value(name) for name in node.input]
-    constants = [(slot, value) for slot, value in enumerate(values) if value is not None]
-    if len(constants) != 1:
-        return None  # two runtime values, or a constant subexpression
-    constant_slot, constant = constants[0]
-    data_input = node.input[1 - constant_slot]
+    constant_slot, constant, data_input = operand
     data_shape = graph.static_shape(data_input)
     found = per_channel_vector(constant, None if data_shape is None else len(data_shape))
     if found is None:
@@ -99,18 +98,38 @@ def affine_step(node: onnx.NodeProto, graph: GraphIndex) -> AffineStep | None:
     data_channels = None if data_shape is None else data_shape[channel_axis]
     if data_channels is not None and data_channels != c.size:
         return None  # the constant broadcasts the data along the channel axis
+    affine = step_affine(node.op_type, c, constant_slot)
+    if affine is None:
+        return None
+    return AffineStep(data_input, *affine, channel_axis, exact_channels=data_channels == c.size)
+
+
+def constant_operand(node: onnx.NodeProto, graph: GraphIndex) -> tuple[int, np.ndarray, str] | None:
+    """For a two-input Mul/Add/Sub/Div with exactly one constant input: its slot, its value and
+    the other (data) input's name."""
+    if node.op_type not in AFFINE_OPS or not is_standard(node) or len(node.input) != 2:
+        return None
+    values = [graph.constant_value(name) for name in node.input]
+    constants = [(slot, value) for slot, value in enumerate(values) if value is not None]
+    if len(constants) != 1:
+        return None  # two runtime values, or a constant subexpression
+    slot, value = constants[0]
+    return slot, value, node.input[1 - slot]
+
+
+def step_affine(op_type: str, c: np.ndarray, constant_slot: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(s, t)`` of one Mul/Add/Sub/Div by constant ``c`` at input ``constant_slot`` (the
+    table above); None for ``c / x`` or a division by zero."""
     ones, zeros = np.ones_like(c), np.zeros_like(c)
-    if node.op_type == "Mul":
-        s, t = c, zeros
-    elif node.op_type == "Add":
-        s, t = ones, c
-    elif node.op_type == "Sub":
-        s, t = (ones, -c) if constant_slot == 1 else (-ones, c)
-    elif constant_slot == 1 and np.all(c != 0):
-        s, t = 1.0 / c, zeros
-    else:
-        return None  # c / x, or a division by zero
-    return AffineStep(data_input, s, t, channel_axis, exact_channels=data_channels == c.size)
+    if op_type == "Mul":
+        return c, zeros
+    if op_type == "Add":
+        return ones, c
+    if op_type == "Sub":
+        return (ones, -c) if constant_slot == 1 else (-ones, c)
+    if constant_slot == 1 and np.all(c != 0):
+        return 1.0 / c, zeros
+    return None
 
 
 def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep, graph: GraphIndex) -> bool:
@@ -127,20 +146,33 @@ def _links(first: onnx.NodeProto, first_step: AffineStep, then_step: AffineStep,
 
 def read_decomposed_affine(node: onnx.NodeProto, graph: GraphIndex) -> Affine | None:
     """The longest per-channel affine chain headed by ``node``, or None if there is none
-    or ``node`` is inside a chain that starts earlier."""
-    head = affine_step(node, graph)
+    or ``node`` is inside a chain that starts earlier. A LayerNorm's own γ and β say so in
+    their note (:mod:`bnfold.rules.layernorm`)."""
+    chain = read_chain(node, graph, affine_step)
+    if chain is None:
+        return None
+    return dataclasses.replace(chain, note=layernorm_note(chain.input_name, chain.channel_axis, graph))
+
+
+StepReader = Callable[[onnx.NodeProto, GraphIndex], AffineStep | None]
+
+
+def read_chain(node: onnx.NodeProto, graph: GraphIndex, step: StepReader) -> Affine | None:
+    """The longest chain of nodes that ``step`` reads, headed by ``node``, as one affine; None
+    if ``step`` does not read ``node`` or ``node`` is inside a chain that starts earlier."""
+    head = step(node, graph)
     if head is None:
         return None
     previous = graph.producer_of(head.data_input)
     if previous is not None:
-        previous_step = affine_step(previous, graph)
+        previous_step = step(previous, graph)
         if previous_step is not None and _links(previous, previous_step, head, graph):
             return None
     chain, s, t = [node], head.s, head.t
     last_step = head
     while True:
         consumers = graph.consumers_of(chain[-1].output[0])
-        following = affine_step(consumers[0], graph) if len(consumers) == 1 else None
+        following = step(consumers[0], graph) if len(consumers) == 1 else None
         if following is None or not _links(chain[-1], last_step, following, graph):
             break
         chain.append(consumers[0])

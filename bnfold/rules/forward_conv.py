@@ -9,7 +9,10 @@ padding, ``b'[o] = b[o] + sum_{j,k} W[o, j, k] * t[c]``. Preconditions:
 2. weight (and bias) are constant floats, the weight taking the BN's C channels;
 3. no padding (all ``pads`` 0, ``auto_pad`` NOTSET or VALID): padded zeros are not
    shifted by ``t``, so near the border ``W t`` over-counts and the plain fold is not
-   exact. This is refused by default.
+   exact. This is refused by default. ``auto_pad`` SAME_UPPER / SAME_LOWER pads
+   ``(ceil(n / stride) - 1) * stride + (k - 1) * dilation + 1 - n`` in total, which for a
+   kernel of size 1 is at most ``0`` whatever ``n``, stride and dilation: a 1×1 SAME Conv
+   never pads, so it folds even when the spatial sizes are symbolic.
 
 With ``exact_padding`` (``--exact-padding``) and static spatial sizes, a padded Conv
 is folded too: the weight is scaled as above, the bias is kept, and the shift's
@@ -69,7 +72,10 @@ class BnConv(IntoConsumer):
         spatial = (
             None if shape is None or any(d is None for d in shape[2:]) else tuple(d for d in shape[2:] if d is not None)
         )
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads: list[int] | None
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") and all(k == 1 for k in kernel):
+            pads = [0] * (2 * len(kernel))  # SAME never pads a kernel of size 1, whatever the sizes
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             pads = fold_math.same_padding(auto_pad, spatial, kernel, strides, dilations) if spatial else None
         else:
             no_pads = [0] * (2 * len(kernel))

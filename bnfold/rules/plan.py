@@ -60,6 +60,12 @@ class Affine:
     """Whether the input is known to have exactly C entries on ``channel_axis``. A
     BatchNormalization's always has; a Mul/Add by a ``[1, C, 1, 1]`` constant on data of unknown
     shape might broadcast a single channel to C, which only a layer before it can rule out."""
+    uniform: bool = False
+    """Whether ``s`` and ``t`` are scalars (one entry each) that act on every channel alike: a
+    Mul/Add by a scalar, which :mod:`bnfold.rules.uniform` repeats over whichever axis a layer
+    next to it has."""
+    note: str = ""
+    """What the affine is known to be, for the report (e.g. a LayerNorm's γ and β)."""
 
     @property
     def node(self) -> onnx.NodeProto:
@@ -289,6 +295,10 @@ class RuleOptions:
 
     exact_padding: bool = False
     """Fold into a following padded Conv too, adding a per-position bias (``--exact-padding``)."""
+    keep_overridable: bool = False
+    """Initializers that are also graph inputs (IR 4+) count as fed at run time, so nothing that
+    reads them folds (``--keep-overridable``); by default they are the constants they are in
+    practice, and those a fold replaces leave the graph inputs."""
 
 
 class FoldRule(ABC):

@@ -30,7 +30,10 @@ def constant_input(
     name = node.input[slot]
     value = graph.constant_value(name)
     if value is None:
-        origin = "a graph input" if graph.is_runtime_input(name) else "computed at run time"
+        if graph.is_overridable(name):
+            origin = "an initializer that is also a graph input, kept overridable by --keep-overridable"
+        else:
+            origin = "a graph input" if graph.is_runtime_input(name) else "computed at run time"
         return Refusal(f"{describe(node)} {role} '{name}' is not a constant ({origin})")
     dequantize = dequantizing_node(graph, name)
     if dequantize is not None:
