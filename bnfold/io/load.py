@@ -9,8 +9,11 @@ reads them when a fold needs them.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +119,26 @@ def _check_data_sizes(model: onnx.ModelProto, path: Path, lengths: list[int | No
             )
 
 
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[memoryview | bytes]:
+    """The file's bytes, mapped into memory rather than read into a copy when the system
+    allows it: protobuf parses straight from the page cache (half the time of reading the
+    file first, and one copy of the weights less at the peak). The parsed model holds its
+    own copy, so the mapping ends with the block."""
+    with open(path, "rb") as file:
+        try:
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a pipe, a special file: read it instead
+            yield file.read()
+            return
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            view.release()
+            mapping.close()
+
+
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Read and validate a model; external data stays on disk until it is needed.
 
@@ -134,17 +157,15 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{path}: file is empty")
-    try:
-        serialized = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({first_line(error)})") from None
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(serialized)
-        lengths = initializer_data_lengths(serialized)
+        with _mapped(path) as serialized:
+            model.ParseFromString(serialized)
+            lengths = initializer_data_lengths(serialized)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({first_line(error)})") from None
     except (DecodeError, RuntimeError, ValueError) as error:
         raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
-    del serialized  # the parsed model holds its own copy of every weight
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
     locations, data_size = _check_external_data(model, path)
@@ -168,8 +189,10 @@ def external_data_locations(path: Path) -> tuple[str, ...] | None:
     A batch must know every file it will read before it writes its first output, which
     means parsing every model once up front: about 0.1 s per 100 MB of protobuf.
     """
+    model = onnx.ModelProto()
     try:
-        model = onnx.load_model(os.fspath(path), load_external_data=False)
+        with _mapped(path) as serialized:
+            model.ParseFromString(serialized)
     except Exception:  # noqa: BLE001 - any unreadable file: load_model reports it properly later
         return None
     locations = dict.fromkeys(
