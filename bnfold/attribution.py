@@ -19,7 +19,7 @@ broken fold in a branch no trial takes is found like any other.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from bnfold.io.save import stage
 from bnfold.io.store import TensorStore
 from bnfold.options import Tolerances
 from bnfold.rules import RuleSet
-from bnfold.verify import OutputComparison, Verification, verify_equivalence
+from bnfold.verify import OutputComparison, Reference, Verification, run_reference, verify_equivalence
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class _Search:
 
     def __init__(self, original: LoadedModel, folds: Sequence[FoldRecord], merges: Sequence[MergeRecord],
                  trials: Sequence[Trial], tolerances: Tolerances, provider: str, rules: RuleSet,
-                 bodies: BodyChecks | None) -> None:
+                 bodies: BodyChecks | None, progress: Callable[[str, int | None], None]) -> None:
         self.original = original
         self.records: dict[str, FoldRecord | MergeRecord] = {
             **{fold.batchnorm: fold for fold in folds}, **{merge.merged: merge for merge in merges}
@@ -75,11 +75,23 @@ class _Search:
         self.provider = provider
         self.rules = rules
         self.bodies = bodies
+        self.progress = progress
         self.verifications = 0
+        self._reference: Reference | None = None
+
+    def reference(self) -> Reference:
+        """What the original computes on the trials: the same for every partial fold, so it is
+        computed once (one session of the original for the whole search, not one per step)."""
+        if self._reference is None:
+            self._reference = run_reference(self.original.path, self.trials, self.provider, "original",
+                                            self.tolerances)
+        return self._reference
 
     def verify_partial(self, labels: Sequence[str]) -> Verification:
         """Fold only the BNs (and merge only the branches) in ``labels`` on a fresh copy of the
         original and verify it."""
+        self.progress(f"finding the fold that broke equivalence ({self.verifications} partial folds verified, "
+                      f"now {len(labels)} of {len(self.records)})", None)
         model = onnx.ModelProto()
         model.CopyFrom(self.original.model)
         allowed = set(labels)
@@ -90,7 +102,8 @@ class _Search:
             target = Path(folder) / self.original.path.name
             with stage(model, target, store, external_data=bool(self.original.external_data_files)) as staged:
                 verification = verify_equivalence(self.original.path, staged.staged_path, self.trials,
-                                                  tolerances=self.tolerances, provider=self.provider)
+                                                  tolerances=self.tolerances, provider=self.provider,
+                                                  reference=self.reference())
                 if self.bodies is not None:
                     self.bodies.add_to(verification, staged.staged_path, tolerances=self.tolerances,
                                        provider=self.provider)
@@ -140,14 +153,16 @@ def attribute_failure(
     rules: RuleSet,
     merges: Sequence[MergeRecord] = (),
     bodies: BodyChecks | None = None,
+    progress: Callable[[str, int | None], None] = lambda _stage, _size: None,
 ) -> Attribution:
     """Find the fold(s) behind ``failed`` (the verification of all ``folds`` and ``merges``
     applied together).
 
     ``original`` must be the model as loaded, before any folding; ``bodies`` the body checks
-    the failed verification ran (None when no fold lies in a body).
+    the failed verification ran (None when no fold lies in a body). ``progress`` hears how far
+    the search is, before each partial fold it verifies (a big model takes a while).
     """
-    search = _Search(original, folds, merges, trials, tolerances, provider, rules, bodies)
+    search = _Search(original, folds, merges, trials, tolerances, provider, rules, bodies, progress)
     labels = list(search.records)
     guilty = search.guilty_in(labels, failed) if labels else []
     return Attribution(guilty=guilty, verifications=search.verifications)

@@ -331,7 +331,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
 
             attribution = attribute_failure(load_model(loaded.path), outcome.folds, verification, trials,
                                             tolerances=vo.tolerances, provider=vo.provider, rules=rules,
-                                            merges=outcome.merges, bodies=bodies)
+                                            merges=outcome.merges, bodies=bodies, progress=progress)
             clock.lap("attribution")
         equivalent = problem is None and (verification is None or verification.passed)
         report = FoldReport(

@@ -302,10 +302,13 @@ def verify_equivalence(
     tolerances: Tolerances = Tolerances(),
     provider: str = "CPUExecutionProvider",
     folded_is_input: bool = False,
+    reference: Reference | None = None,
 ) -> Verification:
     """Run both models on every trial's inputs and compare every output; keep the worst trial.
 
     When a trial ships expected outputs, the folded model is also compared with them.
+    ``reference`` is what the original computed on these trials, when a caller that verifies
+    several folded versions of one model (error attribution) has it already.
 
     Raises:
         RuntimeFailure: onnxruntime cannot load or run the *original* model (or the
@@ -318,7 +321,8 @@ def verify_equivalence(
     )
     # One session at a time: each holds a copy of the weights, so a multi-GB model
     # would otherwise need two in memory at once. The original's outputs are kept.
-    reference = run_reference(original, trials, provider, "original", tolerances)
+    if reference is None:
+        reference = run_reference(original, trials, provider, "original", tolerances)
     verification.outputs, verification.expected = compare_to_reference(
         folded, reference, trials, tolerances=tolerances, provider=provider, folded_is_input=folded_is_input
     )
