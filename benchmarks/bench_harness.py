@@ -19,6 +19,7 @@ is dirty, so no run pays for the previous one's writeback.
 from __future__ import annotations
 
 import datetime
+import compileall
 import os
 import platform
 import shutil
@@ -144,8 +145,16 @@ class ModelResult:
     """The same for CPU time."""
 
 
+def compile_bnfold() -> None:
+    """Byte-compile the package, as ``pip install`` does: an installed bnfold imports from
+    ``.pyc`` files, while a source tree run with PYTHONDONTWRITEBYTECODE (set on some
+    machines) would compile every module in every child and measure the compiler."""
+    compileall.compile_dir(str(REPO / "bnfold"), quiet=1)
+
+
 def measure_model(name: str, contenders: tuple[Contender, ...], repeats: int) -> ModelResult:
     """Warm-up round (not counted), then ``repeats`` rounds of floor, contender pairs."""
+    compile_bnfold()
     path = bench_models.model_path(name)
     result = ModelResult(name, path, bench_models.model_bytes(path))
     floor = floor_for(path)

@@ -316,7 +316,6 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
             with explaining_guessed_shapes(guessed):
                 verification = verify_equivalence(
                     loaded.path, staged.staged_path, trials, tolerances=vo.tolerances, provider=vo.provider,
-                    sessions_at_once=not staged.data_location,
                 )
                 if bodies is not None:
                     bodies.add_to(verification, staged.staged_path, tolerances=vo.tolerances, provider=vo.provider)
@@ -477,7 +476,6 @@ def check_files(
         verification = verify_equivalence(
             original_model.path, folded_model.path, trials,
             tolerances=options.tolerances, provider=options.provider, folded_is_input=True,
-            sessions_at_once=not (original_model.external_data_files or folded_model.external_data_files),
         )
     verification.guessed_sizes = guessed
     clock.lap("verify")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -265,11 +266,13 @@ def _read_varint(data: bytes | memoryview, position: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes | memoryview, start: int, end: int) -> Iterable[tuple[int, int, int, int]]:
-    """``(number, wire type, start, end)`` of each field between ``start`` and ``end``; for a
-    length-delimited field, start and end enclose its bytes."""
+def _fields(data: bytes | memoryview, start: int, end: int) -> Iterable[tuple[int, int, int, int, int]]:
+    """``(number, wire type, field start, start, end)`` of each field between ``start`` and
+    ``end``: where its tag begins, and where its value does and ends (for a length-delimited
+    field, start and end enclose its bytes)."""
     position = start
     while position < end:
+        field_start = position
         key, position = _read_varint(data, position)
         number, wire_type = key >> 3, key & 7
         if wire_type == _VARINT:
@@ -285,7 +288,7 @@ def _fields(data: bytes | memoryview, start: int, end: int) -> Iterable[tuple[in
             raise ValueError(f"field {number} has wire type {wire_type}")
         if after > end:
             raise ValueError(f"field {number} runs past the end of its message")
-        yield number, wire_type, position, after
+        yield number, wire_type, field_start, position, after
         position = after
 
 
@@ -301,15 +304,82 @@ def initializer_data_lengths(serialized: bytes | memoryview) -> list[int | None]
         ValueError: the bytes are not a well-formed message.
     """
     lengths: list[int | None] = []
-    for number, wire_type, start, end in _fields(serialized, 0, len(serialized)):
+    for number, wire_type, _, start, end in _fields(serialized, 0, len(serialized)):
         if number != _GRAPH or wire_type != _LENGTH_DELIMITED:
             continue
-        for inner, inner_type, tensor_start, tensor_end in _fields(serialized, start, end):
+        for inner, inner_type, _, tensor_start, tensor_end in _fields(serialized, start, end):
             if inner != _INITIALIZER or inner_type != _LENGTH_DELIMITED:
                 continue
             raw: int | None = None
-            for field, field_type, data_start, data_end in _fields(serialized, tensor_start, tensor_end):
+            for field, field_type, _, data_start, data_end in _fields(serialized, tensor_start, tensor_end):
                 if field == _RAW_DATA and field_type == _LENGTH_DELIMITED:
                     raw = data_end - data_start  # the last one wins, as in protobuf
             lengths.append(raw)
     return lengths
+
+
+# -- a model's weights apart from its structure -------------------------------------------------
+
+
+MAPPED_LOCATION = "bnfold-mapped"
+"""The external-data location of an initializer :func:`split_raw_initializers` took out."""
+
+
+@dataclass(frozen=True)
+class RawInitializer:
+    """A top-level initializer whose values are ``length`` raw bytes at ``offset`` of the file."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    offset: int
+    length: int
+
+
+def split_raw_initializers(
+    serialized: bytes | memoryview, min_bytes: int, keep: Callable[[onnx.TensorProto], bool]
+) -> tuple[bytes, list[RawInitializer]] | None:
+    """A serialized ModelProto cut in two: its structure (bytes of a model whose large raw
+    initializers are stand-ins with external data at a placeholder location), and where each
+    such initializer's bytes are in ``serialized``.
+
+    An initializer is taken out when its ``raw_data`` has at least ``min_bytes`` and ``keep``
+    (given its header, values left out) says so; the structure is the file's own bytes with
+    only those tensors re-encoded, so whoever builds a model from it and the bytes at the
+    returned offsets has exactly the file. None for a layout this does not handle (the graph
+    split over several fields).
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
+    graphs = [(field_start, start, end) for number, wire_type, field_start, start, end
+              in _fields(serialized, 0, len(serialized)) if number == _GRAPH and wire_type == _LENGTH_DELIMITED]
+    if len(graphs) != 1:
+        return None
+    graph_field_start, graph_start, graph_end = graphs[0]
+    pieces: list[bytes | memoryview] = []
+    taken: list[RawInitializer] = []
+    position = graph_start
+    for number, wire_type, field_start, start, end in _fields(serialized, graph_start, graph_end):
+        if number != _INITIALIZER or wire_type != _LENGTH_DELIMITED:
+            continue
+        raws = [(raw_start, data_start, data_end) for field, field_type, raw_start, data_start, data_end
+                in _fields(serialized, start, end) if field == _RAW_DATA and field_type == _LENGTH_DELIMITED]
+        if len(raws) != 1 or raws[0][2] - raws[0][1] < min_bytes:
+            continue
+        raw_start, data_start, data_end = raws[0]
+        header = onnx.TensorProto()
+        header.ParseFromString(bytes(serialized[start:raw_start]) + bytes(serialized[data_end:end]))
+        if not keep(header):
+            continue
+        taken.append(RawInitializer(header.name, header.data_type, tuple(header.dims), data_start, data_end - data_start))
+        header.data_location = onnx.TensorProto.EXTERNAL
+        header.external_data.add(key="location", value=MAPPED_LOCATION)
+        stand_in = header.SerializeToString()
+        pieces += [serialized[position:field_start], _length_delimited_header(_INITIALIZER, len(stand_in)), stand_in]
+        position = end
+    pieces.append(serialized[position:graph_end])
+    graph = b"".join(bytes(piece) for piece in pieces)
+    structure = b"".join((bytes(serialized[:graph_field_start]), _length_delimited_header(_GRAPH, len(graph)), graph,
+                          bytes(serialized[graph_end:])))
+    return structure, taken
