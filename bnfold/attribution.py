@@ -30,7 +30,6 @@ from bnfold.fold import FoldRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import Trial
 from bnfold.io.load import LoadedModel
 from bnfold.io.save import stage
-from bnfold.io.store import TensorStore
 from bnfold.options import Tolerances
 from bnfold.rules import RuleSet
 from bnfold.verify import OutputComparison, Reference, Verification, run_reference, verify_equivalence
@@ -95,7 +94,7 @@ class _Search:
         model = onnx.ModelProto()
         model.CopyFrom(self.original.model)
         allowed = set(labels)
-        store = TensorStore(self.original.path.parent)
+        store = self.original.store.unchanged_copy()
         fold_batchnorms(model, self.rules, may_fold=allowed.__contains__, store=store)
         self.verifications += 1
         with tempfile.TemporaryDirectory(prefix="bnfold-attribution-") as folder:

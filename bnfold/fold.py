@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import helper
 
 from bnfold.errors import first_line
 from bnfold.graph import (
@@ -234,7 +233,7 @@ def fold_batchnorms(
     inlined first (:mod:`bnfold.inline`).
     """
     run = _Run(rules, may_fold or (lambda _label: True), selection, store or TensorStore(), FoldOutcome())
-    inlined = inline_for_folding(model)
+    inlined = inline_for_folding(model, run.store)
     run.outcome.inlined_functions, run.origins = inlined.functions, inlined.origins
     top = _index(run, model, model.graph)
     overridable = [name for name in _input_names(model) if top.is_overridable(name)]

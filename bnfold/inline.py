@@ -32,6 +32,7 @@ import onnx
 import onnx.inliner
 
 from bnfold.graph import GraphIndex, function_view, is_standard, subgraphs
+from bnfold.io.store import TensorStore
 
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 """Ops that absorb a BN next to them when their weight (input 1) is a constant."""
@@ -80,9 +81,9 @@ def _needs_callers(function: onnx.FunctionProto, model: onnx.ModelProto) -> bool
     return False
 
 
-def _graphs(model: onnx.ModelProto) -> Iterator[GraphIndex]:
+def _graphs(model: onnx.ModelProto, store: TensorStore | None = None) -> Iterator[GraphIndex]:
     """An index of every graph that may hold a BN: the main graph, its bodies, function bodies."""
-    pending = [GraphIndex(model)]
+    pending = [GraphIndex(model, store=store)]
     pending += [GraphIndex(function_view(model, function)) for function in model.functions]
     while pending:
         graph = pending.pop()
@@ -102,7 +103,8 @@ def _has_layer(function: onnx.FunctionProto, local: dict[FunctionId, onnx.Functi
     return False
 
 
-def _called_next_to_a_batchnorm(model: onnx.ModelProto, local: dict[FunctionId, onnx.FunctionProto]) -> set[FunctionId]:
+def _called_next_to_a_batchnorm(model: onnx.ModelProto, local: dict[FunctionId, onnx.FunctionProto],
+                                store: TensorStore | None) -> set[FunctionId]:
     """Functions whose call is a BN's producer, or else its consumers, and whose body might
     absorb it (rule 2). The consumers' functions only when the producer is not a layer that can
     take the BN already: a backward fold is tried first and needs nothing else inlined."""
@@ -112,7 +114,7 @@ def _called_next_to_a_batchnorm(model: onnx.ModelProto, local: dict[FunctionId, 
         return _id(called) if called is not None and _has_layer(called, local, set()) else None
 
     chosen: set[FunctionId] = set()
-    for graph in _graphs(model):
+    for graph in _graphs(model, store):
         for batchnorm in _batchnorms(graph):
             producer = graph.producer_of(batchnorm.input[0])
             called = absorbing_call(producer)
@@ -151,12 +153,13 @@ def _node_names(model: onnx.ModelProto) -> set[str]:
     return {node.name for graph in _graphs(model) for node in graph.nodes if node.name}
 
 
-def inline_for_folding(model: onnx.ModelProto) -> Inlined:
+def inline_for_folding(model: onnx.ModelProto, store: TensorStore | None = None) -> Inlined:
     """Inline, in place, the model-local functions whose BNs need their callers to fold (none,
     and the model untouched, when no function does).
 
     A model onnx's inliner cannot handle keeps its functions: their BNs are then left with the
-    reason they had.
+    reason they had. ``store`` is where the model's weights are read (a loaded model leaves its
+    large weights in the file).
     """
     inlined = Inlined()
     if not model.functions:
@@ -166,7 +169,7 @@ def inline_for_folding(model: onnx.ModelProto) -> Inlined:
         local = {_id(function): function for function in model.functions}
         called = _called(model)
         chosen = {key for key, function in local.items() if key in called and _needs_callers(function, model)}
-        chosen |= _called_next_to_a_batchnorm(model, local)
+        chosen |= _called_next_to_a_batchnorm(model, local, store)
         if not chosen:
             break
         try:

@@ -17,13 +17,15 @@ import pytest
 from onnx import external_data_helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.fold import FoldOutcome
+from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.io.load import load_model
+from bnfold.io.save import stage
 from bnfold.io.store import TensorStore
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
+from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
-from tests.support import op_count
+from tests.support import op_count, run_cli
 
 BN = "BatchNormalization"
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -174,6 +176,74 @@ def test_weights_on_disk_are_read_lazily_and_copied_across_unchanged(tmp_path: P
     copied_values = onnx.numpy_helper.to_array(
         next(t for t in onnx.load(str(output)).graph.initializer if t.name == untouched))
     assert (original_values == copied_values).all()
+
+
+def _untouched_weight_model() -> tuple[onnx.ModelProto, str]:
+    """Conv → BN, then a MatMul whose large weight no fold touches."""
+    b = GraphBuilder(seed=32)
+    x = b.input("x", [2, 8, 6, 6])
+    y = b.batchnorm(b.conv(x, 8, 16), 16)
+    flat = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    untouched = b.random("Wm", [16, 300])
+    b.output(b.node("MatMul", [flat, untouched]))
+    return b.model(), untouched
+
+
+def test_a_self_contained_models_large_weights_stay_in_its_file_until_written(tmp_path: Path) -> None:
+    """Loading parses the structure only: large raw weights are read where they lie when a
+    fold needs them, and copied from the input into the output otherwise, values intact."""
+    model, untouched = _untouched_weight_model()
+    source = tmp_path / "net.onnx"
+    onnx.save_model(model, str(source))
+    loaded = load_model(source)
+    left_in_file = {t.name for t in loaded.model.graph.initializer if external_data_helper.uses_external_data(t)}
+    assert untouched in left_in_file and all(
+        t.HasField("raw_data") and len(t.raw_data) < 1024 for t in loaded.model.graph.initializer
+        if t.name not in left_in_file)
+    assert loaded.external_data_files == ()
+
+    output = tmp_path / "out.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.written and report.verification.passed and report.after.batchnorms == 0
+    written = onnx.load_model(str(output))
+    assert not any(external_data_helper.uses_external_data(t) for t in written.graph.initializer)
+    by_name = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(by_name[untouched], original[untouched])
+
+
+def test_an_input_rewritten_while_it_is_folded_is_an_error_not_a_mix_of_two_files(tmp_path: Path) -> None:
+    """The output copies weights from the input file: if another program replaced that file
+    after it was loaded, writing stops with an error instead of copying the new file's bytes."""
+    model, _ = _untouched_weight_model()
+    source = tmp_path / "net.onnx"
+    onnx.save_model(model, str(source))
+    loaded = load_model(source)
+    fold_batchnorms(loaded.model, build_rules(), store=loaded.store)
+    replacement = tmp_path / "other.onnx"
+    onnx.save_model(_model(), str(replacement))
+    os.replace(replacement, source)
+    with pytest.raises(InputError, match="changed on disk"):
+        stage(loaded.model, tmp_path / "out.onnx", loaded.store, external_data=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["net.onnx"]
+
+
+def test_a_large_weight_with_values_in_two_places_is_still_seen_by_the_checker(tmp_path: Path) -> None:
+    """Leaving weights in the file must not hide a tensor the checker complains about: it is
+    parsed whole, and the warning names it, as for a small one."""
+    model, untouched = _untouched_weight_model()
+    tensor = next(t for t in model.graph.initializer if t.name == untouched)
+    tensor.float_data.extend([1.0])  # raw_data and a typed field at once
+    source = tmp_path / "net.onnx"
+    source.write_bytes(model.SerializeToString())
+    loaded = load_model(source)
+    assert not external_data_helper.uses_external_data(
+        next(t for t in loaded.model.graph.initializer if t.name == untouched))
+    assert loaded.checker_complaint is not None and untouched in loaded.checker_complaint
+    before = _digest(source)
+    result = run_cli(source)
+    assert result.exit_code == 0 and f"tensor name: {untouched}" in result.stdout
+    assert _digest(source) == before
 
 
 def _chained_model() -> onnx.ModelProto:

@@ -21,14 +21,21 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from bnfold.errors import InputError, first_line
-from bnfold.io.protostream import initializer_data_lengths
+from bnfold.io.protostream import (
+    MAPPED_LOCATION,
+    RawInitializer,
+    initializer_data_lengths,
+    split_raw_initializers,
+)
 from bnfold.io.store import (
     SMALL_TENSOR_BYTES,
     TensorStore,
     all_tensors,
     data_bytes,
+    external_entries,
     external_location,
     has_conflicting_data,
+    leaves_raw_data_alone,
     uses_external_data,
 )
 
@@ -78,6 +85,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[tuple[str,
         except ValueError as error:
             raise InputError(f"{path}: tensor '{tensor.name}' has unusable external data ({error})") from None
         location = place.location
+        if location == MAPPED_LOCATION:  # a weight the loader left in the model file itself
+            continue
         if location not in sizes:
             data_path = (folder / location).resolve()
             if not location or os.path.isabs(location) or not data_path.is_relative_to(folder):
@@ -99,18 +108,23 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[tuple[str,
     return tuple(sizes), sum(sizes.values())
 
 
-def _check_data_sizes(model: onnx.ModelProto, path: Path, lengths: list[int | None]) -> None:
+def _check_data_sizes(model: onnx.ModelProto, path: Path, lengths: list[int | None] | None) -> None:
     """Every initializer's raw_data has exactly dims × itemsize bytes: the one thing the
     checker would verify about the weights that :func:`weightless_copy` leaves out, and what
     lets every later step take a tensor's size from its shape.
 
-    ``lengths`` are the raw_data lengths read from the file's framing
-    (:func:`~bnfold.io.protostream.initializer_data_lengths`): asking protobuf for
-    ``len(tensor.raw_data)`` would copy every weight just to measure it.
+    A weight left in the file (:data:`MAPPED_LOCATION`) has its length in its entry; others
+    are measured through protobuf (small ones, kept in the protobuf), or with ``lengths`` read
+    from the file's framing (:func:`~bnfold.io.protostream.initializer_data_lengths`) when the
+    whole model was parsed: asking protobuf for ``len(tensor.raw_data)`` copies the weight.
     """
     tensors = model.graph.initializer
-    if len(lengths) != len(tensors):  # an unusual layout: measure through protobuf instead
-        lengths = [len(tensor.raw_data) if tensor.HasField("raw_data") else None for tensor in tensors]
+    if lengths is None or len(lengths) != len(tensors):
+        lengths = [
+            external_location(tensor).length if uses_external_data(tensor) and _mapped_here(tensor)
+            else len(tensor.raw_data) if tensor.HasField("raw_data") else None
+            for tensor in tensors
+        ]
     for tensor, held in zip(tensors, lengths, strict=True):
         expected = data_bytes(tensor)
         if held is not None and expected is not None and held != expected:
@@ -158,10 +172,18 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if size == 0:
         raise InputError(f"{path}: file is empty")
     model = onnx.ModelProto()
+    lengths: list[int | None] | None = None
+    store = TensorStore(path.parent, source=path)  # before reading: it notes which file this is
     try:
         with _mapped(path) as serialized:
-            model.ParseFromString(serialized)
-            lengths = initializer_data_lengths(serialized)
+            # The structure only: large raw weights stay in the (mapped, re-readable) file,
+            # marked with where they are.
+            split = _split(serialized) if isinstance(serialized, memoryview) else None
+            if split is not None:
+                model.ParseFromString(split[0])
+            else:  # a layout that cannot be split: parse it all
+                model.ParseFromString(serialized)
+                lengths = initializer_data_lengths(serialized)
     except OSError as error:
         raise InputError(f"{path}: cannot read ({first_line(error)})") from None
     except (DecodeError, RuntimeError, ValueError) as error:
@@ -178,8 +200,22 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         external_data_files=locations,
         passes_full_check=passes_full_check,
         checker_complaint=None if passes_full_check else checker_complaint(model, full_check=False),
-        store=TensorStore(path.parent),
+        store=store,
     )
+
+
+def _split(serialized: memoryview) -> tuple[bytes, list[RawInitializer]] | None:
+    """The model's structure with its large plain weights left in the file, or None to parse
+    everything: for a layout the splitter does not take, and for bytes it finds malformed
+    (protobuf's own parse then says what is wrong, as it would for any file)."""
+    try:
+        return split_raw_initializers(serialized, SMALL_TENSOR_BYTES, leaves_raw_data_alone)
+    except ValueError:
+        return None
+
+
+def _mapped_here(tensor: onnx.TensorProto) -> bool:
+    return external_entries(tensor).get("location") == MAPPED_LOCATION
 
 
 def external_data_locations(path: Path) -> tuple[str, ...] | None:
@@ -192,13 +228,14 @@ def external_data_locations(path: Path) -> tuple[str, ...] | None:
     model = onnx.ModelProto()
     try:
         with _mapped(path) as serialized:
-            model.ParseFromString(serialized)
+            split = _split(serialized) if isinstance(serialized, memoryview) else None
+            model.ParseFromString(split[0] if split is not None else serialized)
     except Exception:  # noqa: BLE001 - any unreadable file: load_model reports it properly later
         return None
     locations = dict.fromkeys(
         entry.value
         for tensor in all_tensors(model)
-        if uses_external_data(tensor)
+        if uses_external_data(tensor) and not _mapped_here(tensor)
         for entry in tensor.external_data
         if entry.key == "location"
     )

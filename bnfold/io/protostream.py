@@ -47,9 +47,11 @@ external data file.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -58,9 +60,20 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes at ``offset`` of the file at ``path``: a payload copied from file to
+    file (``os.copy_file_range``), never through this process's memory."""
+
+    path: Path
+    offset: int
+    length: int
+
+
 Buffer = np.ndarray | bytes | bytearray | memoryview
 """What a payload may be: a numpy array of any dtype (bfloat16 too), or any other
 object with the buffer protocol that holds one contiguous block."""
+Payload = Buffer | FileRange
 
 # Protobuf's parsers refuse a message of 2 GiB or more (its sizes are signed 32-bit).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -79,7 +92,7 @@ _VARINT, _FIXED64, _LENGTH_DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range
 
 
 def write_model(
-    model: onnx.ModelProto, file: BinaryIO, payload: Callable[[onnx.TensorProto], Buffer | None]
+    model: onnx.ModelProto, file: BinaryIO, payload: Callable[[onnx.TensorProto], Payload | None]
 ) -> int:
     """Write ``model`` to ``file``, each top-level initializer's data from ``payload``.
 
@@ -98,45 +111,73 @@ def write_model(
             one contiguous block of little-endian bytes. Nothing is written then.
     """
     chunks = _model_chunks(model, payload)
-    total = sum(len(chunk) for chunk in chunks)
+    total = sum(_length(chunk) for chunk in chunks)
     if total > PROTOBUF_LIMIT:
         raise ValueError(
             f"the model would be {total:,} bytes, above protobuf's limit of {PROTOBUF_LIMIT:,}: "
             "onnx cannot read it back; save its weights as external data"
         )
     for chunk in chunks:
-        _write_all(file, chunk)
+        if isinstance(chunk, FileRange):
+            copy_range(chunk, file)
+        else:
+            _write_all(file, chunk)
     return total
 
 
 def _model_chunks(
-    model: onnx.ModelProto, payload: Callable[[onnx.TensorProto], Buffer | None]
-) -> list[bytes | memoryview]:
+    model: onnx.ModelProto, payload: Callable[[onnx.TensorProto], Payload | None]
+) -> list[bytes | memoryview | FileRange]:
     """The file's bytes in order, as small serialized pieces and the payloads' views."""
     if not model.HasField("graph"):
         return [model.SerializeToString()]
     graph = model.graph
-    graph_chunks: list[bytes | memoryview] = [*_fields_below(graph, _INITIALIZER)]
+    graph_chunks: list[bytes | memoryview | FileRange] = [*_fields_below(graph, _INITIALIZER)]
     for tensor in graph.initializer:
         buffer = payload(tensor)
         if buffer is None:
             serialized = tensor.SerializeToString()
             graph_chunks += [_length_delimited_header(_INITIALIZER, len(serialized)), serialized]
         else:
-            data = _byte_view(buffer)
+            data = buffer if isinstance(buffer, FileRange) else _byte_view(buffer)
             head = _fields_below(tensor, _RAW_DATA, skip=_DATA_FIELDS)
-            head.append(_length_delimited_header(_RAW_DATA, len(data)))
+            head.append(_length_delimited_header(_RAW_DATA, _length(data)))
             tail = _fields_above(tensor, _RAW_DATA, skip=_DATA_FIELDS)
-            size = sum(map(len, head)) + len(data) + sum(map(len, tail))
+            size = sum(map(len, head)) + _length(data) + sum(map(len, tail))
             graph_chunks += [_length_delimited_header(_INITIALIZER, size), *head, data, *tail]
     graph_chunks += _fields_above(graph, _INITIALIZER)
-    graph_size = sum(len(chunk) for chunk in graph_chunks)
+    graph_size = sum(_length(chunk) for chunk in graph_chunks)
     return [
         *_fields_below(model, _GRAPH),
         _length_delimited_header(_GRAPH, graph_size),
         *graph_chunks,
         *_fields_above(model, _GRAPH),
     ]
+
+
+def _length(chunk: bytes | memoryview | FileRange) -> int:
+    return chunk.length if isinstance(chunk, FileRange) else len(chunk)
+
+
+def copy_range(source: FileRange, file: BinaryIO) -> None:
+    """Append ``source``'s bytes to ``file`` (flushed first) from file to file in the kernel,
+    or in pieces through memory where the system cannot (another file system, no support)."""
+    file.flush()
+    target = file.fileno()
+    with open(source.path, "rb", buffering=0) as original:
+        offset, left = source.offset, source.length
+        while left:
+            try:
+                copied = os.copy_file_range(original.fileno(), target, min(left, 1 << 30), offset)
+            except OSError:
+                copied = 0
+            if copied == 0:  # not supported here, or the file ends early: read it
+                piece = os.pread(original.fileno(), min(left, 1 << 24), offset)
+                if not piece:
+                    raise OSError(f"{source.path} ends {left} bytes short of its tensor's data")
+                copied = os.write(target, piece)
+            offset += copied
+            left -= copied
 
 
 def _byte_view(buffer: Buffer) -> memoryview:
@@ -374,7 +415,8 @@ def split_raw_initializers(
             continue
         taken.append(RawInitializer(header.name, header.data_type, tuple(header.dims), data_start, data_end - data_start))
         header.data_location = onnx.TensorProto.EXTERNAL
-        header.external_data.add(key="location", value=MAPPED_LOCATION)
+        for key, value in (("location", MAPPED_LOCATION), ("offset", data_start), ("length", data_end - data_start)):
+            header.external_data.add(key=key, value=str(value))
         stand_in = header.SerializeToString()
         pieces += [serialized[position:field_start], _length_delimited_header(_INITIALIZER, len(stand_in)), stand_in]
         position = end

@@ -25,7 +25,7 @@ import onnx
 
 from bnfold.errors import InputError, first_line
 from bnfold.io.load import PROTOBUF_LIMIT
-from bnfold.io.protostream import write_model
+from bnfold.io.protostream import FileRange, copy_range, write_model
 from bnfold.io.store import (
     SMALL_TENSOR_BYTES,
     TensorStore,
@@ -173,7 +173,7 @@ def _payload_bytes(model: onnx.ModelProto, store: TensorStore) -> int:
         held = store.held_array(tensor)
         if held is not None:
             total += held.nbytes
-        elif tensor.HasField("raw_data"):
+        elif tensor.HasField("raw_data") or uses_external_data(tensor):
             total += data_bytes(tensor) or 0  # checked against the data on loading
     return total
 
@@ -190,10 +190,10 @@ def _write_self_contained(model: onnx.ModelProto, path: Path, store: TensorStore
             clear_data(tensor)
             tensor.raw_data = content
 
-    def payload(tensor: onnx.TensorProto) -> np.ndarray | bytes | None:
+    def payload(tensor: onnx.TensorProto) -> np.ndarray | FileRange | None:
         held = store.take(tensor)
         if held is None and uses_external_data(tensor):
-            return store.external_bytes(tensor)
+            return store.file_range(tensor)  # copied from the input file to the output
         return held
 
     with open(path, "wb") as file:
@@ -204,27 +204,32 @@ def _write_self_contained(model: onnx.ModelProto, path: Path, store: TensorStore
 def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str, store: TensorStore) -> None:
     """Save ``model`` with its large tensors in ``location`` beside ``path``.
 
-    Tensors still in the input's data files are copied across one at a time, held arrays are
-    written straight from memory, and protobuf tensors are moved out, so memory never holds
-    all weights at once (onnx's own writer needs every tensor loaded first).
+    Tensors still in the input's files (its data files, or the model file for weights the
+    loader left there) are copied file to file, held arrays are written straight from memory,
+    and protobuf tensors are moved out, so memory never holds all weights at once (onnx's own
+    writer needs every tensor loaded first).
     """
     offset = 0
     with open(path.parent / location, "wb") as data:
         for tensor in all_tensors(model):
-            payload: bytes | np.ndarray | None = store.take(tensor)
+            payload: bytes | np.ndarray | FileRange | None = store.take(tensor)
             if payload is None and uses_external_data(tensor):
-                payload = store.external_bytes(tensor)
+                payload = store.file_range(tensor)
             elif payload is None and tensor.HasField("raw_data") and (data_bytes(tensor) or 0) >= SMALL_TENSOR_BYTES:
                 payload = tensor.raw_data
             if payload is None:
                 continue
-            size = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+            size = payload.nbytes if isinstance(payload, np.ndarray) else (
+                payload.length if isinstance(payload, FileRange) else len(payload))
             # Zeros written up to the boundary, not a seek past the end: the file stays one
             # sequential write (measured 7 % faster overall on a 1 GB model).
             padding = -offset % _ALIGNMENT
             data.write(bytes(padding))
             offset += padding
-            data.write(payload.data if isinstance(payload, np.ndarray) else payload)
+            if isinstance(payload, FileRange):
+                copy_range(payload, data)
+            else:
+                data.write(payload.data if isinstance(payload, np.ndarray) else payload)
             clear_data(tensor)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset), ("length", size)):

@@ -15,6 +15,7 @@ are replaced by an external-data entry whose location only this store knows.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from bnfold.io.protostream import MAPPED_LOCATION, FileRange
 
 SMALL_TENSOR_BYTES = 1024
 """Tensors below this size always live in the protobuf: shape inference may need their values
@@ -34,6 +37,7 @@ _HELD = "bnfold-held:"
 # Every field of a TensorProto that carries values (besides the external-data entry).
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 _TYPED_FIELDS = _DATA_FIELDS[1:]
+_KNOWN_TYPES = frozenset(helper.get_all_tensor_dtypes())
 
 # 4-bit types pack two values per byte.
 PACKED_TYPES = frozenset(
@@ -102,6 +106,27 @@ def has_conflicting_data(tensor: onnx.TensorProto) -> bool:
     return places > 1
 
 
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a file apart from a rewritten one: its inode, device, size and modification time."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_dev, status.st_size, status.st_mtime_ns
+
+
+def leaves_raw_data_alone(header: onnx.TensorProto) -> bool:
+    """Whether a tensor, its ``raw_data`` left out, has nothing else that holds or qualifies its
+    values (typed fields, external data, a segment) and a size its shape gives: only then may
+    its raw bytes stay in the file while the rest of the model is parsed. Anything unusual is
+    parsed whole, so the checks of the loader see it as it is."""
+    return (
+        not header.HasField("data_location") and not header.external_data and not header.HasField("segment")
+        and not any(len(getattr(header, name)) for name in _TYPED_FIELDS)
+        and header.data_type in _KNOWN_TYPES and data_bytes(header) is not None
+    )
+
+
 def _array_from_bytes(tensor: onnx.TensorProto, data: bytes | memoryview) -> np.ndarray:
     """The values of ``tensor`` given its raw little-endian bytes."""
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -116,13 +141,24 @@ class TensorStore:
     """The values of one model's tensors: read wherever they live, replaced as arrays, written once.
 
     ``base_dir`` is the folder of the model file, where its external data files are (None for a
-    model that only exists in memory).
+    model that only exists in memory); ``source`` the model file itself, where the loader left
+    its large weights (:data:`~bnfold.io.protostream.MAPPED_LOCATION`: read when a fold needs
+    them, copied file to file when the output is written, never parsed into the protobuf).
     """
 
-    def __init__(self, base_dir: Path | None = None) -> None:
+    def __init__(self, base_dir: Path | None = None, source: Path | None = None) -> None:
         self.base_dir = base_dir
+        self.source = source
+        self._source_stamp = _stamp(source) if source is not None else None
         self._held: dict[str, np.ndarray] = {}
         self._issued = 0
+
+    def unchanged_copy(self) -> TensorStore:
+        """A store for another fold of the same loaded model: the same files (and the same
+        check that the model file is still the one loaded), none of this store's new values."""
+        copy = TensorStore(self.base_dir)
+        copy.source, copy._source_stamp = self.source, self._source_stamp
+        return copy
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -159,14 +195,25 @@ class TensorStore:
         return self._held.get(external_entries(tensor).get("location", ""))
 
     def external_bytes(self, tensor: onnx.TensorProto) -> bytes:
-        """The bytes of a tensor kept in the input's external data file."""
-        place = external_location(tensor)
-        with open((self.base_dir or Path(".")) / place.location, "rb") as data:
+        """The bytes of a tensor kept in a file: the input's external data, or the model file."""
+        place = self.file_range(tensor)
+        with open(place.path, "rb") as data:
             data.seek(place.offset)
             content = data.read(place.length)
         if len(content) != place.length:
             raise OSError(f"external data of '{tensor.name}' ends after {len(content)} of {place.length} bytes")
         return content
+
+    def file_range(self, tensor: onnx.TensorProto) -> FileRange:
+        """Where a tensor that is not held lies on disk (it uses external data)."""
+        place = external_location(tensor)
+        if place.location == MAPPED_LOCATION:
+            if self.source is None:
+                raise OSError(f"tensor '{tensor.name}' lies in a model file this store does not know")
+            if _stamp(self.source) != self._source_stamp:
+                raise OSError(f"{self.source} changed on disk while it was being folded")
+            return FileRange(self.source, place.offset, place.length)
+        return FileRange((self.base_dir or Path(".")) / place.location, place.offset, place.length)
 
     # -- replacing -----------------------------------------------------------------------------
 
