@@ -121,7 +121,7 @@ def write_model(
         if isinstance(chunk, FileRange):
             copy_range(chunk, file)
         else:
-            _write_all(file, chunk)
+            write_buffer(file, chunk)
     return total
 
 
@@ -202,14 +202,23 @@ def _byte_view(buffer: Buffer) -> memoryview:
         raise ValueError(f"payload is not one contiguous block of bytes ({error})") from None
 
 
-def _write_all(file: BinaryIO, chunk: bytes | memoryview) -> None:
-    """Write every byte of ``chunk``: an unbuffered file may accept only part of it."""
-    view = memoryview(chunk)
-    while view:
-        written = file.write(view)
-        if written is None or written >= len(view):
-            return
-        view = view[written:]
+# Pieces written per call. Writing a large numpy array (memory numpy backs with huge
+# pages) in one call ran at 0.6 GB/s in the kernel's copy into the page cache, in pieces
+# of 1 MiB at 3.9 GB/s (1.0 GB: 1.76 s -> 0.26 s; 4 MiB pieces were already 0.7-1.1 s).
+_WRITE_PIECE = 1 << 20
+
+
+def write_buffer(file: BinaryIO, buffer: Buffer) -> None:
+    """Write every byte of ``buffer`` (bytes, or a numpy array as :func:`_byte_view` reads
+    it) to ``file`` in pieces of ``_WRITE_PIECE``; an unbuffered file may accept less."""
+    view = _byte_view(buffer)
+    for start in range(0, len(view), _WRITE_PIECE):
+        piece = view[start : start + _WRITE_PIECE]
+        while piece:
+            written = file.write(piece)
+            if written is None or written >= len(piece):
+                break
+            piece = piece[written:]
 
 
 # -- protobuf wire format ---------------------------------------------------------------------

@@ -25,7 +25,7 @@ import onnx
 
 from bnfold.errors import InputError, first_line
 from bnfold.io.load import PROTOBUF_LIMIT
-from bnfold.io.protostream import FileRange, copy_range, write_model
+from bnfold.io.protostream import FileRange, copy_range, write_buffer, write_model
 from bnfold.io.store import (
     SMALL_TENSOR_BYTES,
     TensorStore,
@@ -229,7 +229,7 @@ def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str,
             if isinstance(payload, FileRange):
                 copy_range(payload, data)
             else:
-                data.write(payload.data if isinstance(payload, np.ndarray) else payload)
+                write_buffer(data, payload)
             clear_data(tensor)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset), ("length", size)):
