@@ -225,10 +225,11 @@ def main() -> None:
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path), metavar="FILE...")
 @click.option("--exact-padding", is_flag=True, help="As `bnfold fold --exact-padding`.")
+@click.option("--keep-overridable", is_flag=True, help="As `bnfold fold --keep-overridable`.")
 @selection_options
 @verification_options
-def fold(files: tuple[Path, ...], exact_padding: bool, skip: tuple[str, ...], only: tuple[str, ...],
-         json_path: str | None, quiet: bool, **comparison: Any) -> None:
+def fold(files: tuple[Path, ...], exact_padding: bool, keep_overridable: bool, skip: tuple[str, ...],
+         only: tuple[str, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Write X.folded.onnx when it is missing or differs from a fresh fold of X.onnx, and
     then exit 1 so the new file gets staged; exit 0 when every folded file is up to date.
 
@@ -236,7 +237,8 @@ def fold(files: tuple[Path, ...], exact_padding: bool, skip: tuple[str, ...], on
     nothing and exits 1. --quiet is accepted and implied.
     """
     _refuse_json(json_path)
-    options = fold_options(verify_options(**comparison), exact_padding=exact_padding, skip=skip, only=only)
+    options = fold_options(verify_options(**comparison), exact_padding=exact_padding,
+                           keep_overridable=keep_overridable, skip=skip, only=only)
     _require_valid_values(options.verify_options)
     written: list[Path] = []
 

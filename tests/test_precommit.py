@@ -21,6 +21,7 @@ from bnfold.precommit import ModelPair, install_if_changed, main, model_pairs
 from sample_models import generate
 from tests.support import shift_first_weight, write_model_onnxruntime_cannot_run
 from tests.test_cli import corrupting_fold
+from tests.test_packaged_classes import overridable_weights
 
 # One sample per class of model: Conv stack, Gemm MLP, ConvTranspose, decomposed
 # Mul/Add affines, and a model where some BNs cannot be folded.
@@ -242,3 +243,19 @@ def test_an_interrupted_fold_leaves_neither_scratch_nor_partial_output(
     assert result.exit_code == 130
     assert result.stderr.splitlines() == ["bnfold: interrupted; no partial output was left"]
     assert sorted(path.name for path in cnn.parent.iterdir()) == ["cnn.folded.onnx", "cnn.onnx", "mlp.onnx"]
+
+
+def test_fold_hook_keeps_overridable_initializers_when_asked(tmp_path: Path) -> None:
+    """Weights also listed as graph inputs fold by default; with --keep-overridable the hook
+    writes a folded file that folds nothing reading them, and the check hook accepts both."""
+    model = tmp_path / "exported.onnx"
+    onnx.save(overridable_weights(3).model, model)
+    kept = hook("fold", "--keep-overridable", model)
+    assert kept.exit_code == 1, kept.output
+    written = onnx.load(str(folded_path(model)))
+    assert [node.op_type for node in written.graph.node].count("BatchNormalization") == sum(
+        node.op_type == "BatchNormalization" for node in onnx.load(str(model)).graph.node) > 0
+    assert hook("check", model).exit_code == 0
+    folded = hook("fold", model)
+    assert folded.exit_code == 1, folded.output
+    assert not any(node.op_type == "BatchNormalization" for node in onnx.load(str(folded_path(model))).graph.node)
