@@ -457,6 +457,28 @@ def check(original: Path, folded: Path, json_path: str | None, quiet: bool, **co
     _run(action, json_path, failure)
 
 
+def _arrays_in_small_pages() -> None:
+    """Ask numpy to stop advising huge pages for large arrays in this process, unless the
+    user set ``NUMPY_MADVISE_HUGEPAGE`` themselves.
+
+    A fold allocates each large weight once, fills it once and writes it once; huge pages
+    buy nothing there and cost kernel time to clear and compact once memory is fragmented
+    (folding 1.0 GB of external data right after another large process: 3.2 s -> 2.2 s,
+    of which 1.0 s less system time; no change on self-contained models). Only the command
+    does this: it owns its process, where the Python API runs in its caller's.
+    """
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined]  # numpy >= 2
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined,no-redef,unused-ignore]
+        except ImportError:  # a numpy without the switch: keep its default
+            return
+    _set_madvise_hugepage(False)
+
+
 def run() -> NoReturn:
     """The ``bnfold`` command as a process: :func:`main`, then, once its output is flushed, an
     immediate exit with its code.
@@ -465,6 +487,7 @@ def run() -> NoReturn:
     collector) costs tens of milliseconds and does nothing for the user; the run itself has
     already removed its staging folders and stopped its workers.
     """
+    _arrays_in_small_pages()
     try:
         main(prog_name="bnfold")
         code = 0
