@@ -32,6 +32,7 @@ from bnfold.errors import (
     internal_error_message,
 )
 from bnfold.inputs import files_read_by_inputs
+from bnfold.io.load import external_data_locations
 from bnfold.io.paths import PathClash, RunFiles
 from bnfold.io.save import default_output_path, output_folder
 from bnfold.options import DEFAULT_TOLERANCES
@@ -219,16 +220,16 @@ def _report_path(json_path: str | None) -> Path | None:
 
 def _refuse_clobbering_report(json_path: str | None, models: Iterable[Path], outputs: Iterable[Path],
                               inputs: Path | None, *, in_place: bool) -> None:
-    """Before anything is read: the ``--json`` file is none of the files the command line
-    names (models, outputs, ``--inputs``). A failure's JSON document is written to it even
-    when a model cannot be loaded, so this cannot wait for the run's own check, which also
-    knows the models' external data files."""
+    """Before any work: the ``--json`` file is none of the files the run reads or writes
+    (models and their external data files, outputs, ``--inputs``). A failure's JSON document
+    is written to it even when the run stops early (a bad option, a model that cannot be
+    loaded), so this cannot wait for the run's own check."""
     report = _report_path(json_path)
     if report is None:
         return
     files = RunFiles()
     for model in models:
-        files.read_model(model, ())
+        files.read_model(model, external_data_locations(model) or ())
     for model, output in zip(models, outputs):
         files.write_output(model, output, in_place=in_place)
     files.read_inputs(files_read_by_inputs(inputs))

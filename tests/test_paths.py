@@ -158,6 +158,15 @@ def test_json_onto_a_file_the_run_reads_is_refused(work: Path, target: str, mode
     assert_refused_untouched(work, [*args, "--json", path.name], "the JSON report would overwrite")
 
 
+@pytest.mark.parametrize("args", [["m.onnx", "--tol", "nosuch:1,1"], ["m.onnx", "--seed", "-1"],
+                                  ["m.onnx", "n.onnx", "--seed", "-1"], ["check", "m.onnx", "missing.onnx"]])
+def test_json_onto_a_data_file_is_refused_even_when_the_run_would_stop_early(work: Path, args: list[str]) -> None:
+    """A run that stops before loading (a bad option, a missing model) still writes its failure
+    report: that path is checked against the models' data files before anything else."""
+    _json_targets(work)
+    assert_refused_untouched(work, [*args, "--json", "w.bin"], "the JSON report would overwrite", "w.bin")
+
+
 def test_json_onto_a_model_of_the_batch_that_cannot_be_read_is_refused(work: Path) -> None:
     save(conv_bn_model(14), work / "m.onnx")
     (work / "broken.onnx").write_bytes(b"not a model")
