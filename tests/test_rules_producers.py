@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,6 +101,32 @@ def test_rank_2_matmul_add_bn_becomes_one_gemm() -> None:
     check = fold_and_compare(b.model())
     assert [node.op_type for node in check.folded.graph.node] == ["Gemm", "Relu", "Gemm"]
     assert [fold.rule for fold in check.outcome.folds] == ["matmul-add-bn", "matmul-add-bn"]
+
+
+@pytest.mark.parametrize("rows", ["M", 1, 3])
+@pytest.mark.parametrize("bias_shape", [[5], [1, 5], [3, 5]])
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_a_bias_that_enlarges_the_product_never_becomes_gemm_c(rows: int | str, bias_shape: list[int],
+                                                             direction: str) -> None:
+    """Gemm's C broadcasts to [M, N] and never enlarges it; an Add's bias may: a [3, N] bias
+    turns a [1, N] product into [3, N]. Such a bias stays in its Add, and the folded model
+    runs wherever the original does (M = 1 and M = 3 when M is symbolic)."""
+    b = GraphBuilder(seed=12)
+    x = b.input("x", [rows, 6])
+    if direction == "forward":
+        x = b.batchnorm(x, 6)
+    y = b.node("Add", [b.node("MatMul", [x, b.random("W", [6, 5])]), b.random("bias", bias_shape)])
+    b.output(b.batchnorm(y, 5) if direction == "backward" else y)
+    model = b.model()
+    onnx.checker.check_model(model, full_check=True)
+    sizes = [1, 3] if rows == "M" else [rows]
+    rng = np.random.default_rng(0)
+    variants = [{"x": rng.standard_normal((size, 6)).astype(np.float32)} for size in sizes]
+    check = fold_and_compare(model, shapes={"x": (sizes[-1], 6)}, input_variants=variants)
+    assert op_count(check.folded, "BatchNormalization") == 0
+    fits_gemm = len(bias_shape) == 1 or bias_shape[0] == 1 or bias_shape[0] == rows
+    kept = ["MatMul", "Add"] if direction == "backward" else ["Gemm", "Add"]
+    assert [node.op_type for node in check.folded.graph.node] == (["Gemm"] if fits_gemm else kept)
 
 
 def test_batched_matmul_add_affine_stays_one_matmul_and_one_add() -> None:

@@ -130,6 +130,17 @@ def becomes_gemm(graph: GraphIndex, matmul: onnx.NodeProto, dtype: np.dtype) -> 
     return name in ("float16", "float32", "float64") or (name == "bfloat16" and opset >= 13)
 
 
+def gemm_takes_bias(graph: GraphIndex, matmul: onnx.NodeProto, bias: np.ndarray) -> bool:
+    """Whether ``bias`` can be the C of the Gemm a rank-2 MatMul becomes: C broadcasts *to*
+    the product's ``[M, N]`` and may never enlarge it, where an Add's bias may (``[3, N]``
+    added to a ``[1, N]`` product gives ``[3, N]``). A matrix bias therefore needs one row,
+    or exactly M rows when M is known."""
+    if bias.ndim < 2:
+        return True
+    rows = (graph.static_shape(matmul.input[0]) or (None,))[0]
+    return bias.ndim == 2 and (bias.shape[0] == 1 or bias.shape[0] == rows)
+
+
 @dataclass
 class Absorbed:
     """What a layer needs to absorb an affine: its new tensors, and what else changes."""

@@ -34,7 +34,7 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, attributes, describe
-from bnfold.rules.base import Absorbed, IntoConsumer, becomes_gemm
+from bnfold.rules.base import Absorbed, IntoConsumer, becomes_gemm, gemm_takes_bias
 from bnfold.rules.matmul_add import matmul_and_bias_slot
 from bnfold.rules.plan import (
     Affine,
@@ -94,7 +94,7 @@ def _bias_add_after(matmul: onnx.NodeProto, graph: GraphIndex) -> tuple[onnx.Nod
     if found is None:
         return None
     bias = graph.constant_value(readers[0].input[found[1]])
-    if bias is None or require_float(bias, readers[0], "bias") or bias.ndim > 2:
+    if bias is None or require_float(bias, readers[0], "bias") or not gemm_takes_bias(graph, matmul, bias):
         return None
     return readers[0], bias
 

@@ -1,8 +1,9 @@
 """MatMul → Add(constant bias) → BatchNormalization: how many exporters write a Linear.
 
 ``BN(X W + b) = X (W * s) + (b * s + t)``: the MatMul's weight columns are scaled and the
-bias is folded. When X is known to be a matrix (rank 2) and the bias is at most a matrix,
-the MatMul becomes a Gemm whose C holds the folded bias and takes over the Add: one node
+bias is folded. When X is known to be a matrix (rank 2) and the bias fits Gemm's C (one row,
+or M rows: C never enlarges the product as an Add's bias may), the MatMul becomes a Gemm
+whose C holds the folded bias and takes over the Add: one node
 (:func:`~bnfold.rules.base.becomes_gemm`). Otherwise the existing bias Add takes the folded
 bias and the BN's output, so the pair stays one MatMul + one Add, which works for every rank.
 As for a lone MatMul, the affine's channel axis must be the last axis of the Add's output (a
@@ -15,7 +16,7 @@ import onnx
 
 from bnfold import fold_math
 from bnfold.graph import GraphIndex, describe, is_standard
-from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal
+from bnfold.rules.base import Absorbed, IntoProducer, becomes_gemm, channel_axis_refusal, gemm_takes_bias
 from bnfold.rules.plan import Affine, FoldPlan, OpTypeUpdate, Refusal, Replaced, RuleSet
 from bnfold.rules.weights import (
     cast_tensor,
@@ -80,7 +81,7 @@ class MatMulAddBn(IntoProducer):
         if isinstance(scaled, Refusal):
             return scaled
         exact_bias = fold_math.fold_bias(bias, affine.s, affine.t, axis=-1)
-        if bias.ndim <= 2 and becomes_gemm(graph, matmul, weight.dtype):
+        if becomes_gemm(graph, matmul, weight.dtype) and gemm_takes_bias(graph, matmul, bias):
             gemm_bias = cast_tensor(matmul, 2, exact_bias, bias.dtype, "bias")
             if isinstance(gemm_bias, Refusal):
                 return gemm_bias
