@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 from bnfold.pipeline import FoldOptions, fold_file
@@ -116,6 +117,26 @@ def test_kernels_that_fit_in_neither_stay_apart() -> None:
 
     assert not check.outcome.merges
     assert op_count(check.folded, "Conv") == 8
+
+
+@pytest.mark.parametrize("form", ["Add(c, c)", "Sum(c, c)", "Sum(k, d, d)"])
+def test_one_conv_added_twice_is_not_merged_with_itself(form: str) -> None:
+    """Two terms of one sum computed by the same Conv are one branch: "merging" it into
+    itself would delete it. Different Convs over the same input still merge."""
+    b = GraphBuilder(seed=21)
+    x = b.input("x", [2, 4, 6, 6])
+    conv = _branch(b, x, 4, 4, (1, 1), batchnorm=False)
+    if form == "Add(c, c)":
+        total = b.node("Add", [conv, conv])
+    elif form == "Sum(c, c)":
+        total = b.node("Sum", [conv, conv])
+    else:
+        total = b.node("Sum", [_branch(b, x, 4, 4, (3, 3), batchnorm=False, pads=[1] * 4), conv, conv])
+    b.output(b.batchnorm(total, 4))
+    check = fold_and_compare(b.model())
+    assert not check.outcome.merges
+    assert op_count(check.folded, "Conv") == (2 if form == "Sum(k, d, d)" else 1)
+    assert [left.reason for left in check.outcome.left] and "twice" in check.outcome.left[0].reason
 
 
 def test_a_dilated_kernel_takes_a_one_by_one_at_its_centre() -> None:

@@ -121,6 +121,8 @@ def read_branch(term: Term, conv: onnx.NodeProto, graph: GraphIndex) -> Branch |
     other_uses = graph.other_uses(term.value, besides=term.node)
     if other_uses:
         return Refusal(f"{describe(conv)} output also feeds {', '.join(other_uses)}")
+    if list(term.node.input).count(term.value) > 1:  # Add(c, c): one Conv, two terms
+        return Refusal(f"{describe(term.node)} adds the output of {describe(conv)} more than once")
     found = constant_weight_and_bias(graph, conv, "weight", "bias")
     if isinstance(found, Refusal):
         return found
