@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
-import os
 import shlex
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from bnfold.errors import (
 from bnfold.inputs import check_option_values
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles, validate_output_path
-from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, output_data_location
+from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, move_into_place, output_data_location
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line
@@ -118,12 +117,8 @@ def install_if_changed(fresh: Path, target: Path) -> list[Path]:
     has_data = fresh_data.exists()
     if same_bytes(fresh, target) and (not has_data or same_bytes(fresh_data, data_file(target))):
         return []
-    written = []
-    if has_data:  # the data first: the model that refers to it lands last
-        os.replace(fresh_data, data_file(target))
-        written.append(data_file(target))
-    os.replace(fresh, target)
-    return [target, *written]
+    move_into_place(fresh, target, (fresh_data, data_file(target)) if has_data else None, spare=fresh.parent)
+    return [target, data_file(target)] if has_data else [target]
 
 
 def _refuse_overwriting_the_original(pair: ModelPair) -> None:

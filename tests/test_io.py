@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from onnx import external_data_helper, numpy_helper
 from bnfold.errors import InputError
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.io.load import load_model
-from bnfold.io.save import stage
+from bnfold.io.save import move_into_place, stage
 from bnfold.io.store import TensorStore
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
@@ -314,3 +315,59 @@ def test_staging_left_by_a_process_killed_hard_is_removed_by_the_next_run(tmp_pa
     report = fold_file(source, FoldOptions(output=tmp_path / "out.onnx"))
     assert report.written
     assert not abandoned.exists() and alive.is_dir() and lookalike.is_dir()
+
+
+# -- moving a written model and its data file into place ------------------------------------------
+
+
+@pytest.fixture
+def written_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A staging folder holding a new model and data file, and the old pair at their places."""
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / "m.onnx").write_bytes(b"new model")
+    (staging / "m.onnx.data").write_bytes(b"new data")
+    (tmp_path / "m.onnx.data").write_bytes(b"old data")
+    return staging, tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+
+
+def test_model_and_data_file_move_into_place_together(written_pair: tuple[Path, Path, Path]) -> None:
+    staging, target, data = written_pair
+    target.write_bytes(b"old model")
+    move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    assert (target.read_bytes(), data.read_bytes()) == (b"new model", b"new data")
+    assert list(staging.iterdir()) == []  # the old data file set aside is gone too
+
+
+def test_a_refused_model_move_puts_the_old_data_file_back(written_pair: tuple[Path, Path, Path]) -> None:
+    """With --in-place the data file at its place is the input's own: a half-done move would
+    leave the input model pointing at the folded model's data."""
+    staging, target, data = written_pair
+    target.mkdir()
+    (target / "keep").write_bytes(b"")  # a non-empty folder: no file can replace it
+    with pytest.raises(OSError):
+        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    assert data.read_bytes() == b"old data"
+    assert sorted(path.name for path in staging.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_ctrl_c_during_the_moves_is_held_until_they_are_done(written_pair: tuple[Path, Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    staging, target, data = written_pair
+    real_replace = os.replace
+
+    def replace_then_interrupt(source: Path, destination: Path) -> None:
+        real_replace(source, destination)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    assert (target.read_bytes(), data.read_bytes()) == (b"new model", b"new data")
+    target.unlink()
+    target.mkdir()
+    (target / "keep").write_bytes(b"")
+    (staging / "m.onnx").write_bytes(b"newer model")
+    (staging / "m.onnx.data").write_bytes(b"newer data")
+    with pytest.raises(KeyboardInterrupt):  # undone, then the interrupt
+        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    assert data.read_bytes() == b"new data"

@@ -15,6 +15,8 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +89,63 @@ def output_data_location(output: Path) -> str:
     return f"{name}.data"
 
 
+def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *, spare: Path) -> None:
+    """Move a written ``model`` over ``target`` and, when ``data`` is ``(written, its place)``,
+    its data file first, so that the model never lands before what it refers to.
+
+    Two renames are not one, so the step is made whole by hand: a data file already at its
+    place (the input's own with ``--in-place``, or an earlier output's) is first moved
+    aside into ``spare`` (a folder on the same file system), put back if the model's move
+    then fails and deleted once it succeeded: the pair is either all old or all new.
+    Ctrl-C during the moves is held until they are done: a finished move is kept (the run's
+    work is complete), a failed one is undone and the interrupt then raised.
+
+    Raises:
+        OSError: a move was refused; everything moved was put back.
+    """
+    with _interrupts_held() as interrupted:
+        set_aside: Path | None = None
+        data_moved = False
+        try:
+            if data is not None:
+                written, place = data
+                if os.path.lexists(place) and not os.path.isdir(place):
+                    set_aside = spare / f"previous-{uuid.uuid4().hex}"
+                    os.replace(place, set_aside)
+                os.replace(written, place)
+                data_moved = True
+            os.replace(model, target)
+            if set_aside is not None:
+                set_aside.unlink()
+        except OSError:
+            if data is not None:
+                if data_moved:
+                    os.replace(data[1], data[0])
+                if set_aside is not None:
+                    os.replace(set_aside, data[1])
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) and SIGTERM noted, not raised, inside the block (the list yielded gets
+    the signals received). Python runs signal handlers in the main thread only, so this
+    holds them whichever thread the system delivers them to; elsewhere it holds nothing."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, _frame: received.append(number)) for number in held}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 class StagedOutput:
     """A model written to a hidden folder beside its target, waiting to be moved into place.
 
@@ -108,17 +167,17 @@ class StagedOutput:
         return total
 
     def commit(self) -> None:
-        """Move the data file (if any), then the model, into place.
+        """Move the data file (if any), then the model, into place, as one step
+        (:func:`move_into_place`).
 
         Raises:
             InputError: when the file system refuses a move (the target changed since it
-                was checked, e.g. a folder created at its place); nothing was moved unless
-                the data file was, and the model that refers to it lands only after it.
+                was checked, e.g. a folder created at its place); nothing is changed then.
         """
+        data = None if not self.data_location else (
+            self.staging / self.data_location, self.target.parent / self.data_location)
         try:
-            if self.data_location:
-                os.replace(self.staging / self.data_location, self.target.parent / self.data_location)
-            os.replace(self.staged_path, self.target)
+            move_into_place(self.staged_path, self.target, data, spare=self.staging)
         except OSError as error:
             raise InputError(f"{self.target}: cannot move the folded model into place ({first_line(error)})") from None
 
