@@ -371,3 +371,26 @@ def test_ctrl_c_during_the_moves_is_held_until_they_are_done(written_pair: tuple
     with pytest.raises(KeyboardInterrupt):  # undone, then the interrupt
         move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
     assert data.read_bytes() == b"new data"
+
+
+def test_a_data_file_named_like_the_loaders_marker_is_an_ordinary_data_file(tmp_path: Path) -> None:
+    """Weights the loader leaves in a model file are marked with a location no file can have;
+    a real data file named after it (without the NUL byte) is read like any other, and a
+    model that declares the marker itself is refused."""
+    b = GraphBuilder(seed=4)
+    x = b.input("x", [1, 16, 4, 4])
+    b.output(b.batchnorm(b.conv(x, 16, 16, (3, 3), pads=[1] * 4), 16))
+    model = b.model()
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="bnfold-mapped",
+                    size_threshold=0)
+    result = run_cli(tmp_path / "m.onnx", "-q")
+    assert result.exit_code == 0 and "equivalent" in result.stdout, result.output
+    declared = onnx.load_model(str(tmp_path / "m.onnx"), load_external_data=False)
+    for tensor in declared.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "\x00bnfold-mapped"
+    onnx.save_model(declared, str(tmp_path / "n.onnx"))
+    refused = run_cli(tmp_path / "n.onnx", "--no-verify")
+    assert refused.exit_code == 2 and "names no file" in refused.stderr
+    assert not (tmp_path / "n.folded.onnx").exists()

@@ -190,6 +190,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
+    _refuse_reserved_locations(model, path, len(split[1]) if split is not None else 0)
     locations, data_size = _check_external_data(model, path)
     _check_data_sizes(model, path, lengths)
     passes_full_check = checker_complaint(model, full_check=True) is None
@@ -202,6 +203,15 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         checker_complaint=None if passes_full_check else checker_complaint(model, full_check=False),
         store=store,
     )
+
+
+def _refuse_reserved_locations(model: onnx.ModelProto, path: Path, left_in_file: int) -> None:
+    """Exactly the ``left_in_file`` weights the loader left in the file carry its marker
+    location (:data:`MAPPED_LOCATION`); any other is the file's own declaration of a location
+    no file can have, which would otherwise be read as a place in the model file."""
+    marked = [tensor for tensor in all_tensors(model) if uses_external_data(tensor) and _mapped_here(tensor)]
+    if len(marked) > left_in_file:
+        raise InputError(f"{path}: an external data location names no file (it holds a NUL byte)")
 
 
 def _split(serialized: memoryview) -> tuple[bytes, list[RawInitializer]] | None:

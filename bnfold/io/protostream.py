@@ -371,8 +371,10 @@ def initializer_data_lengths(serialized: bytes | memoryview) -> list[int | None]
 # -- a model's weights apart from its structure -------------------------------------------------
 
 
-MAPPED_LOCATION = "bnfold-mapped"
-"""The external-data location of an initializer :func:`split_raw_initializers` took out."""
+MAPPED_LOCATION = "\x00bnfold-mapped"
+"""The external-data location of an initializer :func:`split_raw_initializers` took out: a
+name no file can have (it starts with a NUL byte), so it never stands for a real data file,
+and a model that declares it itself is refused on loading."""
 
 
 @dataclass(frozen=True)
