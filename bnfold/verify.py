@@ -24,7 +24,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -174,22 +174,27 @@ def open_session(model: Path | bytes, label: str, provider: str) -> ort.Inferenc
     """An onnxruntime session with every graph optimization disabled, for a model file or a
     serialized model (a body extracted in memory)."""
     ort = _onnxruntime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, sess_options=_session_options(), providers=[provider])
+        mapped = _mapped_session(model, provider)
+        if mapped is not None:
+            return mapped
+        with _path_for_onnxruntime(model) as readable:
+            return ort.InferenceSession(readable, sess_options=_session_options(), providers=[provider])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
+
+
+def _session_options() -> ort.SessionOptions:
+    """Every graph optimization disabled, errors through the exception only, no prepacking."""
+    options = _onnxruntime().SessionOptions()
+    options.graph_optimization_level = _onnxruntime().GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors reach the user through the exception, once
     # Prepacking re-lays weights out for faster repeated runs; a verification runs a model a
     # few times, and prepacking was a third of creating a session (vgg11_bn: 1.09 s → 0.71 s).
     options.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        if isinstance(model, bytes):
-            return ort.InferenceSession(model, sess_options=options, providers=[provider])
-        mapped = _mapped_session(model, options, provider)
-        if mapped is not None:
-            return mapped
-        with _path_for_onnxruntime(model) as readable:
-            return ort.InferenceSession(readable, sess_options=options, providers=[provider])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
-        raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
+    return options
 
 
 # Element types onnxruntime takes from a numpy array as it is (no conversion, no copy).
@@ -200,7 +205,7 @@ _MAPPABLE_TYPES = frozenset({
 })
 
 
-def _mapped_session(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession | None:
+def _mapped_session(path: Path, provider: str) -> ort.InferenceSession | None:
     """A session of a self-contained model file whose large weights onnxruntime reads where
     they lie in the file (mapped into memory), not from its own parse of the file.
 
@@ -210,7 +215,9 @@ def _mapped_session(path: Path, options: ort.SessionOptions, provider: str) -> o
     and those initializers as arrays over the file's bytes at their offsets
     (``add_external_initializers``): the same graph and the same values, byte for byte,
     in 0.3 s. The mapping lives as long as the session. None (the ordinary path) for a model
-    with external data, whose files onnxruntime must find beside it, or one laid out otherwise.
+    with external data, whose files onnxruntime must find beside it, one laid out otherwise,
+    and one onnxruntime takes whole but not so (it cannot replace a weight that only a
+    subgraph reads): the ordinary path then has the last word on the model.
     """
     ort = _onnxruntime()
     with open(path, "rb") as file:
@@ -241,8 +248,16 @@ def _mapped_session(path: Path, options: ort.SessionOptions, provider: str) -> o
         for raw in split[1]
     ]
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+    options = _session_options()
     options.add_external_initializers([raw.name for raw in split[1]], values)
-    session = ort.InferenceSession(split[0], sess_options=options, providers=[provider])
+    try:
+        session = ort.InferenceSession(split[0], sess_options=options, providers=[provider])
+    except Exception:  # noqa: BLE001 - any refusal: the file as it is gets the last word
+        del arrays, values, options
+        with suppress(BufferError):  # else the mapping closes when collected
+            view.release()
+            mapping.close()
+        return None
     session.bnfold_mapped_weights = (mapping, view, arrays, values, options)  # alive with the session
     return session
 

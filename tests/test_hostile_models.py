@@ -544,3 +544,17 @@ def test_branch_weights_in_external_data_fold_verify_and_get_their_own_data_file
     assert count_ops(written, BN) == 0
     feeds = [judge_feeds(model, seed, fixed=f) for f in conditions([f"cond{level}" for level in range(depth)])]
     assert_same_function(source, output, feeds)
+
+
+@pytest.mark.parametrize("elements", [16, 1024])
+def test_an_initializer_no_node_reads_is_no_obstacle_to_verifying(tmp_path: Path, elements: int) -> None:
+    """onnxruntime drops an initializer nothing reads: the verification sessions, which hand
+    large weights over apart from the file, must not trip on it (1,024 elements is 4 KiB)."""
+    b = GraphBuilder(seed=31)
+    x = b.input("x", [1, 4, 5, 5])
+    b.output(b.batchnorm(b.conv(x, 4, 4, (3, 3), pads=[1] * 4), 4))
+    b.random("unused", [elements])
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(), str(path))
+    result = run_cli(path, "-q")
+    assert result.exit_code == 0 and "folded 1 of 1" in result.stdout, result.output
