@@ -42,7 +42,7 @@ from typing import Any
 from bnfold.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BnfoldError, internal_error_message
 from bnfold.inputs import check_option_values, files_read_by_inputs
 from bnfold.io.load import external_data_locations
-from bnfold.io.paths import RunFiles
+from bnfold.io.paths import RunFiles, resolved
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, remove_staging_of
 from bnfold.pipeline import FoldOptions, FoldReport, fold_file
 from bnfold.schema import BATCH_SCHEMA, plain
@@ -69,8 +69,8 @@ def find_models(paths: Sequence[Path]) -> list[Path]:
     for path in paths:
         found = [p for p in sorted(path.rglob("*.onnx")) if _is_model_file(p, path)] if path.is_dir() else []
         for model in found or [path]:
-            if model.resolve() not in seen:
-                seen.add(model.resolve())
+            if resolved(model) not in seen:
+                seen.add(resolved(model))
                 models.append(model)
     return models
 

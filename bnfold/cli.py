@@ -388,7 +388,7 @@ def _refuse_output_as_second_model(models: tuple[Path, ...], output: Path | None
     if len(models) != 2 or output or output_dir:
         return
     source, target = models
-    if source.is_file() and not target.exists() and target.suffix == ".onnx":
+    if source.is_file() and not target.exists() and not target.is_symlink() and target.suffix == ".onnx":
         raise InputError(f"{target}: no such file; to write the folded model there, use -o: "
                          f"bnfold {shlex.quote(str(source))} -o {shlex.quote(str(target))}")
 

@@ -49,7 +49,7 @@ from bnfold.errors import (
 )
 from bnfold.inputs import check_option_values
 from bnfold.io.load import external_data_locations
-from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.paths import RunFiles, resolved, validate_output_path
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, move_into_place, output_data_location
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
@@ -85,7 +85,7 @@ def model_pairs(files: Sequence[Path]) -> list[ModelPair]:
     pairs: dict[Path, ModelPair] = {}
     for file in files:
         pair = pair_of(file)
-        pairs.setdefault(pair.original.resolve(), pair)
+        pairs.setdefault(resolved(pair.original), pair)
     return list(pairs.values())
 
 

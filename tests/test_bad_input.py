@@ -8,8 +8,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnx import helper
+from onnx import external_data_helper, helper
 
+from sample_models.modelkit import GraphBuilder
 from tests.support import assert_one_line_error, run_cli
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -160,3 +161,31 @@ def test_initializer_with_the_wrong_number_of_bytes_is_refused(tmp_path: Path) -
         f"bnfold: error: {path}: initializer '{weight.name}' holds {len(weight.raw_data)} bytes "
         f"but its shape {list(weight.dims)} needs {len(weight.raw_data) + 4}\n"
     )
+
+
+def test_a_symlink_loop_named_as_a_model_is_a_bad_model_not_a_crash(model: Path) -> None:
+    loop = model.with_name("loop.onnx")
+    loop.symlink_to(loop.name)
+    assert_one_line_error(run_cli(loop), 2, "loop.onnx: no such file", "symbolic link")
+    batch = run_cli(model, loop, "-q")  # the good model is still folded
+    assert batch.exit_code == 2 and "Traceback" not in batch.output
+    assert model.with_name("m.folded.onnx").exists()
+
+
+@pytest.mark.parametrize("location", ["loopdata", "a\0b", "x" * 300])
+def test_an_unusable_external_data_location_is_a_bad_model(tmp_path: Path, location: str) -> None:
+    """A location that is a symlink loop, holds a NUL byte or is too long for the system."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [1, 2, 3, 3])
+    b.output(b.batchnorm(b.conv(x, 2, 2), 2))
+    built = b.model()
+    weight = built.graph.initializer[0]
+    external_data_helper.set_external_data(weight, location=location, offset=0, length=len(weight.raw_data))
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    (tmp_path / "loopdata").symlink_to("loopdata")
+    path = tmp_path / "m.onnx"
+    onnx.save(built, str(path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(run_cli(path, "--no-verify"), 2, "external data location", "is unusable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -88,12 +88,15 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> tuple[tuple[str,
         if location == MAPPED_LOCATION:  # a weight the loader left in the model file itself
             continue
         if location not in sizes:
-            data_path = (folder / location).resolve()
-            if not location or os.path.isabs(location) or not data_path.is_relative_to(folder):
-                raise InputError(f"{path}: external data location '{location}' points outside the model's folder")
-            if not data_path.is_file():
-                raise InputError(f"{path}: external data file '{location}' is missing")
-            sizes[location] = data_path.stat().st_size
+            try:
+                data_path = (folder / location).resolve()
+                if not location or os.path.isabs(location) or not data_path.is_relative_to(folder):
+                    raise InputError(f"{path}: external data location '{location}' points outside the model's folder")
+                if not data_path.is_file():
+                    raise InputError(f"{path}: external data file '{location}' is missing")
+                sizes[location] = data_path.stat().st_size
+            except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte, a name too long
+                raise InputError(f"{path}: external data location '{location}' is unusable ({first_line(error)})") from None
         expected = data_bytes(tensor)
         if expected is not None and place.length != expected:
             raise InputError(
@@ -165,7 +168,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file")
+        leads_nowhere = " (a symbolic link that leads to no file)" if path.is_symlink() else ""
+        raise InputError(f"{path}: no such file{leads_nowhere}")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not an ONNX file")
     size = path.stat().st_size

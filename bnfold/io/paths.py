@@ -51,14 +51,16 @@ class _FileUse:
         try:
             status = os.stat(self.path)
         except (OSError, ValueError):
-            return _resolved(self.path), None
-        return _resolved(self.path), (status.st_dev, status.st_ino)
+            return resolved(self.path), None
+        return resolved(self.path), (status.st_dev, status.st_ino)
 
 
-def _resolved(path: Path) -> Path:
+def resolved(path: Path) -> Path:
+    """``path`` with symbolic links followed; as written (made absolute) where it cannot be
+    (a symlink loop, a name too long): such a file fails later, with its own message."""
     try:
         return path.resolve()
-    except (OSError, RuntimeError):  # a symlink loop: compare it as written
+    except (OSError, RuntimeError, ValueError):
         return path.absolute()
 
 
@@ -68,7 +70,7 @@ def _same_file(first: _FileUse, second: _FileUse) -> bool:
 
 
 def _same_model(first: Path | None, second: Path | None) -> bool:
-    return first is not None and second is not None and _resolved(first) == _resolved(second)
+    return first is not None and second is not None and resolved(first) == resolved(second)
 
 
 class PathClash(InputError):
