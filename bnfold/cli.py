@@ -367,8 +367,8 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
     def action() -> int:
         _refuse_output_as_second_model(models, output, output_dir)
         outputs = [output_in(output_dir, model) if output_dir else default_output_path(model) for model in found]
-        _refuse_clobbering_report(json_path, found, [target or outputs[0]] if single else outputs,
-                                  comparison.get("inputs"), in_place=in_place)
+        written = [] if dry_run else [target or outputs[0]] if single else outputs  # a dry run writes no model
+        _refuse_clobbering_report(json_path, found, written, comparison.get("inputs"), in_place=in_place)
         if output and output_dir:
             raise InputError("-o/--output and --output-dir cannot be combined")
         if output and not single:

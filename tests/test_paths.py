@@ -10,6 +10,7 @@ name, through ``..``, through a hard link; by ``-o``, by the default output name
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -236,6 +237,15 @@ def test_dry_run_writes_no_model_so_outputs_may_hit_inputs(work: Path) -> None:
     result = run_cli("x.onnx", "x.folded.onnx", "m", "m.onnx", "--dry-run", "-q")
     assert result.exit_code == 0, result.output
     assert snapshot(work) == before
+
+
+def test_a_dry_run_report_may_go_where_the_output_would(work: Path) -> None:
+    """A dry run writes no model, so its default output path is free for the report."""
+    save(conv_bn_model(15), work / "m.onnx", data="w.bin")
+    result = run_cli("m.onnx", "--dry-run", "-q", "--json", "m.folded.onnx")
+    assert result.exit_code == 0, result.output
+    assert json.loads((work / "m.folded.onnx").read_text())["status"] == "equivalent"
+    assert_refused_untouched(work, ["m.onnx", "--dry-run", "--json", "w.bin"], "the JSON report would overwrite")
 
 
 # -- an existing folder where the output's data file goes --------------------------------------------------------
