@@ -34,7 +34,7 @@ from bnfold.errors import (
 from bnfold.inputs import files_read_by_inputs
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import PathClash, RunFiles
-from bnfold.io.save import default_output_path, output_folder
+from bnfold.io.save import default_output_path, output_folder, write_text_whole
 from bnfold.options import DEFAULT_TOLERANCES
 from bnfold.pipeline import FoldReport
 from bnfold.schema import BATCH_SCHEMA, CHECK_SCHEMA, FOLD_SCHEMA, failure_document
@@ -202,15 +202,19 @@ def selection_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+class _ReportNotWritten(InputError):
+    """The ``--json`` file could not be written: the failure's own report is not tried there again."""
+
+
 def _write_json(document: dict[str, Any], json_path: str) -> None:
-    """The JSON report to stdout (``-``) or to a file."""
+    """The JSON report to stdout (``-``) or to a file, whole or not at all."""
     if json_path == "-":
         click.echo(render.dump_json(document))
         return
     try:
-        Path(json_path).write_text(render.dump_json(document) + "\n", encoding="utf-8")
+        write_text_whole(Path(json_path), render.dump_json(document) + "\n")
     except OSError as error:
-        raise InputError(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
+        raise _ReportNotWritten(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
 
 
 def _report_path(json_path: str | None) -> Path | None:
@@ -268,8 +272,10 @@ def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocum
     try:
         code = action()
     except BnfoldError as error:
-        # A path the run may not write is never written, not even with the failure's report.
-        _fail(ERROR_PREFIX, str(error), error.exit_code, None if isinstance(error, PathClash) else json_path, failure)
+        # A path the run may not write is never written, not even with the failure's report,
+        # and a report that could not be written is not tried again.
+        unwritable = isinstance(error, (PathClash, _ReportNotWritten))
+        _fail(ERROR_PREFIX, str(error), error.exit_code, None if unwritable else json_path, failure)
     except KeyboardInterrupt:
         click.echo(f"bnfold: interrupted; {interrupted}", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -130,6 +133,26 @@ def test_unwritable_json_report_path(model: Path) -> None:
     assert result.stderr.startswith(f"bnfold: error: {target}: cannot write JSON report")
 
 
+def test_a_report_that_cannot_be_written_whole_leaves_the_old_one(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing the report: the previous report stays as it was, no
+    half-written or scratch file is left, nothing is written, and the error is one line."""
+    report = model.parent / "report.json"
+    report.write_text("previous report")
+    real_write_text = Path.write_text
+
+    def disk_full_for_scratch_files(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        if self.name.startswith(".bnfold-"):
+            real_write_text(self, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", disk_full_for_scratch_files)
+    before = sorted(path.name for path in model.parent.iterdir())
+    assert_one_line_error(run_cli(model, "--json", report, "-q"), 2, "cannot write JSON report", "No space left")
+    assert report.read_text() == "previous report"
+    assert sorted(path.name for path in model.parent.iterdir()) == before
+
+
 def test_output_folder_that_refuses_files(model: Path) -> None:
     """/proc accepts no new files, even from root (for whom permission bits do not count)."""
     target = Path("/proc/bnfold-out.onnx")
@@ -189,3 +212,11 @@ def test_an_unusable_external_data_location_is_a_bad_model(tmp_path: Path, locat
     before = sorted(p.name for p in tmp_path.iterdir())
     assert_one_line_error(run_cli(path, "--no-verify"), 2, "external data location", "is unusable")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_report_to_a_device_is_written_into_it(model: Path) -> None:
+    """``--json /dev/stdout`` (a CI habit) writes through the device; nothing replaces it."""
+    result = subprocess.run([sys.executable, "-m", "bnfold", str(model), "--json", "/dev/stdout", "-q"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert '"schema": "bnfold.fold/1"' in result.stdout and Path("/dev/stdout").exists()

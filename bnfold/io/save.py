@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -144,6 +145,34 @@ def _interrupts_held() -> Iterator[list[int]]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that the file is either all old or all new.
+
+    The text goes to a hidden file beside the real target (symbolic links followed), which
+    then replaces it: a full disk or Ctrl-C leaves the old file, or none, never half a
+    report. A target that exists and is not a regular file (``/dev/stdout``, a pipe) is
+    written as it is: nothing may replace it.
+
+    Raises:
+        OSError: the file could not be written; nothing was left behind.
+    """
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        regular = True  # a new file
+    if not regular:
+        path.write_text(text, encoding="utf-8")
+        return
+    target = path.resolve()
+    scratch = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        scratch.write_text(text, encoding="utf-8")
+        os.replace(scratch, target)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
 
 
 class StagedOutput:
