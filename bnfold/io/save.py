@@ -65,7 +65,10 @@ def output_folder(folder: Path) -> Iterator[Path]:
     Raises:
         InputError: the path is a file, or the folder cannot be created.
     """
-    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    # Every prefix of the path as written, deepest first: ``a/b/../c`` creates ``a``, ``a/b``
+    # and ``a/c`` (as ``mkdir -p`` does); a ``..`` step names no new folder.
+    prefixes = [Path(*folder.parts[:length]) for length in range(len(folder.parts), 0, -1)]
+    created = [path for path in prefixes if path.name not in ("", "..") and not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
