@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from bnfold.errors import first_line
@@ -232,6 +233,14 @@ def fold_batchnorms(
     Model-local functions whose BNs can only fold with what their callers pass are
     inlined first (:mod:`bnfold.inline`).
     """
+    # Floating-point trouble is found by the rules' own checks (an overflow is a refusal with
+    # its reason); numpy's warnings would only add lines of its own to the user's stderr.
+    with np.errstate(all="ignore"):
+        return _fold_model(model, rules, may_fold, store, selection)
+
+
+def _fold_model(model: onnx.ModelProto, rules: RuleSet, may_fold: Callable[[str], bool] | None,
+                store: TensorStore | None, selection: Selection) -> FoldOutcome:
     run = _Run(rules, may_fold or (lambda _label: True), selection, store or TensorStore(), FoldOutcome())
     inlined = inline_for_folding(model, run.store)
     run.outcome.inlined_functions, run.origins = inlined.functions, inlined.origins

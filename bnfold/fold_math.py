@@ -329,23 +329,25 @@ def _scale_blocks(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tu
     the cast (an overflow, for the caller to report)."""
     exact_buffer, error_buffer = np.empty(_BLOCK), np.empty(_BLOCK)
     worst_rounding, overflow = 0.0, False
-    for old, scale, rounded in blocks:
-        exact = exact_buffer[: old.size].reshape(old.shape)
-        error = error_buffer[: old.size].reshape(old.shape)
-        # Widening first keeps the multiply within float64, where it is twice as fast
-        # as a mixed-type one, with the same result (widening is exact).
-        np.copyto(exact, old)
-        np.multiply(exact, scale, out=exact)
-        with np.errstate(over="ignore", invalid="ignore"):
+    # Overflow and values that were not finite are found below; numpy's warnings about them
+    # would reach the user's stderr (errstate is per thread: the caller's does not reach here).
+    with np.errstate(all="ignore"):
+        for old, scale, rounded in blocks:
+            exact = exact_buffer[: old.size].reshape(old.shape)
+            error = error_buffer[: old.size].reshape(old.shape)
+            # Widening first keeps the multiply within float64, where it is twice as fast
+            # as a mixed-type one, with the same result (widening is exact).
+            np.copyto(exact, old)
+            np.multiply(exact, scale, out=exact)
             np.copyto(rounded, exact, casting="unsafe")
             np.copyto(error, rounded)
             np.subtract(exact, error, out=error)
-        largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
-        if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
-            if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
-                overflow = True
-            largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
-        worst_rounding = max(worst_rounding, largest)
+            largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
+            if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
+                if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
+                    overflow = True
+                largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
+            worst_rounding = max(worst_rounding, largest)
     return worst_rounding, overflow
 
 
