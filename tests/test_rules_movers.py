@@ -142,6 +142,15 @@ def test_split_forward_into_a_layer_and_a_relu_names_the_output_that_cannot_abso
     assert "through Split 'split0': its output 'split0_out1' feeds Relu 'relu0', which cannot absorb it" in reason
 
 
+def test_split_forward_into_a_layer_and_a_graph_output_names_the_graph_output() -> None:
+    b = GraphBuilder(seed=11)
+    split = b.node("Split", [b.batchnorm(b.input("x", [1, 3, 6, 6]), 3), b.const("parts", np.array([4, 2]))], 2,
+                   axis=2)
+    b.output(b.conv(split, 3, 2, pads=[0, 0, 0, 0]))
+    b.output(f"{split}1")
+    assert "its output 'split0_out1' feeds a graph output, which cannot absorb it" in _only_reason(b.model())
+
+
 def test_a_reshape_of_a_decomposed_affine_with_a_broadcast_channel_is_refused() -> None:
     """``Mul`` by ``[1, C, 1, 1]`` on a one-channel tensor broadcasts it to C channels:
     moving it before a reshape would need the reshape's input to have C channels."""

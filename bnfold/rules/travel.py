@@ -109,8 +109,10 @@ class _Travel(FoldRule):
             inner = _combined([delegate(moved, self.layer_rules(rules), graph, rules),
                                self._cross(moved, graph, rules, budget - 1)], middle)
             if inner is None and len(moved_affines) > 1:
-                readers = ", ".join(describe(node) for node in graph.consumers_of(moved.output_name))
-                inner = _through(middle, f"its output '{moved.output_name}' feeds {readers}, which cannot absorb it")
+                uses = [describe(node) for node in graph.consumers_of(moved.output_name)]
+                uses += ["a graph output"] * (moved.output_name in graph.graph_outputs)
+                inner = _through(middle, f"its output '{moved.output_name}' feeds {', '.join(uses) or 'nothing'}, "
+                                 "which cannot absorb it")
             if not isinstance(inner, FoldPlan):
                 return inner
             plans.append(inner)
