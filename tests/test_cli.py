@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,25 @@ def test_a_model_that_needs_real_sizes_gets_a_hint(tmp_path: Path) -> None:
         "(symbolic dims of image were set to 1; give real sizes with --input-shape NAME:D1,D2,...)\n"
     )
     assert run_cli(path, "--input-shape", "image:1,2,4,4", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("script", ["bnfold", "bnfold-precommit"])
+@pytest.mark.parametrize("library", ["numpy/_core/_multiarray_umath", "onnx/onnx_cpp2py_export"])
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(cnn: Path, script: str, library: str) -> None:
+    """An interrupt while the commands are still importing their libraries (signalled as soon
+    as the process has loaded ``library``) ends like one at any later moment: one line, exit
+    130, nothing written (or, if the run was faster than the signal, its normal end)."""
+    arguments = [str(cnn)] if script == "bnfold" else ["fold", str(cnn)]
+    process = subprocess.Popen([str(Path(sys.executable).with_name(script)), *arguments],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline and library not in maps.read_text():
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    if process.returncode == 130:
+        assert stderr.startswith("bnfold: interrupted; ") and stderr.count("\n") == 1, stderr
+        assert not cnn.with_name("cnn.folded.onnx").exists()
+    else:
+        assert process.returncode in (0, 1) and "Traceback" not in stderr, stderr
