@@ -43,8 +43,10 @@ def _cli_run() -> Callable[[], NoReturn]:
 
 
 def _precommit_main() -> Callable[[], None]:
+    from bnfold.errors import interrupt_on_sigterm
     from bnfold.precommit import main
 
+    interrupt_on_sigterm()
     return main
 
 

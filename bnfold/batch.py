@@ -23,10 +23,12 @@ removed before it exits: no partial output is ever left behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -205,11 +207,24 @@ def _stop_on_sigterm(_signal: int, _frame: FrameType | None) -> None:
     raise _Stopped(EXIT_INTERRUPTED)
 
 
-def _start_worker() -> None:
+def _start_worker(parent: int) -> None:
     """Ctrl-C reaches every process of the terminal's group: workers leave it to the
-    parent, which stops them with SIGTERM, raised here as an exception so cleanup runs."""
+    parent, which stops them with SIGTERM, raised here as an exception so cleanup runs.
+
+    A parent killed outright (SIGKILL, or the out-of-memory killer) cannot stop them: on
+    Linux the system then sends them SIGTERM itself, so that no worker goes on folding,
+    and writing outputs, for a run that has ended.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before that took effect
+            os._exit(EXIT_INTERRUPTED)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _fold_in_worker(model: Path, options: FoldOptions) -> ModelResult:
@@ -220,13 +235,13 @@ def _fold_in_worker(model: Path, options: FoldOptions) -> ModelResult:
         os._exit(EXIT_INTERRUPTED)
 
 
-def _serve(connection: Connection) -> None:
+def _serve(connection: Connection, parent: int) -> None:
     """A worker's life: fold the models the parent sends, one at a time, until it sends None.
 
     What escapes a model's fold (:func:`fold_one` turns every ``Exception`` into the model's
     result; a KeyboardInterrupt or SystemExit is left) goes to the parent, which raises it.
     """
-    _start_worker()
+    _start_worker(parent)
     while (task := connection.recv()) is not None:
         index, model, options = task
         try:
@@ -251,7 +266,7 @@ class _Worker:
 def _start(context: BaseContext) -> _Worker:
     """A worker process waiting for its first model at the other end of a pipe."""
     parent_end, worker_end = context.Pipe()
-    process = context.Process(target=_serve, args=(worker_end,), daemon=True)  # type: ignore[attr-defined]
+    process = context.Process(target=_serve, args=(worker_end, os.getpid()), daemon=True)  # type: ignore[attr-defined]
     process.start()
     worker_end.close()
     return _Worker(process, parent_end)

@@ -30,6 +30,7 @@ from bnfold.errors import (
     BnfoldError,
     InputError,
     internal_error_message,
+    interrupt_on_sigterm,
 )
 from bnfold.inputs import files_read_by_inputs
 from bnfold.io.load import external_data_locations
@@ -47,7 +48,7 @@ Exit codes:
   3  onnxruntime cannot load or run a given model (its message is shown),
      or the original model is not deterministic (differs from itself)
   4  internal error (a bug in bnfold): one line, nothing written
-  130 interrupted (Ctrl-C); no partial output is left"""
+  130 interrupted (Ctrl-C, SIGTERM); no partial output is left"""
 BATCH_EXIT_HELP = """
   Several models: the worst code over all of them (4 > 3 > 2 > 1 > 0)."""
 ERROR_PREFIX = "bnfold: error: "
@@ -495,6 +496,7 @@ def run() -> NoReturn:
     already removed its staging folders and stopped its workers.
     """
     _arrays_in_small_pages()
+    interrupt_on_sigterm()
     try:
         main(prog_name="bnfold")
         code = 0

@@ -7,6 +7,8 @@ are (exported from :mod:`bnfold`), so a script sees the message the CLI prints.
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Any
 
 EXIT_OK = 0
@@ -16,7 +18,19 @@ EXIT_RUNTIME_FAILURE = 3
 EXIT_INTERNAL = 4
 """A bug in bnfold itself: reported in one line; the input is untouched, nothing is written."""
 EXIT_INTERRUPTED = 130
-"""Ctrl-C (the shell's 128 + SIGINT); no partial output is left."""
+"""Ctrl-C (the shell's 128 + SIGINT), or SIGTERM to a command; no partial output is left."""
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``docker stop``, a supervisor) ends a command as Ctrl-C does: raised
+    as KeyboardInterrupt, so staging folders are removed and worker processes stopped before
+    the exit (130). By default it would kill the process on the spot, leaving both behind.
+    For the commands' own processes only: a library does not take its caller's signals."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(_number: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 class BnfoldError(Exception):

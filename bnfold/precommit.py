@@ -62,7 +62,7 @@ Exit codes (the worst over all pairs: 4 > 3 > 2 > 1 > 0):
   2  bad input or usage: a missing or invalid model, a bad option
   3  onnxruntime cannot load or run a given model (its message is shown)
   4  internal error (a bug in bnfold): one line
-  130 interrupted (Ctrl-C); no partial output is left"""
+  130 interrupted (Ctrl-C, SIGTERM); no partial output is left"""
 
 
 @dataclass(frozen=True)

@@ -280,8 +280,11 @@ def test_installed_command_folds_a_folder_with_two_jobs(tree: Path) -> None:
     assert all((tree / "models" / name).is_file() for name in ("a.folded.onnx", "c.folded.onnx", "deep/b.folded.onnx"))
 
 
-def test_ctrl_c_on_the_terminal_group_stops_every_process_cleanly(tree: Path) -> None:
-    """SIGINT to the whole process group, as a terminal sends it, once workers are verifying staged files."""
+@pytest.mark.parametrize("stop", ["Ctrl-C on the terminal's group", "SIGTERM to bnfold", "SIGKILL to bnfold"])
+def test_a_run_stopped_from_outside_stops_every_process_cleanly(tree: Path, stop: str) -> None:
+    """Stopped once both workers are verifying staged files: as a terminal does (SIGINT to the
+    group), as ``kill``/``docker stop`` do (SIGTERM to bnfold alone), or by killing bnfold
+    outright, when the workers are told by the system. No worker goes on, nothing is written."""
     copy_sample("cnn_residual.onnx", tree / "models" / "c.onnx")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("bnfold")), "models", "-j", "2", "--trials", "2000"],
@@ -297,10 +300,38 @@ def test_ctrl_c_on_the_terminal_group_stops_every_process_cleanly(tree: Path) ->
             break
         time.sleep(0.05)
     assert process.poll() is None and len(staged) == 2, "the workers never reached verification"
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130
-    assert stderr == "bnfold: interrupted; models finished before were written; no partial output was left\n"
-    assert stdout == ""
+    workers = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    if stop == "Ctrl-C on the terminal's group":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM if stop == "SIGTERM to bnfold" else signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=30)  # returns once no worker holds the pipes
+    if stop == "SIGKILL to bnfold":
+        assert process.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30  # the workers remove their staging folders, then exit
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.05)
+    else:
+        assert process.returncode == 130
+        assert stderr == "bnfold: interrupted; models finished before were written; no partial output was left\n"
+        assert stdout == ""
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     assert leftovers(tree) == [tree / "models" / ".bnfold-abc"]
     assert not list((tree / "models").rglob("[abc].folded.onnx"))
+
+
+def test_sigterm_to_a_single_model_run_removes_its_staged_output(tree: Path) -> None:
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("bnfold")), "models/a.onnx", "--trials", "2000"],
+        cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    decoy = tree / "models" / ".bnfold-abc"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None and not [
+            folder for folder in leftovers(tree) if folder != decoy and any(folder.glob("*.onnx"))]:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it staged its output"
+    process.terminate()
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and stderr == "bnfold: interrupted; nothing was written\n"
+    assert leftovers(tree) == [decoy] and not (tree / "models" / "a.folded.onnx").exists()
