@@ -149,8 +149,18 @@ TOLERANCE_DEFAULTS = ", ".join(
 
 
 def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by ``fold`` and ``check``: how the two models are compared. Their
-    names are the keyword arguments of :func:`bnfold.api.verify_options`."""
+    """Options shared by ``fold`` and ``check``: how the two models are compared (their
+    names are the keyword arguments of :func:`bnfold.api.verify_options`), and the report."""
+    return _with_verification_options(function, hooks=False)
+
+
+def hook_verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`verification_options` for the pre-commit hooks, which print one line per model:
+    ``--json`` is refused there (and not offered in their help), ``--quiet`` implied."""
+    return _with_verification_options(function, hooks=True)
+
+
+def _with_verification_options(function: Callable[..., Any], *, hooks: bool) -> Callable[..., Any]:
     decorators = [
         click.option("--input-shape", "input_shapes", multiple=True, callback=_parse_shape, metavar="NAME:D1,D2,...",
                      help="Shape for a model input with symbolic dims (repeatable). Otherwise symbolic dims are "
@@ -177,10 +187,13 @@ def verification_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--provider", default="CPUExecutionProvider", show_default=True,
                      help="onnxruntime execution provider for both models (one of "
                      "onnxruntime.get_available_providers())."),
-        click.option("--json", "json_path", metavar="PATH", default=None,
+        click.option("--json", "json_path", metavar="PATH", default=None, hidden=hooks,
                      help="Also write the report as JSON to PATH ('-' for stdout, replacing the tables). "
-                     "Written when the run fails too, with status 'error', exit_code and error."),
-        click.option("--quiet", "-q", is_flag=True, help="Print one summary line instead of tables."),
+                     "Written when the run fails too, with status 'error', exit_code and error (not when "
+                     "the command line itself is refused: an unknown option, a value out of range)."),
+        click.option("--quiet", "-q", is_flag=True,
+                     help="Accepted; the hooks always print one line per model." if hooks
+                     else "Print one summary line instead of tables."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
@@ -275,7 +288,7 @@ def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocum
     except BnfoldError as error:
         # A path the run may not write is never written, not even with the failure's report,
         # and a report that could not be written is not tried again.
-        unwritable = isinstance(error, (PathClash, _ReportNotWritten))
+        unwritable = isinstance(error, _ReportNotWritten) or (isinstance(error, PathClash) and error.report_involved)
         _fail(ERROR_PREFIX, str(error), error.exit_code, None if unwritable else json_path, failure)
     except KeyboardInterrupt:
         click.echo(f"bnfold: interrupted; {interrupted}", err=True)

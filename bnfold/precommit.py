@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from bnfold.api import fold_options, verify_options
-from bnfold.cli import BnfoldGroup, selection_options, verification_options
+from bnfold.cli import BnfoldGroup, hook_verification_options, selection_options
 from bnfold.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -222,7 +222,7 @@ def main() -> None:
 @click.option("--exact-padding", is_flag=True, help="As `bnfold fold --exact-padding`.")
 @click.option("--keep-overridable", is_flag=True, help="As `bnfold fold --keep-overridable`.")
 @selection_options
-@verification_options
+@hook_verification_options
 def fold(files: tuple[Path, ...], exact_padding: bool, keep_overridable: bool, skip: tuple[str, ...],
          only: tuple[str, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Write X.folded.onnx when it is missing or differs from a fresh fold of X.onnx, and
@@ -251,7 +251,7 @@ def fold(files: tuple[Path, ...], exact_padding: bool, keep_overridable: bool, s
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path), metavar="FILE...")
-@verification_options
+@hook_verification_options
 def check(files: tuple[Path, ...], json_path: str | None, quiet: bool, **comparison: Any) -> None:
     """Compare X.folded.onnx with X.onnx for every pair (`bnfold check`); a missing
     X.onnx or X.folded.onnx is an error. Writes nothing. --quiet is accepted and implied."""

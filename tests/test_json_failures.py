@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.installed import REPOSITORY
-from tests.support import run_cli, write_model_onnxruntime_cannot_run
+from tests.support import assert_one_line_error, run_cli, write_model_onnxruntime_cannot_run
 
 
 @pytest.fixture
@@ -72,3 +72,23 @@ def test_a_successful_report_says_it_has_no_error(folder: Path) -> None:
     assert result.exit_code == 0
     document = json.loads(result.stdout)
     assert document["status"] == "equivalent" and document["error"] is None
+
+
+def test_a_batch_refused_for_clashing_outputs_still_writes_its_report(tmp_path: Path) -> None:
+    """The clash is between two outputs, not the report: the report is written, and says so."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(REPOSITORY / "sample_models" / "cnn_residual.onnx", tmp_path / folder / "m.onnx")
+    report = tmp_path / "report.json"
+    result = run_cli(tmp_path / "a", tmp_path / "b", "--output-dir", tmp_path / "out", "--json", report)
+    assert result.exit_code == 2 and "would both be written" in result.stderr
+    document = json.loads(report.read_text())
+    assert document["schema"] == "bnfold.batch/1" and document["exit_code"] == 2
+    assert "would both be written" in document["error"] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("refused", [["-j", "0"], ["--atol", "-1"], ["--input-shape", "x"]])
+def test_a_command_line_refused_as_such_writes_no_report(tmp_path: Path, refused: list[str]) -> None:
+    report = tmp_path / "report.json"
+    assert_one_line_error(run_cli(REPOSITORY / "sample_models" / "cnn_residual.onnx", *refused, "--json", report), 2)
+    assert not report.exists()

@@ -75,8 +75,13 @@ def _same_model(first: Path | None, second: Path | None) -> bool:
 
 class PathClash(InputError):
     """A file the run would write is one it reads, another one it writes, or cannot be
-    written at all: refused before any work, and never written, not even with the report of
-    that failure."""
+    written at all: refused before any work, and never written. The report of that failure
+    is written only when the ``--json`` file is not part of the clash
+    (``report_involved``): every clash of the report is looked for first."""
+
+    def __init__(self, message: str, *, report_involved: bool) -> None:
+        super().__init__(message)
+        self.report_involved = report_involved
 
 
 class RunFiles:
@@ -126,14 +131,16 @@ class RunFiles:
             try:
                 validate_report_path(self._report)
             except InputError as error:
-                raise PathClash(str(error)) from None
-        for index, write in enumerate(self.writes):
-            for read in self.reads:
-                if _same_file(write, read) and not _allowed_in_place(write, read):
-                    raise PathClash(_overwrite_message(write, read))
-            for other in self.writes[index + 1 :]:
-                if _same_file(write, other):
-                    raise PathClash(_clash_message(write, other))
+                raise PathClash(str(error), report_involved=True) from None
+        for report_pass in (True, False):  # the report's clashes first: see PathClash
+            for index, write in enumerate(self.writes):
+                for read in self.reads:
+                    if (write.kind == _REPORT) == report_pass and _same_file(write, read) \
+                            and not _allowed_in_place(write, read):
+                        raise PathClash(_overwrite_message(write, read), report_involved=report_pass)
+                for other in self.writes[index + 1 :]:
+                    if (_REPORT in (write.kind, other.kind)) == report_pass and _same_file(write, other):
+                        raise PathClash(_clash_message(write, other), report_involved=report_pass)
 
 
 def _allowed_in_place(write: _FileUse, read: _FileUse) -> bool:
