@@ -78,6 +78,14 @@ def internal_error_message(error: Exception) -> str:
     return f"internal error ({type(error).__name__}: {first_line(error)}); please report it with the model"
 
 
+def onnxruntime_message(error: BaseException) -> str:
+    """onnxruntime's message on one line: its detail lines matter ("index: 1 Got: 4
+    Expected: 5" follows "Got invalid dimensions for input: x for the following indices"),
+    so they are joined, not dropped; a message of pages is cut at 500 characters."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= 500 else text[:499] + "…"
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (libraries often add pages of detail)."""
     text = str(error).strip() or type(error).__name__

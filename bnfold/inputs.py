@@ -170,6 +170,10 @@ def input_specs(
                     f"--input-shape {value.name}: rank {len(shape)} but the model declares "
                     f"rank {len(tensor_type.shape.dim)}"
                 )
+            for axis, (size, dim) in enumerate(zip(shape, tensor_type.shape.dim)):
+                if dim.dim_value > 0 and size != dim.dim_value:
+                    raise InputError(f"--input-shape {value.name}: dim {axis} is {size} but the model "
+                                     f"fixes it at {dim.dim_value}")
         elif not tensor_type.HasField("shape"):
             raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
         else:  # every symbolic dim is guessed, unless it is the first one and --batch gives it

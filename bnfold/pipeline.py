@@ -444,6 +444,41 @@ def _require_same_inputs(original: LoadedModel, folded: LoadedModel) -> None:
             f"{folded.path}: its inputs ({', '.join(_input_names(folded)) or 'none'}) are not those of "
             f"{original.path} ({', '.join(_input_names(original)) or 'none'})"
         )
+    declared = {value.name: value.type for value in runtime_inputs(original.model)}
+    for value in runtime_inputs(folded.model):
+        ours, theirs = _declared_type(value.type), _declared_type(declared[value.name])
+        if ours and theirs and not _compatible(ours, theirs):
+            raise InputError(f"{folded.path}: its input '{value.name}' is {_type_text(*ours)}, "
+                             f"where {original.path} takes {_type_text(*theirs)}")
+
+
+Declared = tuple[int, tuple[int | None, ...] | None]
+"""An input's element type, and its dims (None where symbolic; None for no shape)."""
+
+
+def _declared_type(declared: onnx.TypeProto) -> Declared | None:
+    if not declared.HasField("tensor_type"):
+        return None
+    tensor = declared.tensor_type
+    dims = tuple(dim.dim_value if dim.dim_value > 0 else None for dim in tensor.shape.dim)
+    return tensor.elem_type, dims if tensor.HasField("shape") else None
+
+
+def _compatible(first: Declared, second: Declared) -> bool:
+    """The same element type, and no dim that both fix at different sizes."""
+    (first_type, first_dims), (second_type, second_dims) = first, second
+    if first_type != second_type:
+        return False
+    if first_dims is None or second_dims is None:
+        return True
+    return len(first_dims) == len(second_dims) and all(
+        a is None or b is None or a == b for a, b in zip(first_dims, second_dims))
+
+
+def _type_text(element_type: int, dims: tuple[int | None, ...] | None) -> str:
+    name = onnx.helper.tensor_dtype_to_np_dtype(element_type).name if element_type else "untyped"
+    shape = "" if dims is None else "[" + ", ".join("?" if dim is None else str(dim) for dim in dims) + "]"
+    return name + shape
 
 
 def check_files(

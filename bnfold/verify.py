@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.errors import InputError, NotDeterministic, RuntimeFailure, first_line
+from bnfold.errors import InputError, NotDeterministic, RuntimeFailure, onnxruntime_message
 from bnfold.inputs import GuessedSize, InputSpec, Trial
 from bnfold.io.protostream import MAPPED_LOCATION, split_raw_initializers
 from bnfold.io.store import (
@@ -183,7 +183,7 @@ def open_session(model: Path | bytes, label: str, provider: str) -> ort.Inferenc
         with _path_for_onnxruntime(model) as readable:
             return ort.InferenceSession(readable, sess_options=_session_options(), providers=[provider])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many unrelated types
-        raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {first_line(error)}") from None
+        raise RuntimeFailure(f"onnxruntime cannot load the {label} model: {onnxruntime_message(error)}") from None
 
 
 def _session_options() -> ort.SessionOptions:
@@ -309,7 +309,7 @@ def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], lab
     try:
         return session.run(None, feeds)
     except Exception as error:  # noqa: BLE001
-        raise RuntimeFailure(f"onnxruntime cannot run the {label} model: {first_line(error)}") from None
+        raise RuntimeFailure(f"onnxruntime cannot run the {label} model: {onnxruntime_message(error)}") from None
 
 
 def compare_output(

@@ -183,3 +183,25 @@ def test_models_with_different_inputs_are_a_usage_error() -> None:
     assert result.stderr == (
         f"bnfold: error: {other}: its inputs (features) are not those of {original} (image)\n"
     )
+
+
+def _relu_model(path: Path, shape: list[int | str], element_type: int = onnx.TensorProto.FLOAT) -> Path:
+    b = GraphBuilder(seed=0, dtype=onnx.helper.tensor_dtype_to_np_dtype(element_type).type)
+    b.output(b.node("Relu", [b.input("x", shape)]))
+    onnx.save(b.model(), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("shape", "element_type", "said"), [
+    ([1, 5], onnx.TensorProto.FLOAT, "float32[1, 5]"),
+    ([1, 4], onnx.TensorProto.DOUBLE, "float64[1, 4]"),
+    ([1, 4, 1], onnx.TensorProto.FLOAT, "float32[1, 4, 1]"),
+])
+def test_inputs_of_another_type_or_fixed_size_are_a_usage_error(tmp_path: Path, shape: list[int | str],
+                                                                 element_type: int, said: str) -> None:
+    """Two models fed different inputs are not two versions of one model: exit 2 saying how
+    they differ, not onnxruntime's complaint about the data (exit 3). Symbolic dims agree with any."""
+    original = _relu_model(tmp_path / "a.onnx", [1, 4])
+    other = _relu_model(tmp_path / "b.onnx", shape, element_type)
+    assert_one_line_error(run_cli("check", original, other), 2, "its input 'x' is " + said, "takes float32[1, 4]")
+    assert run_cli("check", original, _relu_model(tmp_path / "c.onnx", ["N", 4])).exit_code == 0

@@ -69,7 +69,7 @@ TOO_LARGE = [
     (["--batch", str(HUGE)], f"'x' float32[{HUGE},4,6,6]"),
     (["--input-shape", f"x:{HUGE},4,6,6"], f"[{HUGE},4,6,6]"),
     (["--input-shape", f"ids:{HUGE},3"], f"'ids' int64[{HUGE},3]"),
-    (["--input-shape", f"x:3,4,{HUGE},{HUGE}"], f"[3,4,{HUGE},{HUGE}]"),
+    (["--input-shape", f"x:{HUGE},4,6,6", "--input-shape", f"ids:{HUGE},3"], "TiB (1 trial; input "),
     (["--batch", "4000000", "--trials", "3000"], "3000 trials"),
 ]
 

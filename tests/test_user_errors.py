@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfold.cli import main
+from bnfold.errors import onnxruntime_message
 from bnfold.precommit import main as precommit_main
 from tests.installed import REPOSITORY, run_installed
 from tests.support import assert_one_line_error, run_cli
@@ -141,3 +142,17 @@ def test_version_names_the_libraries_a_bug_report_needs() -> None:
     for name, module in (("onnx", onnx), ("onnxruntime", onnxruntime), ("numpy", numpy)):
         assert f"{name} {module.__version__}" in result.stdout
     assert result.stdout.startswith("bnfold ")
+
+
+def test_an_input_shape_against_a_fixed_dim_names_the_dim(tmp_path: Path) -> None:
+    model = REPOSITORY / "sample_models" / "refused_bn.onnx"  # x: float32[1, 8, 16, 16]
+    assert_one_line_error(run_cli(model, "--dry-run", "--input-shape", "x:1,3,16,16"), 2,
+                          "--input-shape x: dim 1 is 3 but the model fixes it at 8")
+
+
+def test_onnxruntime_messages_keep_their_detail_lines() -> None:
+    error = RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x "
+                         "for the following indices\n index: 1 Got: 4 Expected: 5\n Please fix either the inputs")
+    message = onnxruntime_message(error)
+    assert "\n" not in message and "index: 1 Got: 4 Expected: 5" in message
+    assert len(onnxruntime_message(RuntimeError("x" * 2000))) == 500
