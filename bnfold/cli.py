@@ -389,6 +389,8 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
         outputs = [output_in(output_dir, model) if output_dir else default_output_path(model) for model in found]
         written = [] if dry_run else [target or outputs[0]] if single else outputs  # a dry run writes no model
         _refuse_clobbering_report(json_path, found, written, comparison.get("inputs"), in_place=in_place)
+        if output is not None and str(output) == "-":
+            raise InputError("-o -: the folded model is written to a file; name one (only --json writes to stdout)")
         if output and output_dir:
             raise InputError("-o/--output and --output-dir cannot be combined")
         if output and not single:

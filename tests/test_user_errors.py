@@ -156,3 +156,10 @@ def test_onnxruntime_messages_keep_their_detail_lines() -> None:
     message = onnxruntime_message(error)
     assert "\n" not in message and "index: 1 Got: 4 Expected: 5" in message
     assert len(onnxruntime_message(RuntimeError("x" * 2000))) == 500
+
+
+def test_output_to_stdout_is_refused_rather_than_written_to_a_file_named_dash(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli(REPOSITORY / "sample_models" / "cnn_residual.onnx", "-o", "-"), 2, "-o -")
+    assert list(tmp_path.iterdir()) == []
