@@ -223,7 +223,7 @@ class _ReportNotWritten(InputError):
 def _write_json(document: dict[str, Any], json_path: str) -> None:
     """The JSON report to stdout (``-``) or to a file, whole or not at all."""
     if json_path == "-":
-        click.echo(render.dump_json(document))
+        _print(render.dump_json(document) + "\n")
         return
     try:
         write_text_whole(Path(json_path), render.dump_json(document) + "\n")
@@ -270,9 +270,17 @@ def _rendered(document: dict[str, Any], human: Any, quiet_line: str, json_path: 
 
 
 def _print(text: str) -> None:
-    """Write what :func:`_rendered` made, as it is: rich chose its colours for stdout already."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Write what :func:`_rendered` made, as it is: rich chose its colours for stdout already.
+
+    A reader that stopped reading (``bnfold … | head -1``) has what it wanted: the run is
+    finished (its output, if any, is in place), so its exit code stands, with no complaint
+    about the pipe; later writes go nowhere.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 FailureDocument = Callable[[str, int], dict[str, Any]]

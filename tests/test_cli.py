@@ -267,3 +267,16 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(cnn: Path, script: st
         assert not cnn.with_name("cnn.folded.onnx").exists()
     else:
         assert process.returncode in (0, 1) and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("report", [[], ["-q"], ["--json", "-"]])
+def test_a_reader_that_stops_reading_does_not_change_the_outcome(cnn: Path, report: list[str]) -> None:
+    """``bnfold … | head -1``: stdout closed before the result is printed. The run is done and
+    its output in place, so it exits with its own code and says nothing about the pipe."""
+    process = subprocess.Popen([str(Path(sys.executable).with_name("bnfold")), str(cnn), *report],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    process.stdout.close()
+    stderr = process.stderr.read() if process.stderr else ""
+    assert process.wait(timeout=60) == 0 and stderr == ""
+    assert cnn.with_name("cnn.folded.onnx").exists()
