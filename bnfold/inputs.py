@@ -125,6 +125,12 @@ class GuessedSize:
         return any(axis > 0 for axis in self.axes)
 
 
+def fixed_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A declared dimension's size, or None when it is symbolic or unset. A size may be 0 (an
+    empty tensor): only the field's presence tells it from an unset one."""
+    return dim.dim_value if dim.HasField("dim_value") else None
+
+
 def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[GuessedSize]:
     """A shape for every runtime input with a symbolic dim that ``--input-shape`` does not give
     (``--batch`` gives only the first dim): the model's hint for its spatial axes where it has
@@ -133,14 +139,14 @@ def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batc
     for value in runtime_inputs(model):
         if value.name in shapes or not value.type.tensor_type.HasField("shape"):
             continue
-        dims = [dim.dim_value for dim in value.type.tensor_type.shape.dim]
-        symbolic = [axis for axis, size in enumerate(dims) if size <= 0 and not (axis == 0 and batch)]
+        dims = [fixed_size(dim) for dim in value.type.tensor_type.shape.dim]
+        symbolic = [axis for axis, size in enumerate(dims) if size is None and not (axis == 0 and batch)]
         if not symbolic:
             continue
-        shape = [size if size > 0 else (batch if axis == 0 and batch else 1) for axis, size in enumerate(dims)]
+        shape = [size if size is not None else (batch if axis == 0 and batch else 1) for axis, size in enumerate(dims)]
         hint = spatial_hint(model, value.name, len(dims)) if any(axis >= 2 for axis in symbolic) else None
         if hint is not None:
-            shape[2:] = [size if size > 0 else hinted for size, hinted in zip(dims[2:], hint.sizes)]
+            shape[2:] = [size if size is not None else hinted for size, hinted in zip(dims[2:], hint.sizes)]
         reason = SET_TO_ONE if hint is None else hint.reason
         guessed.append(GuessedSize(value.name, tuple(shape), tuple(symbolic), reason))
     return guessed
@@ -171,14 +177,14 @@ def input_specs(
                     f"rank {len(tensor_type.shape.dim)}"
                 )
             for axis, (size, dim) in enumerate(zip(shape, tensor_type.shape.dim)):
-                if dim.dim_value > 0 and size != dim.dim_value:
+                if fixed_size(dim) is not None and size != dim.dim_value:
                     raise InputError(f"--input-shape {value.name}: dim {axis} is {size} but the model "
                                      f"fixes it at {dim.dim_value}")
         elif not tensor_type.HasField("shape"):
             raise InputError(f"input '{value.name}' has no declared shape; pass --input-shape {value.name}:DIMS")
         else:  # every symbolic dim is guessed, unless it is the first one and --batch gives it
             shape = guessed.get(value.name) or tuple(
-                dim.dim_value if dim.dim_value > 0 else (batch or 1) for dim in tensor_type.shape.dim
+                fixed if (fixed := fixed_size(dim)) is not None else (batch or 1) for dim in tensor_type.shape.dim
             )
         specs.append(InputSpec(value.name, tuple(shape), dtype.name))
     return specs

@@ -34,6 +34,7 @@ from bnfold.inputs import (
     check_option_values,
     explaining_guessed_shapes,
     files_read_by_inputs,
+    fixed_size,
     guessed_shapes,
     prepare_trials,
     runtime_inputs,
@@ -460,7 +461,7 @@ def _declared_type(declared: onnx.TypeProto) -> Declared | None:
     if not declared.HasField("tensor_type"):
         return None
     tensor = declared.tensor_type
-    dims = tuple(dim.dim_value if dim.dim_value > 0 else None for dim in tensor.shape.dim)
+    dims = tuple(fixed_size(dim) for dim in tensor.shape.dim)
     return tensor.elem_type, dims if tensor.HasField("shape") else None
 
 

@@ -10,9 +10,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from bnfold.inputs import generate_inputs, input_specs
+from bnfold.inputs import generate_inputs, guess_sizes, input_specs
 from bnfold.pipeline import FoldOptions, VerifyOptions, check_files, fold_file
 from sample_models.generate import cnn_residual
+from sample_models.modelkit import GraphBuilder
 from tests.support import run_cli, run_onnxruntime
 
 
@@ -210,3 +211,15 @@ def test_too_many_unnamed_inputs_is_an_error(cnn: Path, tmp_path: Path) -> None:
         _write_tensor(tmp_path / f"input_{index}.pb", _image(index))
     _assert_one_line_error(run_cli("check", str(cnn), str(cnn), "--inputs", str(tmp_path)),
                            f"--inputs {tmp_path / 'input_1.pb'}: the model has only 1 inputs")
+
+
+def test_a_dimension_fixed_at_zero_is_fixed_not_symbolic(tmp_path: Path) -> None:
+    """An input declared [0, 3] (an empty batch onnxruntime runs) is generated as declared."""
+    b = GraphBuilder(seed=2)
+    b.output(b.node("Relu", [b.input("x", [0, 3])]))
+    model = b.model()
+    assert input_specs(model, {})[0].shape == (0, 3)
+    assert not guess_sizes(model, {}, None)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert run_cli(path, "-q").exit_code == 0
