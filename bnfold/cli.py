@@ -314,7 +314,7 @@ def _fail(prefix: str, message: str, exit_code: int, json_path: str | None, fail
             _write_json(failure(message, exit_code), json_path)
         except InputError as error:
             line += f" (and {error})"
-    click.echo(render.printable(line), err=True)
+    click.echo(render.single_line(line), err=True)
     sys.exit(exit_code)
 
 

@@ -53,7 +53,7 @@ from bnfold.io.paths import RunFiles, resolved, validate_output_path
 from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, move_into_place, output_data_location
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
-from bnfold.report import quiet_check_line, quiet_fold_line
+from bnfold.report import quiet_check_line, quiet_fold_line, single_line
 
 EXIT_CODES_HELP = """\b
 Exit codes (the worst over all pairs: 4 > 3 > 2 > 1 > 0):
@@ -178,10 +178,10 @@ def _exit_code_of(run_one: Callable[[ModelPair], int], pair: ModelPair) -> int:
     try:
         return run_one(pair)
     except BnfoldError as error:
-        click.echo(f"bnfold: error: {error}", err=True)
+        click.echo(single_line(f"bnfold: error: {error}"), err=True)
         return error.exit_code
     except Exception as error:  # noqa: BLE001 - one pair's bug must not stop the others
-        click.echo(f"bnfold: {internal_error_message(error)}", err=True)
+        click.echo(single_line(f"bnfold: {internal_error_message(error)}"), err=True)
         return EXIT_INTERNAL
 
 
@@ -207,7 +207,7 @@ def _require_valid_values(options: VerifyOptions) -> None:
     try:
         check_option_values(options)
     except InputError as error:
-        click.echo(f"bnfold: error: {error}", err=True)
+        click.echo(single_line(f"bnfold: error: {error}"), err=True)
         sys.exit(error.exit_code)
 
 

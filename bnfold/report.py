@@ -55,6 +55,20 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# Control characters as escapes: a name with a newline (models may hold any string) must not
+# split an error, which is one line on stderr.
+_CONTROL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+}
+
+
+def single_line(text: str) -> str:
+    """:func:`printable`, with control characters (newlines included) written as escapes:
+    what an error line on stderr needs, whatever names the model holds."""
+    return printable(text).translate(_CONTROL_ESCAPES)
+
+
 # Wider than any line a report can have: the measuring console never wraps.
 _UNBOUNDED = 1_000_000
 

@@ -409,3 +409,20 @@ def test_a_broken_fold_is_attributed_under_a_name_that_is_not_utf8(
     (guilty,) = document["attribution"]["guilty"]
     assert guilty["batchnorms"] == ["bn plain"] and not document["written"]
     assert sorted(path.name for path in folder.iterdir()) == [NOT_UTF8_NAME]
+
+
+@pytest.mark.parametrize("option", [["--skip", "nomatch"], ["--only", "nomatch"], ["--tol", "nosuch:1,1"]])
+def test_names_holding_control_characters_keep_an_error_on_one_line(tmp_path: Path, option: list[str]) -> None:
+    """Model strings may hold newlines, tabs, escape sequences: an error naming them is still
+    one line, with those characters written as escapes."""
+    b = GraphBuilder(seed=8)
+    x = b.input("x", [1, 2, 3, 3])
+    y = b.batchnorm(b.conv(x, 2, 2), 2)
+    b.nodes[-1].name = "bn\nsecond\tline\x1b[31m"
+    b.nodes.append(helper.make_node("Identity", [y], ["out\nput"]))
+    b.output("out\nput")
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(), str(path))
+    result = run_cli(path, *option)
+    assert_one_line_error(result, 2)
+    assert "\x1b" not in result.stderr and ("bn\\nsecond\\tline\\x1b[31m" in result.stderr or "out\\nput" in result.stderr)
