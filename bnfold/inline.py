@@ -153,6 +153,21 @@ def _node_names(model: onnx.ModelProto) -> set[str]:
     return {node.name for graph in _graphs(model) for node in graph.nodes if node.name}
 
 
+def _state_default_attributes(model: onnx.ModelProto, functions: dict[FunctionId, onnx.FunctionProto]) -> None:
+    """Write on every call of ``functions`` the attributes it leaves to the function's defaults
+    (``attribute_proto``): onnx's inliner drops a reference to an attribute the call does not
+    pass instead of taking the default, so a BN's ``epsilon`` or ``training_mode`` would fall
+    back to the operator's own default. Stated on the call, the value is the same either way."""
+    pending = [*model.graph.node, *(node for function in model.functions for node in function.node)]
+    while pending:
+        node = pending.pop()
+        pending += [inner for _, body in subgraphs(node) for inner in body.node]
+        function = functions.get((node.domain, node.op_type))
+        if function is not None:
+            given = {attribute.name for attribute in node.attribute}
+            node.attribute.extend(default for default in function.attribute_proto if default.name not in given)
+
+
 def inline_for_folding(model: onnx.ModelProto, store: TensorStore | None = None) -> Inlined:
     """Inline, in place, the model-local functions whose BNs need their callers to fold (none,
     and the model untouched, when no function does).
@@ -172,6 +187,7 @@ def inline_for_folding(model: onnx.ModelProto, store: TensorStore | None = None)
         chosen |= _called_next_to_a_batchnorm(model, local, store)
         if not chosen:
             break
+        _state_default_attributes(model, {key: local[key] for key in chosen})
         try:
             result = onnx.inliner.inline_selected_functions(model, sorted(chosen))
         except Exception:  # noqa: BLE001 - the inliner's failure only means "kept as functions"

@@ -432,9 +432,10 @@ REFERENCES = {
 }
 
 
-def function_model(reference: str, calls: int, seed: int) -> onnx.ModelProto:
+def function_model(reference: str, calls: int, seed: int, default: object = None) -> onnx.ModelProto:
     """A function ``Block``: Conv → BN (weights as Constant nodes) → Conv → BN, whose first Conv
-    ('conv0') or BN takes one attribute from the call; the second pair has plain attributes."""
+    ('conv0') or BN takes one attribute from the call; the second pair has plain attributes.
+    With a ``default``, the function declares it for that attribute and the calls pass none."""
     b = GraphBuilder(seed=seed)
     target, attribute, value, kind = REFERENCES[reference]
     with b.collecting() as (nodes, initializers):
@@ -447,11 +448,13 @@ def function_model(reference: str, calls: int, seed: int) -> onnx.ModelProto:
             break
     referring.attribute.append(onnx.AttributeProto(name=attribute, ref_attr_name="from_call", type=kind))
     nodes[-1].output[0] = "c"
+    declared = ({"attribute_protos": [helper.make_attribute("from_call", default)]} if default is not None
+                else {"attributes": ["from_call"]})
     block = helper.make_function("org.example", "Block", ["a"], ["c"], [*constant_nodes(initializers), *nodes],
-                                 opset_imports=[helper.make_opsetid("", 17)], attributes=["from_call"])
+                                 opset_imports=[helper.make_opsetid("", 17)], **declared)
     x = b.input("x", ["N", 3, 3, 3])
     for _ in range(calls):
-        x = b.node("Block", [x], domain="org.example", from_call=value)
+        x = b.node("Block", [x], domain="org.example", **({} if default is not None else {"from_call": value}))
     b.output(x, ["N", 3, 3, 3])
     return helper.make_model(helper.make_graph(b.nodes, "calls", b.inputs, b.outputs, b.initializers),
                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)],
@@ -486,6 +489,41 @@ def test_a_function_attribute_is_a_refusal_with_its_reason_never_an_internal_err
     written = onnx.load(folder / "model.folded.onnx")
     onnx.checker.check_model(written, full_check=True)
     assert_same_function(model, written, [judge_feeds(model, seed)])
+
+
+def test_a_function_attribute_left_to_its_default_takes_the_default(tmp_path: Path) -> None:
+    """A call that passes no value for a referenced attribute gets the function's default, as
+    onnxruntime gives it: an epsilon of 0.3 folds as 0.3, with or without verification."""
+    model = function_model("bn epsilon", calls=2, seed=5, default=0.3)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    for options in ([], ["--no-verify"]):
+        result = run_cli(tmp_path / "model.onnx", "--json", "-", *options)
+        assert result.exit_code == 0, result.stderr
+        assert len(json.loads(result.stdout)["folds"]) == 4
+        assert_same_function(model, onnx.load(tmp_path / "model.folded.onnx"), [judge_feeds(model, 5)])
+
+
+def test_a_training_mode_left_to_its_function_default_is_never_folded(tmp_path: Path) -> None:
+    b = GraphBuilder(seed=6)
+    with b.collecting() as (nodes, initializers):
+        conv = b.conv("a", 3, 3, (1, 1), pads=[0, 0, 0, 0])
+        b.nodes.append(helper.make_node(BN, [conv, *b.batchnorm_parameters(3)], ["c", "mean_out", "var_out"]))
+    nodes[-1].attribute.append(onnx.AttributeProto(name="training_mode", ref_attr_name="mode",
+                                                   type=onnx.AttributeProto.INT))
+    block = helper.make_function("org.example", "Block", ["a"], ["c"], [*constant_nodes(initializers), *nodes],
+                                 opset_imports=[helper.make_opsetid("", 17)],
+                                 attribute_protos=[helper.make_attribute("mode", 1)])
+    b.output(b.node("Block", [b.input("x", ["N", 3, 3, 3])], domain="org.example"), ["N", 3, 3, 3])
+    model = helper.make_model(helper.make_graph(b.nodes, "calls", b.inputs, b.outputs, b.initializers),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)],
+                              ir_version=8, functions=[block])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    result = run_cli(tmp_path / "model.onnx", "--json", "-", "--no-verify")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert not document["folds"] and "training" in document["left"][0]["reason"]
 
 
 # -- 11. external data referenced from subgraph initializers ------------------------------------
