@@ -127,8 +127,9 @@ class GuessedSize:
 
 def fixed_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
     """A declared dimension's size, or None when it is symbolic or unset. A size may be 0 (an
-    empty tensor): only the field's presence tells it from an unset one."""
-    return dim.dim_value if dim.HasField("dim_value") else None
+    empty tensor): only the field's presence tells it from an unset one; a negative one
+    (paddle2onnx writes -1 for a dynamic size) is no size."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0 else None
 
 
 def guess_sizes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int | None) -> list[GuessedSize]:

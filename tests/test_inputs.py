@@ -223,3 +223,11 @@ def test_a_dimension_fixed_at_zero_is_fixed_not_symbolic(tmp_path: Path) -> None
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     assert run_cli(path, "-q").exit_code == 0
+
+
+def test_a_negative_dimension_is_symbolic_as_paddle2onnx_writes_it() -> None:
+    b = GraphBuilder(seed=2)
+    b.output(b.node("Relu", [b.input("x", [-1, 3])]))
+    model = b.model()
+    assert input_specs(model, {"x": (2, 3)})[0].shape == (2, 3)
+    assert input_specs(model, {}, batch=4)[0].shape == (4, 3)
