@@ -270,7 +270,15 @@ def _fold_scope(
     run: _Run, model: onnx.ModelProto, graph: onnx.GraphProto, parent: GraphIndex | None, scope: str
 ) -> None:
     """Fold ``graph``, then the bodies nested in it (which see its folded constants),
-    then drop the constants of ``graph`` that only those bodies read and no longer do."""
+    then drop the constants of ``graph`` that only those bodies read and no longer do.
+    A body that redefines a name of an enclosing graph is left as it is."""
+    if parent is not None:
+        shadowing = _index(run, model, graph, parent).names_shadowing_outer_scopes()
+        if shadowing:
+            names = ", ".join(f"'{name}'" for name in shadowing[:3]) + ("…" if len(shadowing) > 3 else "")
+            _leave_every_batchnorm(run, graph, scope, f"its body redefines {names}, defined outside it too: "
+                                   "runtimes read the outer value, so a fold in the body may not be what runs")
+            return
     _fold_graph(run, model, graph, parent, scope)
     if parent is not None and model.ir_version < 4:
         initializers_to_constants(model, graph, run.store)
@@ -283,6 +291,17 @@ def _fold_scope(
     if read_by_bodies - still_read:
         index = _index(run, model, graph, parent)
         run.outcome.removed_initializers += remove_unused_constants(index, read_by_bodies - still_read)
+
+
+def _leave_every_batchnorm(run: _Run, graph: onnx.GraphProto, scope: str, reason: str) -> None:
+    """Report every BN of ``graph`` and of the bodies nested in it as left, with ``reason``."""
+    for node in graph.node:
+        label = scope + node_id(node)
+        if is_batchnorm(node) and run.may_fold(label):
+            run.outcome.selectable[label] = matched_names(node)
+            run.outcome.left.append(LeftRecord(label, reason))
+        for where, body in subgraphs(node):
+            _leave_every_batchnorm(run, body, body_scope(scope, node, where), reason)
 
 
 def _fold_function(run: _Run, model: onnx.ModelProto, function: onnx.FunctionProto) -> None:

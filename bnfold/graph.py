@@ -278,6 +278,19 @@ class GraphIndex:
         """Whether this graph stores a value for ``name``, dense or sparse."""
         return name in self.initializers or name in self.sparse_initializers
 
+    def names_shadowing_outer_scopes(self) -> list[str]:
+        """Names this graph defines (its inputs, initializers, node outputs) that an enclosing
+        graph defines too. The checker accepts such a body, but runtimes resolve the name to
+        the outer value (onnxruntime and onnx's reference evaluator read the main graph's
+        weight, not the branch's own): what a body-local rewrite changes may not be what runs."""
+        defined = {*self._producer, *self.initializers, *self.sparse_initializers, *self.graph_inputs}
+        shadowing: set[str] = set()
+        scope = self.parent
+        while scope is not None:
+            shadowing |= {name for name in defined if not scope.is_outer(name)}
+            scope = scope.parent
+        return sorted(shadowing)
+
     def is_outer(self, name: str) -> bool:
         """True for a name this graph reads but does not define (an outer-scope value)."""
         return name not in self._producer and not self.has_initializer(name) and name not in self.graph_inputs

@@ -601,3 +601,44 @@ def test_installed_cli_withholds_unverifiable_body_and_verifies_the_rest(tmp_pat
     written = Path(document["output"])
     for condition in (True, False):
         _assert_same_outputs(path, written, {"x": _images(4, 3, 6), "cond": np.array(condition)})
+
+
+@pytest.mark.parametrize("else_reads_the_outer_weight", [True, False])
+def test_a_branch_that_redefines_an_outer_name_is_left_as_it_is(tmp_path: Path,
+                                                                else_reads_the_outer_weight: bool) -> None:
+    """A then-branch with its own initializer 'W', named like the main graph's: the checker
+    accepts it, but onnxruntime reads the outer 'W' in the branch. A fold into the branch's own
+    'W' would change nothing that runs while claiming a fold; the branch is left with the reason,
+    and the main graph's fold keeps the branch's reads intact."""
+    b = GraphBuilder(seed=17)
+    x = b.input("x", ["N", 3, 5, 5])
+    condition = b.input("cond", [], TensorProto.BOOL)
+    outer_weight = b.random("W", [3, 3, 3, 3])
+    top = b.batchnorm(b.node("Conv", [x, outer_weight], pads=[1] * 4), 3)
+    with b.collecting() as (then_nodes, then_initializers):
+        inner_weight = b.random("W_inner", [3, 3, 3, 3])
+        then_out = b.batchnorm(b.node("Conv", [x, inner_weight], pads=[1] * 4), 3)
+    for tensor in then_initializers:
+        if tensor.name == inner_weight:
+            tensor.name = outer_weight
+    then_nodes[0].input[1] = outer_weight
+    with b.collecting() as (else_nodes, _):
+        else_out = b.node("Relu", [b.node("Conv", [x, outer_weight], pads=[1] * 4)
+                                   if else_reads_the_outer_weight else x])
+    b.nodes.append(helper.make_node(
+        "If", [condition], ["y"], name="branch",
+        then_branch=helper.make_graph(then_nodes, "then", [], [_value(then_out)], then_initializers),
+        else_branch=helper.make_graph(else_nodes, "else", [], [_value(else_out)]),
+    ))
+    b.output(top, ["N", 3, 5, 5])
+    b.output("y", ["N", 3, 5, 5])
+    model = b.model()
+    onnx.checker.check_model(model, full_check=True)
+    path = _save(model, tmp_path)
+    report = _fold(path, batch=2)
+    assert report.exit_code == 0 and report.written
+    [left] = report.left
+    assert left.batchnorm.startswith("If 'branch' then_branch") and f"redefines '{outer_weight}'" in left.reason
+    for batch in (1, 3):
+        for condition_value in (True, False):
+            _assert_same_outputs(path, report.output, {"x": _images(batch, 3, 5), "cond": np.array(condition_value)})
