@@ -242,6 +242,41 @@ def prepare_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial
     return load_trials(options.inputs, model)
 
 
+WIDER_SIZE = 32
+"""The size of the symbolic dims (beyond the batch) in the wider trial: large enough that a
+3×3 kernel has borders and an interior, pools and resizes act, and a multiple of the strides
+of most networks (a U-Net's skip connections need one)."""
+
+
+def wider_trial(model: onnx.ModelProto, options: VerifyOptions) -> Trial | None:
+    """A further generated trial for a model whose symbolic sizes beyond the batch were set
+    to 1 for want of a hint: every such dim at ``WIDER_SIZE``.
+
+    At 1×1 a padded kernel reads only its centre tap and a pool or resize hardly acts: a
+    fold that broke borders or padding would pass. None when nothing was set to 1, with real
+    ``--inputs``, or when the inputs would not fit in memory; the caller keeps it only if
+    the original model runs on it (a model may need sizes of its own).
+    """
+    if options.inputs is not None:
+        return None
+    widened = {
+        guess.input: tuple(WIDER_SIZE if axis in guess.axes and axis > 0 else size
+                           for axis, size in enumerate(guess.shape))
+        for guess in guess_sizes(model, options.shapes, options.batch)
+        if guess.reason == SET_TO_ONE and guess.beyond_batch
+    }
+    if not widened:
+        return None
+    specs = [InputSpec(spec.name, widened.get(spec.name, spec.shape), spec.dtype)
+             for spec in input_specs(model, options.shapes, options.batch)]
+    try:
+        check_generated_size(specs, options.trials + 1, machine_memory())
+    except InputError:
+        return None
+    seed = options.seed + options.trials
+    return Trial(f"seed {seed}, symbolic sizes {WIDER_SIZE}", generate_inputs(specs, seed), seed=seed)
+
+
 def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[GuessedSize]:
     """The generated shapes that contain a guess, and why (none with real ``--inputs``)."""
     return [] if options.inputs is not None else guess_sizes(model, options.shapes, options.batch)

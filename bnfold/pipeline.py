@@ -38,6 +38,7 @@ from bnfold.inputs import (
     guessed_shapes,
     prepare_trials,
     runtime_inputs,
+    wider_trial,
 )
 from bnfold.io.load import LoadedModel, checker_complaint, load_model
 from bnfold.io.paths import RunFiles, validate_output_path
@@ -46,7 +47,7 @@ from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleOptions, RuleSet
 from bnfold.schema import CHECK_SCHEMA, FOLD_SCHEMA, report_document
 from bnfold.selection import Selection
-from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, verify_equivalence
+from bnfold.verify import Verification, check_provider, loads_in_onnxruntime, runs_on, verify_equivalence
 
 if TYPE_CHECKING:
     from bnfold.attribution import Attribution
@@ -206,11 +207,16 @@ class _Stopwatch:
         return self.timings
 
 
-def _trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+def _trials(loaded: LoadedModel, options: VerifyOptions) -> list[Trial]:
     """The trials a verification runs (their size checked before anything is generated),
-    then the provider, which loads onnxruntime: a refused option costs neither."""
-    trials = prepare_trials(model, options)
+    then the provider, which loads onnxruntime: a refused option costs neither. A model
+    whose symbolic sizes were set to 1 also gets the wider trial when it runs on it
+    (:func:`~bnfold.inputs.wider_trial`)."""
+    trials = prepare_trials(loaded.model, options)
     check_provider(options.provider)
+    wider = wider_trial(loaded.model, options)
+    if wider is not None and runs_on(loaded.path, wider, options.provider):
+        trials.append(wider)
     return trials
 
 
@@ -272,7 +278,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     vo = options.verify_options
-    trials = _trials(model, vo) if options.verify else []
+    trials = _trials(loaded, vo) if options.verify else []
     guessed = guessed_shapes(model, vo)
     clock.lap("load")
 
@@ -504,7 +510,7 @@ def check_files(
     warnings = _readable(original_model, "the original") + _readable(folded_model, "the folded model")
     _require_same_inputs(original_model, folded_model)
     _require_known_outputs(original_model, options)
-    trials = _trials(original_model.model, options)
+    trials = _trials(original_model, options)
     clock.lap("load")
     progress("verify", original_model.file_bytes + folded_model.file_bytes)
     guessed = guessed_shapes(original_model.model, options)

@@ -154,6 +154,10 @@ def _inputs_line(verification: Verification) -> str:
         return "no trials"
     first = verification.trials[0]
     shapes = ", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in first.inputs) or "none"
+    others = sorted({", ".join(f"{s.name} {_shape(s.dtype, s.shape)}" for s in trial.inputs)
+                     for trial in verification.trials[1:]} - {shapes})
+    if others:  # the wider trial of a model whose symbolic sizes were guessed
+        shapes = " and ".join([shapes, *others])
     seeds = [t.seed for t in verification.trials if t.seed is not None]
     if len(verification.trials) == 1:
         source = f"seed {first.seed}" if first.seed is not None else f"from {first.label}"

@@ -305,6 +305,16 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def runs_on(model: Path, trial: Trial, provider: str) -> bool:
+    """Whether onnxruntime loads ``model`` and runs it on ``trial``'s inputs: a trial the
+    caller may do without is screened with this."""
+    try:
+        run_session(open_session(model, "original", provider), trial.feeds, "original")
+    except RuntimeFailure:
+        return False
+    return True
+
+
 def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
     try:
         return session.run(None, feeds)

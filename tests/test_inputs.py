@@ -231,3 +231,23 @@ def test_a_negative_dimension_is_symbolic_as_paddle2onnx_writes_it() -> None:
     model = b.model()
     assert input_specs(model, {"x": (2, 3)})[0].shape == (2, 3)
     assert input_specs(model, {}, batch=4)[0].shape == (4, 3)
+
+
+def test_sizes_set_to_one_are_also_verified_wider(tmp_path: Path) -> None:
+    """A Conv whose spatial sizes are symbolic with no hint: verified at 1×1 and at 32×32,
+    where its borders exist; a model that cannot run at 32 keeps the 1×1 trial alone."""
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", 3, "H", "W"])
+    b.output(b.batchnorm(b.conv(x, 3, 4), 4))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(), str(path))
+    report = fold_file(path, FoldOptions(dry_run=True))
+    assert report.exit_code == 0
+    assert [trial.inputs[0].shape for trial in report.verification.trials] == [(1, 3, 1, 1), (1, 3, 32, 32)]
+    fixed = GraphBuilder(seed=3)  # a Reshape to a fixed size: runs at 1×1 only
+    y = fixed.input("x", ["N", 3, "H", "W"])
+    flat = fixed.node("Reshape", [fixed.batchnorm(fixed.conv(y, 3, 4), 4), fixed.const("shape", np.array([1, 4]))])
+    fixed.output(flat)
+    onnx.save(fixed.model(), str(path))
+    report = fold_file(path, FoldOptions(dry_run=True))
+    assert report.exit_code == 0 and len(report.verification.trials) == 1
