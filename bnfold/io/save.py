@@ -119,8 +119,6 @@ def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *
                 os.replace(written, place)
                 data_moved = True
             os.replace(model, target)
-            if set_aside is not None:
-                set_aside.unlink()
         except OSError:
             if data is not None:
                 if data_moved:
@@ -130,6 +128,9 @@ def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *
             if interrupted:
                 raise KeyboardInterrupt from None
             raise
+        if set_aside is not None:  # done: the old data file is no one's now (else ``spare`` goes with it)
+            with contextlib.suppress(OSError):
+                set_aside.unlink()
 
 
 @contextlib.contextmanager
