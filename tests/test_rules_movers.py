@@ -185,3 +185,34 @@ def test_a_bn_before_global_pooling_and_flatten_folds_into_the_classifier() -> N
     (fold,) = check.outcome.folds
     assert (fold.rule, fold.direction) == ("bn-linear through GlobalAveragePool, Flatten", "forward")
     assert [node.op_type for node in check.folded.graph.node] == ["GlobalAveragePool", "Flatten", "Gemm"]
+
+
+@pytest.mark.parametrize("size", ["H", 8])
+def test_an_average_over_windows_that_may_overhang_keeps_the_shift_out(size: int | str) -> None:
+    """AveragePool(k=2, s=2, count_include_pad=1) without pads: onnxruntime still makes a window
+    for an input smaller than the kernel, averaging a padded zero in. Unknown sizes may be that
+    small, so the shift stays out; a known size of 8 has no such window, and the BN folds."""
+    b = GraphBuilder(seed=21)
+    pooled = b.node("AveragePool", [b.conv(b.input("x", ["N", 2, size, size]), 2, 2, (1, 1))],
+                    kernel_shape=[2, 2], strides=[2, 2], count_include_pad=1)
+    b.output(b.batchnorm(pooled, 2))
+    model = b.model()
+    if size == "H":
+        check = fold_and_compare(model, input_variants=[{"x": np.ones((1, 2, 1, 1), np.float32)}])
+        assert op_count(check.folded, "BatchNormalization") == 1 and "padding" in check.outcome.left[0].reason
+    else:
+        assert op_count(fold_and_compare(model).folded, "BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("size", ["W", 7])
+def test_a_dilated_same_pool_is_not_crossed(op: str, size: int | str) -> None:
+    """onnxruntime sizes SAME padding from the undilated kernel: a dilated window can hold
+    nothing but padding (MaxPool gives -FLT_MAX there), so no affine crosses such a pool."""
+    b = GraphBuilder(seed=22)
+    pooled = b.node(op, [b.conv(b.input("x", ["N", 2, 1, size]), 2, 2, (1, 1))], kernel_shape=[1, 3],
+                    strides=[1, 3], dilations=[1, 2], auto_pad="SAME_UPPER")
+    b.output(b.batchnorm(pooled, 2))
+    variants = [{"x": np.ones((1, 2, 1, 1), np.float32)}] if size == "W" else [{}]
+    check = fold_and_compare(b.model(opset=19), input_variants=variants)  # AveragePool dilates from 19
+    assert op_count(check.folded, "BatchNormalization") == 1

@@ -118,6 +118,10 @@ def window_facts(node: onnx.NodeProto, graph: GraphIndex) -> WindowFacts:
     known = shape is not None and len(shape) == count + 2 and None not in shape[2:]
     spatial = [int(d) for d in shape[2:] if d is not None] if known and shape is not None else None
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if any(dilation > 1 for dilation in dilations):
+            # onnxruntime sizes SAME padding from the undilated kernel, so a dilated window can
+            # reach past it into nothing (all padding at a width of 1): whatever the sizes, unsure.
+            return WindowFacts(True, True)
         if spatial is None:
             return WindowFacts(True, False)  # SAME pads less than a kernel, so no window is all padding
         pads = fold_math.same_padding(auto_pad, tuple(spatial), tuple(kernel), strides, dilations)
@@ -127,7 +131,11 @@ def window_facts(node: onnx.NodeProto, graph: GraphIndex) -> WindowFacts:
         pads = [int(p) for p in settings.get("pads", [0] * (2 * count))]
     extents = [dilation * (k - 1) + 1 for k, dilation in zip(kernel, dilations)]
     if spatial is None:
-        return WindowFacts(any(pads), any(pad >= extent for pad, extent in zip(pads, extents * 2)))
+        # An input smaller than a window still gets one in onnxruntime (its output size rounds
+        # toward zero), which reads past the end: counted padding, wherever a window spans more
+        # than one position.
+        counted = any(pads) or any(extent > 1 for extent in extents)
+        return WindowFacts(counted, any(pad >= extent for pad, extent in zip(pads, extents * 2)))
     counted = False
     empty = False
     for axis, size in enumerate(spatial):
