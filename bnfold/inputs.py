@@ -248,33 +248,36 @@ WIDER_SIZE = 32
 of most networks (a U-Net's skip connections need one)."""
 
 
-def wider_trial(model: onnx.ModelProto, options: VerifyOptions) -> Trial | None:
-    """A further generated trial for a model whose symbolic sizes beyond the batch were set
-    to 1 for want of a hint: every such dim at ``WIDER_SIZE``.
+def wider_trials(model: onnx.ModelProto, options: VerifyOptions) -> list[Trial]:
+    """The trials again, for a model whose symbolic sizes beyond the batch were set to 1 for
+    want of a hint, with every such dim at ``WIDER_SIZE`` (seeds after the others').
 
     At 1×1 a padded kernel reads only its centre tap and a pool or resize hardly acts: a
-    fold that broke borders or padding would pass. None when nothing was set to 1, with real
-    ``--inputs``, or when the inputs would not fit in memory; the caller keeps it only if
-    the original model runs on it (a model may need sizes of its own).
+    fold that broke borders or padding would pass; and a model that shrinks its input with
+    unpadded kernels cannot run at 1 at all. Empty when nothing was set to 1, with real
+    ``--inputs``, or when the inputs would not fit in memory; the caller keeps them only if
+    the original model runs on them (a model may need sizes of its own).
     """
     if options.inputs is not None:
-        return None
-    widened = {
-        guess.input: tuple(WIDER_SIZE if axis in guess.axes and axis > 0 else size
-                           for axis, size in enumerate(guess.shape))
-        for guess in guess_sizes(model, options.shapes, options.batch)
-        if guess.reason == SET_TO_ONE and guess.beyond_batch
-    }
+        return []
+    widened = {guess.input: widened_guess(guess).shape for guess in guess_sizes(model, options.shapes, options.batch)
+               if guess.reason == SET_TO_ONE and guess.beyond_batch}
     if not widened:
-        return None
+        return []
     specs = [InputSpec(spec.name, widened.get(spec.name, spec.shape), spec.dtype)
              for spec in input_specs(model, options.shapes, options.batch)]
     try:
-        check_generated_size(specs, options.trials + 1, machine_memory())
+        check_generated_size(specs, 2 * options.trials, machine_memory())
     except InputError:
-        return None
-    seed = options.seed + options.trials
-    return Trial(f"seed {seed}, symbolic sizes {WIDER_SIZE}", generate_inputs(specs, seed), seed=seed)
+        return []
+    return [Trial(f"seed {seed}, symbolic sizes {WIDER_SIZE}", generate_inputs(specs, seed), seed=seed)
+            for seed in range(options.seed + options.trials, options.seed + 2 * options.trials)]
+
+
+def widened_guess(guess: GuessedSize) -> GuessedSize:
+    """``guess`` with the dims it set to 1 (beyond the batch) at ``WIDER_SIZE``."""
+    shape = tuple(WIDER_SIZE if axis in guess.axes and axis > 0 else size for axis, size in enumerate(guess.shape))
+    return GuessedSize(guess.input, shape, guess.axes, f"symbolic dims set to {WIDER_SIZE} (the model cannot run at 1)")
 
 
 def guessed_shapes(model: onnx.ModelProto, options: VerifyOptions) -> list[GuessedSize]:

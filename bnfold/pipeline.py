@@ -30,6 +30,8 @@ from bnfold.bodies import BodyChecks, BodyLayout, prepare_body_checks
 from bnfold.errors import EXIT_NOT_EQUIVALENT, EXIT_OK, InputError
 from bnfold.fold import FoldOutcome, FoldRecord, LeftRecord, MergeRecord, fold_batchnorms
 from bnfold.inputs import (
+    SET_TO_ONE,
+    GuessedSize,
     Trial,
     check_option_values,
     explaining_guessed_shapes,
@@ -38,10 +40,11 @@ from bnfold.inputs import (
     guessed_shapes,
     prepare_trials,
     runtime_inputs,
-    wider_trial,
+    widened_guess,
+    wider_trials,
 )
 from bnfold.io.load import LoadedModel, checker_complaint, load_model
-from bnfold.io.paths import RunFiles, validate_output_path
+from bnfold.io.paths import RunFiles, refuse_foreign_data_file, validate_output_path
 from bnfold.io.save import default_output_path, stage
 from bnfold.options import VerifyOptions
 from bnfold.rules import RULES, RuleOptions, RuleSet
@@ -207,17 +210,26 @@ class _Stopwatch:
         return self.timings
 
 
-def _trials(loaded: LoadedModel, options: VerifyOptions) -> list[Trial]:
+def _trials(loaded: LoadedModel, options: VerifyOptions) -> tuple[list[Trial], list[GuessedSize]]:
     """The trials a verification runs (their size checked before anything is generated),
-    then the provider, which loads onnxruntime: a refused option costs neither. A model
-    whose symbolic sizes were set to 1 also gets the wider trial when it runs on it
-    (:func:`~bnfold.inputs.wider_trial`)."""
+    then the provider, which loads onnxruntime: a refused option costs neither; and the
+    sizes that were guessed.
+
+    A model whose symbolic sizes beyond the batch were set to 1 is also verified with them at
+    32 (:func:`~bnfold.inputs.wider_trials`) when it runs there, and only at 32 when it cannot
+    run at 1 (unpadded kernels shrink the input below nothing); neither: the trials at 1, whose
+    failure then says what was guessed.
+    """
     trials = prepare_trials(loaded.model, options)
     check_provider(options.provider)
-    wider = wider_trial(loaded.model, options)
-    if wider is not None and runs_on(loaded.path, wider, options.provider):
-        trials.append(wider)
-    return trials
+    guessed = guessed_shapes(loaded.model, options)
+    wider = wider_trials(loaded.model, options)
+    if not wider or not runs_on(loaded.path, wider[0], options.provider):
+        return trials, guessed
+    if runs_on(loaded.path, trials[0], options.provider):
+        return [*trials, *wider], guessed
+    return wider, [widened_guess(guess) if guess.reason == SET_TO_ONE and guess.beyond_batch else guess
+                   for guess in guessed]
 
 
 def _require_known_outputs(loaded: LoadedModel, options: VerifyOptions) -> None:
@@ -275,11 +287,12 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
     if options.report is not None:
         files.write_report(options.report)
     files.check()
+    if not options.dry_run:
+        refuse_foreign_data_file(output, external_data=bool(loaded.external_data_files))
     model = loaded.model
     before = model_stats(model, loaded.file_bytes)
     vo = options.verify_options
-    trials = _trials(loaded, vo) if options.verify else []
-    guessed = guessed_shapes(model, vo)
+    trials, guessed = _trials(loaded, vo) if options.verify else ([], guessed_shapes(model, vo))
     clock.lap("load")
 
     rules = options.rule_set()
@@ -510,10 +523,9 @@ def check_files(
     warnings = _readable(original_model, "the original") + _readable(folded_model, "the folded model")
     _require_same_inputs(original_model, folded_model)
     _require_known_outputs(original_model, options)
-    trials = _trials(original_model, options)
+    trials, guessed = _trials(original_model, options)
     clock.lap("load")
     progress("verify", original_model.file_bytes + folded_model.file_bytes)
-    guessed = guessed_shapes(original_model.model, options)
     with explaining_guessed_shapes(guessed):
         verification = verify_equivalence(
             original_model.path, folded_model.path, trials,

@@ -251,3 +251,17 @@ def test_sizes_set_to_one_are_also_verified_wider(tmp_path: Path) -> None:
     onnx.save(fixed.model(), str(path))
     report = fold_file(path, FoldOptions(dry_run=True))
     assert report.exit_code == 0 and len(report.verification.trials) == 1
+
+
+def test_a_model_that_cannot_run_at_one_is_verified_at_the_wider_size(tmp_path: Path) -> None:
+    """An unpadded 3×3 Conv has no output at 1×1: rather than exit 3, the trials run at 32."""
+    b = GraphBuilder(seed=4)
+    x = b.input("x", ["N", 3, "H", "W"])
+    b.output(b.conv(b.batchnorm(x, 3), 3, 4, (3, 3), pads=[0, 0, 0, 0]))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(), str(path))
+    report = fold_file(path, FoldOptions(dry_run=True))
+    assert report.exit_code == 0 and report.folds
+    assert [trial.inputs[0].shape for trial in report.verification.trials] == [(1, 3, 32, 32)]
+    [guess] = report.verification.guessed_sizes
+    assert guess.shape == (1, 3, 32, 32) and "32" in guess.reason

@@ -288,3 +288,15 @@ def test_refusals_happen_before_onnxruntime_or_folding(work: Path, monkeypatch: 
     assert_refused_untouched(work, ["m.onnx", "-o", "w.bin"], "external data")
     assert_refused_untouched(work, ["m.onnx", "--json", "w.bin"], "external data")
     assert calls == []
+
+
+def test_a_data_file_no_model_at_the_output_names_is_not_replaced(work: Path) -> None:
+    """A folded model moved elsewhere keeps reading ``<its old name>.data``: folding again to
+    the old name must not replace that file. Replacing one's own earlier output still works."""
+    save(conv_bn_model(16), work / "m.onnx", data="w.bin")
+    assert run_cli("m.onnx", "-q").exit_code == 0
+    os.replace(work / "m.folded.onnx", work / "deployed.onnx")  # reads m.folded.onnx.data
+    assert_refused_untouched(work, ["m.onnx", "-q"], "m.folded.onnx.data exists and is not the data file")
+    assert run_cli("check", "m.onnx", "deployed.onnx", "-q").exit_code == 0
+    assert run_cli("m.onnx", "-o", "again.onnx", "-q").exit_code == 0
+    assert run_cli("m.onnx", "-o", "again.onnx", "-q").exit_code == 0  # its own earlier output

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnfold.errors import InputError
+from bnfold.io.load import external_data_locations
 from bnfold.io.save import output_data_location
 
 _MODEL, _DATA, _INPUTS, _OUTPUT, _OUTPUT_DATA, _REPORT = (
@@ -185,6 +186,20 @@ def validate_report_path(path: Path) -> None:
         raise InputError(f"{path}: cannot write JSON report (permission denied)")
 
 
+def refuse_foreign_data_file(output: Path, *, external_data: bool) -> None:
+    """Refuse to replace a data file at the output's data path that the model at the output
+    path does not name (after :meth:`RunFiles.check`, whose messages are more precise).
+
+    Replacing an output replaces its data file with it; a data file that no model at the
+    output path names may hold another model's weights (a folded model moved or renamed
+    after it was written keeps reading ``<old name>.data``).
+    """
+    data = output.parent / output_data_location(output)
+    if external_data and data.is_file() and output_data_location(output) not in (external_data_locations(output) or ()):
+        raise InputError(f"{output}: its data file {data} exists and is not the data file of {output}; "
+                         "move it away or choose another output path")
+
+
 def validate_output_path(output: Path, *, external_data: bool) -> None:
     """Refuse an output path that cannot be written: a symbolic link, a folder, a missing or
     read-only folder, or (for a model with external data) a folder where its data file goes."""
@@ -200,3 +215,4 @@ def validate_output_path(output: Path, *, external_data: bool) -> None:
     data = folder / output_data_location(output)
     if external_data and data.is_dir():
         raise InputError(f"{output}: its data file {data} would replace a directory of that name")
+
