@@ -22,13 +22,16 @@ Loaded = TypeVar("Loaded")
 
 
 def _import_holding_interrupts(load: Callable[[], Loaded]) -> Loaded:
-    """``load()``, with Ctrl-C held until it returns; then the command ends if there was one."""
+    """``load()``, with Ctrl-C and SIGTERM held until it returns; then the command ends if
+    there was one (130, as for an interrupt at any later moment)."""
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda number, _frame: received.append(number))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, _frame: received.append(number)) for number in held}
     try:
         loaded = load()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if received:
         sys.stderr.write("bnfold: interrupted; nothing was written\n")
         sys.stderr.flush()

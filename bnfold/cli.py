@@ -29,6 +29,7 @@ from bnfold.errors import (
     EXIT_INTERRUPTED,
     BnfoldError,
     InputError,
+    InterruptedAfterMove,
     internal_error_message,
     interrupt_on_sigterm,
 )
@@ -229,6 +230,11 @@ def _write_json(document: dict[str, Any], json_path: str) -> None:
         write_text_whole(Path(json_path), render.dump_json(document) + "\n")
     except OSError as error:
         raise _ReportNotWritten(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
+    _reports_written.add(json_path)
+
+
+_reports_written: set[str] = set()
+"""The ``--json`` files this process has written: an interrupt that follows rewrites them."""
 
 
 def _report_path(json_path: str | None) -> Path | None:
@@ -288,9 +294,12 @@ FailureDocument = Callable[[str, int], dict[str, Any]]
 
 
 def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocument,
-         interrupted: str = "nothing was written") -> NoReturn:
+         interrupted: str = "nothing was written", interrupted_after_move: str | None = None) -> NoReturn:
     """Turn bnfold's errors into one stderr line and their exit code (and, with ``--json``,
-    a document saying so); Ctrl-C into 130."""
+    a document saying so); Ctrl-C or SIGTERM into 130, saying ``interrupted``, or
+    ``interrupted_after_move`` when it came as an output was moved into place (that output
+    is written). A report this run already wrote is then replaced by one saying it was
+    interrupted, unless its output was written."""
     try:
         code = action()
     except BnfoldError as error:
@@ -298,8 +307,13 @@ def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocum
         # and a report that could not be written is not tried again.
         unwritable = isinstance(error, _ReportNotWritten) or (isinstance(error, PathClash) and error.report_involved)
         _fail(ERROR_PREFIX, str(error), error.exit_code, None if unwritable else json_path, failure)
-    except KeyboardInterrupt:
-        click.echo(f"bnfold: interrupted; {interrupted}", err=True)
+    except KeyboardInterrupt as stop:
+        after_move = isinstance(stop, InterruptedAfterMove) and interrupted_after_move is not None
+        said = f"interrupted; {interrupted_after_move if after_move else interrupted}"
+        if not after_move and json_path in _reports_written:
+            with contextlib.suppress(BnfoldError, OSError):
+                _write_json(failure(said, EXIT_INTERRUPTED), json_path)
+        click.echo(f"bnfold: {said}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - a bug must still end in one line, not a traceback
         _fail("bnfold: ", internal_error_message(error), EXIT_INTERNAL, json_path, failure)
@@ -409,7 +423,8 @@ def fold(models: tuple[Path, ...], output: Path | None, output_dir: Path | None,
             return _fold_many_models(found, output_dir, jobs, settings, comparison, json_path, quiet)
 
     _run(action, json_path, failure, interrupted=(
-        "nothing was written" if single else "models finished before were written; no partial output was left"))
+        "nothing was written" if single else "models finished before were written; no partial output was left"),
+         interrupted_after_move="the folded model had just been written" if single else None)
 
 
 def _refuse_output_as_second_model(models: tuple[Path, ...], output: Path | None, output_dir: Path | None) -> None:

@@ -21,6 +21,11 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C (the shell's 128 + SIGINT), or SIGTERM to a command; no partial output is left."""
 
 
+class InterruptedAfterMove(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that arrived while an output was being moved into place, raised once
+    the move is done: that output is written; nothing after it is done."""
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (``kill``, ``docker stop``, a supervisor) ends a command as Ctrl-C does: raised
     as KeyboardInterrupt, so staging folders are removed and worker processes stopped before

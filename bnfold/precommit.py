@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import os
 import shlex
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +51,14 @@ from bnfold.errors import (
 from bnfold.inputs import check_option_values
 from bnfold.io.load import external_data_locations
 from bnfold.io.paths import RunFiles, resolved, validate_output_path
-from bnfold.io.save import FOLDED_SUFFIX, STAGING_PREFIX, default_output_path, move_into_place, output_data_location
+from bnfold.io.save import (
+    FOLDED_SUFFIX,
+    STAGING_PREFIX,
+    default_output_path,
+    move_into_place,
+    output_data_location,
+    remove_folder,
+)
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, check_files, fold_file
 from bnfold.report import quiet_check_line, quiet_fold_line, single_line
@@ -117,7 +125,7 @@ def install_if_changed(fresh: Path, target: Path) -> list[Path]:
     has_data = fresh_data.exists()
     if same_bytes(fresh, target) and (not has_data or same_bytes(fresh_data, data_file(target))):
         return []
-    move_into_place(fresh, target, (fresh_data, data_file(target)) if has_data else None, spare=fresh.parent)
+    move_into_place(fresh, target, (fresh_data, data_file(target)) if has_data else None)
     return [target, data_file(target)] if has_data else [target]
 
 
@@ -137,14 +145,18 @@ def _refuse_overwriting_the_original(pair: ModelPair) -> None:
 @contextmanager
 def _scratch_folder(beside: Path) -> Iterator[Path]:
     """A hidden folder next to ``beside`` (same file system, so the final move is atomic),
-    with bnfold's staging prefix so that folding a whole folder skips it; always removed."""
+    named as staging folders are (``.bnfold-<pid>-<hex>``): folding a whole folder skips it,
+    and the next run removes it if this process is killed outright. Always removed."""
     folder = beside.parent
+    scratch = folder / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        scratch = tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=folder)
+        scratch.mkdir(mode=0o700)
     except OSError as error:
         raise InputError(f"{beside}: cannot write in {folder} ({first_line(error)})") from None
-    with scratch as name:
-        yield Path(name)
+    try:
+        yield scratch
+    finally:
+        remove_folder(scratch)
 
 
 def fold_pair(pair: ModelPair, options: FoldOptions) -> tuple[int, list[Path]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import hashlib
 import shutil
 import subprocess
@@ -220,3 +221,11 @@ def test_a_report_to_a_device_is_written_into_it(model: Path) -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert '"schema": "bnfold.fold/1"' in result.stdout and Path("/dev/stdout").exists()
+
+
+def test_a_report_rewritten_keeps_its_permissions(model: Path) -> None:
+    report = model.parent / "report.json"
+    report.write_text("{}")
+    report.chmod(0o600)
+    assert run_cli(model, "--json", report, "-q").exit_code == 0
+    assert (report.stat().st_mode & 0o777) == 0o600 and json.loads(report.read_text())["status"] == "equivalent"

@@ -17,6 +17,8 @@ import pytest
 from onnx import numpy_helper
 
 from bnfold import pipeline
+from bnfold.errors import InterruptedAfterMove
+from bnfold.io import save
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.io.store import TensorStore
 from bnfold.rules import RuleSet
@@ -247,9 +249,11 @@ def test_a_model_that_needs_real_sizes_gets_a_hint(tmp_path: Path) -> None:
     assert run_cli(path, "--input-shape", "image:1,2,4,4", "-q").exit_code == 0
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("script", ["bnfold", "bnfold-precommit"])
 @pytest.mark.parametrize("library", ["numpy/_core/_multiarray_umath", "onnx/onnx_cpp2py_export"])
-def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(cnn: Path, script: str, library: str) -> None:
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(cnn: Path, script: str, library: str,
+                                                           stop: signal.Signals) -> None:
     """An interrupt while the commands are still importing their libraries (signalled as soon
     as the process has loaded ``library``) ends like one at any later moment: one line, exit
     130, nothing written (or, if the run was faster than the signal, its normal end)."""
@@ -260,7 +264,7 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(cnn: Path, script: st
     deadline = time.monotonic() + 30
     while process.poll() is None and time.monotonic() < deadline and library not in maps.read_text():
         time.sleep(0.002)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     if process.returncode == 130:
         assert stderr.startswith("bnfold: interrupted; ") and stderr.count("\n") == 1, stderr
@@ -279,4 +283,37 @@ def test_a_reader_that_stops_reading_does_not_change_the_outcome(cnn: Path, repo
     process.stdout.close()
     stderr = process.stderr.read() if process.stderr else ""
     assert process.wait(timeout=60) == 0 and stderr == ""
+    assert cnn.with_name("cnn.folded.onnx").exists()
+
+
+def test_an_interrupt_before_the_move_rewrites_the_report_it_had_written(cnn: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is written before the output moves into place; Ctrl-C in between leaves no
+    output, so the report must not say it was written."""
+    def interrupted(*_arguments: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(save, "move_into_place", interrupted)
+    report = tmp_path / "report.json"
+    result = run_cli(cnn, "--json", report)
+    assert result.exit_code == 130 and result.stderr == "bnfold: interrupted; nothing was written\n"
+    document = json.loads(report.read_text())
+    assert document["exit_code"] == 130 and "interrupted" in document["error"]
+    assert not cnn.with_name("cnn.folded.onnx").exists()
+
+
+def test_an_interrupt_during_the_move_is_raised_once_the_output_is_in_place(
+    cnn: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_move = save.move_into_place
+
+    def move_then_interrupt(*arguments: object) -> None:
+        real_move(*arguments)  # type: ignore[arg-type]
+        raise InterruptedAfterMove
+
+    monkeypatch.setattr(save, "move_into_place", move_then_interrupt)
+    report = tmp_path / "report.json"
+    result = run_cli(cnn, "--json", report)
+    assert result.exit_code == 130 and "the folded model had just been written" in result.stderr
+    assert json.loads(report.read_text())["status"] == "equivalent"
     assert cnn.with_name("cnn.folded.onnx").exists()

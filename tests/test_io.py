@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import external_data_helper, numpy_helper
 
-from bnfold.errors import InputError
+from bnfold.errors import InputError, InterruptedAfterMove
 from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.io.load import load_model
 from bnfold.io.save import move_into_place, stage
@@ -334,9 +334,10 @@ def written_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_model_and_data_file_move_into_place_together(written_pair: tuple[Path, Path, Path]) -> None:
     staging, target, data = written_pair
     target.write_bytes(b"old model")
-    move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data))
     assert (target.read_bytes(), data.read_bytes()) == (b"new model", b"new data")
-    assert list(staging.iterdir()) == []  # the old data file set aside is gone too
+    assert list(staging.iterdir()) == [] and sorted(p.name for p in staging.parent.iterdir()) == [
+        ".staging", "m.onnx", "m.onnx.data"]  # the old data file set aside is gone too
 
 
 def test_a_refused_model_move_puts_the_old_data_file_back(written_pair: tuple[Path, Path, Path]) -> None:
@@ -346,7 +347,7 @@ def test_a_refused_model_move_puts_the_old_data_file_back(written_pair: tuple[Pa
     target.mkdir()
     (target / "keep").write_bytes(b"")  # a non-empty folder: no file can replace it
     with pytest.raises(OSError):
-        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data))
     assert data.read_bytes() == b"old data"
     assert sorted(path.name for path in staging.iterdir()) == ["m.onnx", "m.onnx.data"]
 
@@ -361,7 +362,8 @@ def test_ctrl_c_during_the_moves_is_held_until_they_are_done(written_pair: tuple
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+    with pytest.raises(InterruptedAfterMove):  # done, then the interrupt: nothing after it runs
+        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data))
     assert (target.read_bytes(), data.read_bytes()) == (b"new model", b"new data")
     target.unlink()
     target.mkdir()
@@ -369,7 +371,7 @@ def test_ctrl_c_during_the_moves_is_held_until_they_are_done(written_pair: tuple
     (staging / "m.onnx").write_bytes(b"newer model")
     (staging / "m.onnx.data").write_bytes(b"newer data")
     with pytest.raises(KeyboardInterrupt):  # undone, then the interrupt
-        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data), spare=staging)
+        move_into_place(staging / "m.onnx", target, (staging / "m.onnx.data", data))
     assert data.read_bytes() == b"new data"
 
 

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from bnfold import pipeline
+from bnfold.io.save import _STAGING_NAME
 from bnfold.precommit import ModelPair, install_if_changed, main, model_pairs
 from sample_models import generate
 from tests.support import shift_first_weight, write_model_onnxruntime_cannot_run
@@ -259,3 +260,20 @@ def test_fold_hook_keeps_overridable_initializers_when_asked(tmp_path: Path) -> 
     folded = hook("fold", model)
     assert folded.exit_code == 1, folded.output
     assert not any(node.op_type == "BatchNormalization" for node in onnx.load(str(folded_path(model))).graph.node)
+
+
+def test_the_scratch_folder_is_named_so_that_a_later_run_removes_it_after_a_kill(
+    cnn: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook killed outright leaves its scratch folder: named as staging folders are, the
+    next run's cleanup finds it (its process is gone)."""
+    seen: list[Path] = []
+
+    def record(model: Path, options: pipeline.FoldOptions) -> pipeline.FoldReport:
+        assert options.output is not None
+        seen.append(options.output.parent)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bnfold.precommit.fold_file", record)
+    assert hook("fold", cnn).exit_code == 130
+    assert _STAGING_NAME.fullmatch(seen[0].name) and not seen[0].exists()

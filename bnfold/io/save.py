@@ -26,7 +26,7 @@ from types import TracebackType
 import numpy as np
 import onnx
 
-from bnfold.errors import InputError, first_line
+from bnfold.errors import InputError, InterruptedAfterMove, first_line
 from bnfold.io.load import PROTOBUF_LIMIT
 from bnfold.io.protostream import FileRange, copy_range, write_buffer, write_model
 from bnfold.io.store import (
@@ -93,19 +93,22 @@ def output_data_location(output: Path) -> str:
     return f"{name}.data"
 
 
-def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *, spare: Path) -> None:
+def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None) -> None:
     """Move a written ``model`` over ``target`` and, when ``data`` is ``(written, its place)``,
     its data file first, so that the model never lands before what it refers to.
 
     Two renames are not one, so the step is made whole by hand: a data file already at its
     place (the input's own with ``--in-place``, or an earlier output's) is first moved
-    aside into ``spare`` (a folder on the same file system), put back if the model's move
-    then fails and deleted once it succeeded: the pair is either all old or all new.
-    Ctrl-C during the moves is held until they are done: a finished move is kept (the run's
-    work is complete), a failed one is undone and the interrupt then raised.
+    aside beside it (``<name>.bnfold-previous-…``), put back if the model's move then fails
+    and deleted once it succeeded: the pair is either all old or all new (and if the process
+    is killed in between, the old data is still there under that name).
+    Ctrl-C (or SIGTERM) during the moves is held until they are done, then raised: after a
+    finished move as :class:`~bnfold.errors.InterruptedAfterMove` (this output is written,
+    nothing after it is done), after a failed one, once it is undone, as KeyboardInterrupt.
 
     Raises:
         OSError: a move was refused; everything moved was put back.
+        KeyboardInterrupt: as above.
     """
     with _interrupts_held() as interrupted:
         set_aside: Path | None = None
@@ -114,7 +117,9 @@ def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *
             if data is not None:
                 written, place = data
                 if os.path.lexists(place) and not os.path.isdir(place):
-                    set_aside = spare / f"previous-{uuid.uuid4().hex}"
+                    # Beside it, not in a staging folder: if the process is killed right here, the
+                    # next run's cleanup of staging folders must not delete the only copy.
+                    set_aside = place.with_name(f"{place.name}.bnfold-previous-{uuid.uuid4().hex[:8]}")
                     os.replace(place, set_aside)
                 os.replace(written, place)
                 data_moved = True
@@ -128,9 +133,11 @@ def move_into_place(model: Path, target: Path, data: tuple[Path, Path] | None, *
             if interrupted:
                 raise KeyboardInterrupt from None
             raise
-        if set_aside is not None:  # done: the old data file is no one's now (else ``spare`` goes with it)
+        if set_aside is not None:  # done: the old data file is no one's now
             with contextlib.suppress(OSError):
                 set_aside.unlink()
+    if interrupted:
+        raise InterruptedAfterMove
 
 
 @contextlib.contextmanager
@@ -163,16 +170,18 @@ def write_text_whole(path: Path, text: str) -> None:
         OSError: the file could not be written; nothing was left behind.
     """
     try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)
+        existing: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
-        regular = True  # a new file
-    if not regular:
+        existing = None  # a new file
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
         path.write_text(text, encoding="utf-8")
         return
     target = path.resolve()
     scratch = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
         scratch.write_text(text, encoding="utf-8")
+        if existing is not None:  # a private report stays private
+            os.chmod(scratch, stat.S_IMODE(existing.st_mode))
         os.replace(scratch, target)
     except BaseException:
         scratch.unlink(missing_ok=True)
@@ -210,7 +219,7 @@ class StagedOutput:
         data = None if not self.data_location else (
             self.staging / self.data_location, self.target.parent / self.data_location)
         try:
-            move_into_place(self.staged_path, self.target, data, spare=self.staging)
+            move_into_place(self.staged_path, self.target, data)
         except OSError as error:
             raise InputError(f"{self.target}: cannot move the folded model into place ({first_line(error)})") from None
 
