@@ -226,11 +226,11 @@ def _write_json(document: dict[str, Any], json_path: str) -> None:
     if json_path == "-":
         _print(render.dump_json(document) + "\n")
         return
+    _reports_written.add(json_path)  # before: an interrupt may land just as the file lands
     try:
         write_text_whole(Path(json_path), render.dump_json(document) + "\n")
     except OSError as error:
         raise _ReportNotWritten(f"{json_path}: cannot write JSON report ({error.strerror or error})") from None
-    _reports_written.add(json_path)
 
 
 _reports_written: set[str] = set()
