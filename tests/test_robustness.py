@@ -21,11 +21,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bnfold import fold_math
-from bnfold.fold import FoldOutcome, fold_batchnorms
 from bnfold.inputs import generate_inputs, input_specs
 from bnfold.options import default_tolerance
 from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
+from tests.hostile_support import fold_copy
 from tests.support import fold_and_compare, op_count, run_onnxruntime
 
 BN = "BatchNormalization"
@@ -33,14 +33,6 @@ BN = "BatchNormalization"
 
 def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
-
-
-def _fold_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldOutcome]:
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    outcome = fold_batchnorms(folded)
-    onnx.checker.check_model(folded, full_check=True)
-    return folded, outcome
 
 
 def _conv_bn(dtype: type, *, opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
@@ -90,7 +82,7 @@ def test_float16_fold_is_more_accurate_than_float16_arithmetic() -> None:
 def test_bfloat16_conv_fold_checked_with_reference_evaluator() -> None:
     """onnxruntime has no bfloat16 Conv on CPU: the checker and onnx.reference prove this fold."""
     model = _conv_bn(ml_dtypes.bfloat16, opset=22, ir_version=10)
-    folded, outcome = _fold_copy(model)
+    folded, outcome = fold_copy(model)
     assert op_count(folded, BN) == 0 and len(outcome.folds) == 1
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.BFLOAT16}
     feeds = generate_inputs(input_specs(model, {}), seed=0)
@@ -130,7 +122,7 @@ def test_batchnorm15_mixed_parameter_types_fold_into_float16_conv() -> None:
     mean, var = (b.const(n, rng.uniform(0.5, 1.5, 4).astype(np.float64)) for n in ("m", "v"))
     b.output(b.node(BN, [conv, scale, bias, mean, var]))
     model = b.model(opset=15)
-    folded, outcome = _fold_copy(model)
+    folded, outcome = fold_copy(model)
     assert op_count(folded, BN) == 0 and len(outcome.folds) == 1
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
     feeds = generate_inputs(input_specs(model, {}), seed=1)

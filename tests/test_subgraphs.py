@@ -8,20 +8,10 @@ from onnx import TensorProto, helper
 
 from bnfold.inputs import generate_inputs, input_specs
 from sample_models.modelkit import DEFAULT_IR_VERSION, GraphBuilder
+from tests.hostile_support import count_ops
 from tests.support import fold_and_compare
 
 BN = "BatchNormalization"
-
-
-def _all_ops(graph: onnx.GraphProto) -> list[str]:
-    """Op types of a graph and, recursively, of every body nested in it."""
-    ops = []
-    for node in graph.node:
-        ops.append(node.op_type)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                ops += _all_ops(attribute.g)
-    return ops
 
 
 def _value(name: str, shape: list[int | str] | None, elem_type: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
@@ -58,7 +48,7 @@ def test_if_branches_fold_with_their_own_and_outer_scope_weights() -> None:
         seen_conditions.add(bool(generate_inputs(input_specs(model, {}), seed)["cond"]))
         check = fold_and_compare(model, seed=seed)
     assert seen_conditions == {True, False}  # both branches ran in onnxruntime
-    assert _all_ops(check.folded.graph).count(BN) == 0
+    assert count_ops(check.folded, BN) == 0
     assert sorted(fold.batchnorm for fold in check.outcome.folds) == [
         "If 'branch' else_branch / batchnormalization1",
         "If 'branch' then_branch / batchnormalization0",
@@ -71,7 +61,7 @@ def test_if_branches_fold_with_their_own_and_outer_scope_weights() -> None:
 
 def test_bn_left_in_a_branch_is_labelled_with_its_place() -> None:
     check = fold_and_compare(_if_model(else_reads_conv_output=True))
-    assert _all_ops(check.folded.graph).count(BN) == 1
+    assert count_ops(check.folded, BN) == 1
     (left,) = check.outcome.left
     assert left.batchnorm == "If 'branch' else_branch / batchnormalization1"
     assert left.reason == "Conv 'conv2' output also feeds Relu 'relu0'"
@@ -116,7 +106,7 @@ def test_loop_body_conv_bn_folds() -> None:
     b.nodes.append(helper.make_node("Loop", [trips, keep_going, x], ["y"], name="repeat", body=body))
     b.output("y", [1, 4, 5, 5])
     check = fold_and_compare(b.model())
-    assert _all_ops(check.folded.graph).count(BN) == 0
+    assert count_ops(check.folded, BN) == 0
     (fold,) = check.outcome.folds
     assert fold.batchnorm == "Loop 'repeat' body / batchnormalization0" and fold.target == "Conv 'conv0'"
 
@@ -130,7 +120,7 @@ def test_scan_body_gemm_bn_folds() -> None:
     b.nodes.append(helper.make_node("Scan", [sequence], ["steps"], name="scan", body=body, num_scan_inputs=1))
     b.output("steps", [3, 2, 5])
     check = fold_and_compare(b.model())
-    assert _all_ops(check.folded.graph).count(BN) == 0
+    assert count_ops(check.folded, BN) == 0
     (fold,) = check.outcome.folds
     assert fold.batchnorm == "Scan 'scan' body / batchnormalization0"
 
@@ -164,7 +154,7 @@ def test_model_local_function_with_a_weight_passed_in_is_inlined_and_every_bn_fo
     check = fold_and_compare(_function_model())
     assert not check.folded.functions and check.outcome.inlined_functions == ["Block"]
     assert [node.op_type for node in check.folded.graph.node].count("Conv") == 2
-    assert _all_ops(check.folded.graph).count(BN) == 0 and not check.outcome.left
+    assert count_ops(check.folded, BN) == 0 and not check.outcome.left
     assert len(check.outcome.folds) == 2
 
 
@@ -202,7 +192,7 @@ def test_outer_weight_shared_by_a_body_a_top_level_fold_and_a_plain_user_keeps_i
     model = b.model()
     for seed in range(4):
         check = fold_and_compare(model, seed=seed)
-    assert _all_ops(check.folded.graph).count(BN) == 0 and len(check.outcome.folds) == 2
+    assert count_ops(check.folded, BN) == 0 and len(check.outcome.folds) == 2
     original = {t.name: t for t in model.graph.initializer}[weight]
     kept = {t.name: t for t in check.folded.graph.initializer}[weight]
     assert kept == original  # the plain Conv still reads the untouched weight

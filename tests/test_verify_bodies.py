@@ -28,6 +28,7 @@ from bnfold.report import dump_json
 from bnfold.rules import RULES, build_rules
 from bnfold.rules.gemm import GemmBn
 from sample_models.modelkit import DEFAULT_IR_VERSION, GraphBuilder
+from tests.hostile_support import count_ops
 from tests.support import run_cli, run_onnxruntime
 from tests.test_attribution import CorruptingConvRule
 
@@ -270,16 +271,6 @@ def _fold(path: Path, *, broken: set[str] = frozenset(), batch: int = 3, trials:
                                        **options))
 
 
-def _all_ops(graph: onnx.GraphProto) -> list[str]:
-    ops = []
-    for node in graph.node:
-        ops.append(node.op_type)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                ops += _all_ops(attribute.g)
-    return ops
-
-
 def _assert_same_outputs(original: Path, folded: Path, feeds: dict[str, np.ndarray]) -> None:
     """The two models computed independently in onnxruntime (optimizations off) agree."""
     expected = run_onnxruntime(onnx.load(str(original)), feeds)
@@ -416,7 +407,7 @@ def test_correct_folds_in_both_branches_hold_for_either_condition(tmp_path: Path
     assert set(else_inputs) == {"conv0_out", "x"}  # outer runtime values; the outer weights are constants
     assert else_inputs["x"].shape == (3, 3, 6, 6) and else_inputs["x"].source == "input of the model"
     folded = report.output
-    assert _all_ops(onnx.load(str(folded)).graph).count(BN) == 0
+    assert count_ops(onnx.load(str(folded)), BN) == 0
     for batch in (2, 5):
         for condition in (True, False):
             _assert_same_outputs(path, folded, {"x": _images(batch, 3, 6), "cond": np.array(condition)})
@@ -481,7 +472,7 @@ def test_a_body_that_cannot_run_on_its_own_keeps_its_batchnorms_with_the_reason(
     assert body.label == "If 'branch' else_branch" and body.passed
     [unverified] = report.verification.unverified_bodies
     assert unverified.label == "If 'branch' then_branch" and unverified.withheld == (then_bn,)
-    assert _all_ops(onnx.load(str(report.output)).graph).count(BN) == 1
+    assert count_ops(onnx.load(str(report.output)), BN) == 1
     for condition in (True, False):
         _assert_same_outputs(path, report.output, {"x": _images(2, 3, 6), "cond": np.array(condition)})
 
