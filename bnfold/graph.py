@@ -32,6 +32,10 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 
 
+SliceArguments = tuple[list[int] | None, list[int] | None, list[int] | None, list[int] | None]
+"""A Slice's starts, ends, axes and steps, each None where the node does not give it."""
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The graphs in a node's attributes (If branches, Loop/Scan bodies), each with
     the attribute's name (``then_branch``, or ``name[i]`` in a list of graphs)."""
@@ -461,8 +465,9 @@ class GraphIndex:
             return None if bounds is None else data[slice(*bounds)]
         return None
 
-    def _slice_bounds(self, node: onnx.NodeProto) -> tuple[int, int, int] | None:
-        """start, end, step of a Slice of a 1-D tensor (ONNX clamps them as Python does)."""
+    def slice_arguments(self, node: onnx.NodeProto) -> SliceArguments | str:
+        """A Slice's starts, ends, axes and steps (None where not given): attributes before
+        opset 10, constant inputs from it on; or the name of an input that is not constant."""
         if self.default_opset() < 10:
             values = [attribute(node, key) for key in ("starts", "ends", "axes")] + [None]
         else:
@@ -471,9 +476,17 @@ class GraphIndex:
                 name = node.input[slot] if slot < len(node.input) else ""
                 value = self.constant_value(name) if name else None
                 if name and value is None:
-                    return None
+                    return name
                 values.append(value)
         starts, ends, axes, steps = (None if v is None else [int(x) for x in np.asarray(v).reshape(-1)] for v in values)
+        return starts, ends, axes, steps
+
+    def _slice_bounds(self, node: onnx.NodeProto) -> tuple[int, int, int] | None:
+        """start, end, step of a Slice of a 1-D tensor (ONNX clamps them as Python does)."""
+        found = self.slice_arguments(node)
+        if isinstance(found, str):
+            return None
+        starts, ends, axes, steps = found
         if not starts or not ends or len(starts) != 1 or (axes and axes[0] not in (0, -1)):
             return None
         return starts[0], ends[0], steps[0] if steps else 1

@@ -19,27 +19,19 @@ import dataclasses
 import numpy as np
 import onnx
 
-from bnfold.graph import GraphIndex, attribute, describe
+from bnfold.graph import GraphIndex, describe
 from bnfold.rules.layout import absolute_axis
 from bnfold.rules.plan import Affine, Mover, Refusal
 
 
 def _slice_arguments(node: onnx.NodeProto, graph: GraphIndex) -> list[tuple[int, int, int, int]] | Refusal:
     """(axis, start, end, step) for each sliced axis: attributes before opset 10, inputs from it on."""
-    if graph.default_opset() < 10:
-        starts, ends = attribute(node, "starts", []), attribute(node, "ends", [])
-        axes, steps = attribute(node, "axes"), None
-    else:
-        values = []
-        for slot in range(1, 5):
-            name = node.input[slot] if slot < len(node.input) else ""
-            value = graph.constant_value(name) if name else None
-            if name and value is None:
-                return Refusal(f"{describe(node)} input '{name}' is not a constant")
-            values.append(None if value is None else [int(v) for v in np.asarray(value).reshape(-1)])
-        starts, ends, axes, steps = values
-    starts, ends = [int(v) for v in starts or []], [int(v) for v in ends or []]
-    axes = list(range(len(starts))) if axes is None else [int(v) for v in axes]
+    found = graph.slice_arguments(node)
+    if isinstance(found, str):
+        return Refusal(f"{describe(node)} input '{found}' is not a constant")
+    starts, ends, axes, steps = found
+    starts, ends = starts or [], ends or []
+    axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     return list(zip(axes, starts, ends, steps))
 
