@@ -234,7 +234,8 @@ def _write_json(document: dict[str, Any], json_path: str) -> None:
 
 
 _reports_written: set[str] = set()
-"""The ``--json`` files this process has written: an interrupt that follows rewrites them."""
+"""The ``--json`` files the current run (:func:`_run`) has written: an interrupt that follows
+rewrites them."""
 
 
 def _report_path(json_path: str | None) -> Path | None:
@@ -300,6 +301,7 @@ def _run(action: Callable[[], int], json_path: str | None, failure: FailureDocum
     ``interrupted_after_move`` when it came as an output was moved into place (that output
     is written). A report this run already wrote is then replaced by one saying it was
     interrupted, unless its output was written."""
+    _reports_written.clear()  # this run's only (the API and tests may run several in a process)
     try:
         code = action()
     except BnfoldError as error:

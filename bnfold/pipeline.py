@@ -224,9 +224,12 @@ def _trials(loaded: LoadedModel, options: VerifyOptions) -> tuple[list[Trial], l
     check_provider(options.provider)
     guessed = guessed_shapes(loaded.model, options)
     wider = wider_trials(loaded.model, options)
-    if not wider or not runs_on(loaded.path, wider[0], options.provider):
+    if not wider:
         return trials, guessed
-    if runs_on(loaded.path, trials[0], options.provider):
+    wider_runs, base_runs = runs_on(loaded.path, [wider[0], trials[0]], options.provider)
+    if not wider_runs:
+        return trials, guessed
+    if base_runs:
         return [*trials, *wider], guessed
     return wider, [widened_guess(guess) if guess.reason == SET_TO_ONE and guess.beyond_batch else guess
                    for guess in guessed]

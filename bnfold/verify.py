@@ -305,14 +305,23 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def runs_on(model: Path, trial: Trial, provider: str) -> bool:
-    """Whether onnxruntime loads ``model`` and runs it on ``trial``'s inputs: a trial the
-    caller may do without is screened with this."""
+def runs_on(model: Path, trials: Sequence[Trial], provider: str) -> list[bool]:
+    """For each trial, whether onnxruntime runs ``model`` on its inputs (one session for all;
+    all False when it cannot load the model): trials the caller may do without are screened
+    with this."""
     try:
-        run_session(open_session(model, "original", provider), trial.feeds, "original")
+        session = open_session(model, "original", provider)
     except RuntimeFailure:
-        return False
-    return True
+        return [False] * len(trials)
+    runs = []
+    for trial in trials:
+        try:
+            run_session(session, trial.feeds, "original")
+        except RuntimeFailure:
+            runs.append(False)
+        else:
+            runs.append(True)
+    return runs
 
 
 def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
