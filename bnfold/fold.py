@@ -15,13 +15,16 @@ folded through a graph view of their body.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 
 from bnfold.errors import first_line
+from bnfold.fold_math import ScaledWeight
 from bnfold.graph import (
     AttributeReference,
     GraphIndex,
@@ -35,7 +38,7 @@ from bnfold.inline import inline_for_folding
 from bnfold.io.store import TensorStore
 from bnfold.rewrite import apply_plans, initializers_to_constants, remove_unused_constants
 from bnfold.rules import AFFINE_READERS, RULES, Affine, FoldPlan, Refusal, RuleSet
-from bnfold.rules.plan import MergePlan
+from bnfold.rules.plan import MergePlan, TensorUpdate
 from bnfold.rules.batchnorm import is_batchnorm
 from bnfold.selection import Selection, matched_names
 
@@ -95,6 +98,38 @@ class FoldOutcome:
     """Every BN (and decomposed affine) seen, by report label, with the names a ``--skip`` or
     ``--only`` pattern is matched against: a pattern matching none of them is refused."""
     merges: list[MergeRecord] = field(default_factory=list)
+    awaiting: list[_Awaiting] = field(default_factory=list)
+    """Records whose rounding error is measured when their products are computed
+    (:class:`~bnfold.fold_math.ScaledWeight`): filled in by :meth:`complete_measurements`."""
+
+    def complete_measurements(self) -> None:
+        """Give each awaiting record its rounding error, now that the model was written (which
+        computed every product it holds). A product that was never computed (its tensor was
+        dropped by a later rewrite) leaves its record's error unmeasured (None)."""
+        for awaiting in self.awaiting:
+            errors = [product.rounding_error for product in awaiting.products]
+            if any(error is None for error in errors):
+                continue
+            measured = dataclasses.replace(awaiting.record, max_rounding_error=_largest([*awaiting.known, *errors]))
+            records: list[Any] = self.folds if isinstance(awaiting.record, FoldRecord) else self.merges
+            records[:] = [measured if record is awaiting.record else record for record in records]
+        self.awaiting.clear()
+
+
+@dataclass(frozen=True)
+class _Awaiting:
+    record: FoldRecord | MergeRecord
+    known: list[float | None]
+    """The rounding errors measured when the fold was planned."""
+    products: list[ScaledWeight]
+    """The products whose rounding error is measured once they are computed."""
+
+
+def _rounding(errors: list[float | None], values: list[object]) -> tuple[float | None, list[ScaledWeight]]:
+    """A record's rounding error when all its products are measured (else None), and the
+    products that are not yet."""
+    unmeasured = [value for value in values if isinstance(value, ScaledWeight) and value.rounding_error is None]
+    return (None if unmeasured else _largest(errors)), unmeasured
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -185,6 +220,11 @@ def _largest(values: list[float | None]) -> float | None:
 PASS_BUDGET_BYTES = 256 * 2**20
 
 
+def _held_bytes(updates: list[TensorUpdate]) -> int:
+    """The memory a plan's new tensors hold: a product still to be computed holds none."""
+    return sum(update.values.nbytes for update in updates if isinstance(update.values, np.ndarray))
+
+
 @dataclass
 class _Run:
     """What every scope of one fold run shares."""
@@ -253,6 +293,7 @@ def _fold_model(model: onnx.ModelProto, rules: RuleSet, may_fold: Callable[[str]
     run.outcome.overridable_inputs_removed = [name for name in overridable if name not in still_inputs]
     if store is None:
         run.store.embed(model)
+        run.outcome.complete_measurements()
     return run.outcome
 
 
@@ -345,7 +386,7 @@ def _fold_graph(
             merge = _merge_for(node, graph, run.rules)
             if merge is not None and run.may_fold(scope + node_id(merge.merged)):
                 merges.append(merge)
-                planned_bytes += sum(update.values.nbytes for update in merge.updates)
+                planned_bytes += _held_bytes(merge.updates)
             label = scope + node_id(node)
             if not run.may_fold(label):
                 continue
@@ -366,7 +407,7 @@ def _fold_graph(
                     left.append(LeftRecord(label, result.reason))
                 continue
             candidates.append(result)
-            planned_bytes += sum(update.values.nbytes for update in result.updates)
+            planned_bytes += _held_bytes(result.updates)
         plans: list[FoldPlan] = []
         chosen_merges: list[MergePlan] = []
         busy: set[int] = set()
@@ -391,22 +432,27 @@ def _fold_graph(
         merge_labels = [(scope + node_id(merge.merged), describe(merge.target)) for merge in chosen_merges]
         run.outcome.removed_initializers += apply_plans(model, graph, plans, chosen_merges)
         for plan, (bn_label, target_label) in zip(plans, labels):
-            run.outcome.folds.append(
-                FoldRecord(
-                    bn_label,
-                    plan.affine.kind,
-                    target_label,
-                    plan.rule,
-                    plan.direction,
-                    tuple(note for note in (plan.affine.note, *plan.notes) if note),
-                    _largest([update.relative_change for update in plan.updates]),
-                    _largest([update.rounding_error for update in plan.updates]
-                             + [added.rounding_error for added in plan.added_biases]),
-                    plan.partial,
-                )
+            errors = [update.rounding_error for update in plan.updates] + [
+                added.rounding_error for added in plan.added_biases]
+            rounding, unmeasured = _rounding(errors, [update.values for update in plan.updates])
+            record = FoldRecord(
+                bn_label,
+                plan.affine.kind,
+                target_label,
+                plan.rule,
+                plan.direction,
+                tuple(note for note in (plan.affine.note, *plan.notes) if note),
+                _largest([update.relative_change for update in plan.updates]),
+                rounding,
+                plan.partial,
             )
+            run.outcome.folds.append(record)
+            if unmeasured:
+                run.outcome.awaiting.append(_Awaiting(record, errors, unmeasured))
         for merge, (merged_label, target_label) in zip(chosen_merges, merge_labels):
-            run.outcome.merges.append(
-                MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes),
-                            _largest([update.rounding_error for update in merge.updates]))
-            )
+            errors = [update.rounding_error for update in merge.updates]
+            rounding, unmeasured = _rounding(errors, [update.values for update in merge.updates])
+            merged = MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes), rounding)
+            run.outcome.merges.append(merged)
+            if unmeasured:
+                run.outcome.awaiting.append(_Awaiting(merged, errors, unmeasured))

@@ -31,13 +31,18 @@ this module so that the math can be property-tested without building graphs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class FoldOverflowError(ValueError):
@@ -238,10 +243,10 @@ def _overflow(what: str, dtype: np.dtype, largest: float) -> FoldOverflowError:
 
 
 # Elements per block in cast_with_effect and scale_with_effect: float64 temporaries of
-# this size (2 MiB) stay in the last-level cache, where whole-tensor temporaries of a
-# large weight would cost more than the fold. Smaller blocks pay more per-call overhead:
-# 2**16 was 25 % slower on a 9 MB weight, 2**20 as slow.
-_BLOCK = 1 << 18
+# this size (1 MiB each) stay in a core's 2 MiB L2 cache, where whole-tensor temporaries of
+# a large weight would cost more than the fold. Measured on 226 MB of 9 MB weights, two
+# threads: 2**17 0.098 s, 2**16 0.099 s, 2**18 0.114 s, 2**15 0.133 s (per-call overhead).
+_BLOCK = 1 << 17
 
 
 def cast_with_effect(
@@ -283,15 +288,19 @@ def cast_with_effect(
     return cast, (None if old is None else worst_change), worst_rounding
 
 
-def _row_blocks(
-    weight: np.ndarray, factor: np.ndarray, out: np.ndarray
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Matching pieces of ``weight``, ``factor`` (same rank, broadcastable) and ``out``
-    of at most ``_BLOCK`` elements each, cut along the leading axes (none when empty)."""
+Block = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+"""A piece of a weight, the matching piece of its factor, and where its product goes (None:
+only measured, into a scratch buffer)."""
+
+
+def _row_pieces(weight: np.ndarray, factor: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Matching pieces of ``weight`` (C-contiguous) and ``factor`` (same rank, broadcastable)
+    of at most ``_BLOCK`` elements each, cut along the leading axes, in the weight's order:
+    consecutive pieces are consecutive runs of its memory (none when it is empty)."""
     if weight.size == 0:
         return
     if weight.size <= _BLOCK or weight.ndim == 0:
-        yield weight, factor, out
+        yield weight, factor
         return
     rows = weight.shape[0]
     per_row = weight.size // rows
@@ -299,10 +308,22 @@ def _row_blocks(
         step = _BLOCK // per_row
         for start in range(0, rows, step):
             part = slice(start, start + step)
-            yield weight[part], (factor[part] if factor.shape[0] > 1 else factor), out[part]
+            yield weight[part], (factor[part] if factor.shape[0] > 1 else factor)
         return
     for row in range(rows):  # rows larger than a block are cut further
-        yield from _row_blocks(weight[row], factor[row if factor.shape[0] > 1 else 0], out[row])
+        yield from _row_pieces(weight[row], factor[row if factor.shape[0] > 1 else 0])
+
+
+def _blocks_into(weight: np.ndarray, factor: np.ndarray, out: np.ndarray | None) -> list[Block]:
+    """The blocks of ``weight * factor``, each writing into its run of ``out`` (a flat array
+    or None)."""
+    blocks: list[Block] = []
+    position = 0
+    for old, scale in _row_pieces(weight, factor):
+        target = None if out is None else out[position : position + old.size].reshape(old.shape)
+        blocks.append((old, scale, target))
+        position += old.size
+    return blocks
 
 
 def _largest_change(weight: np.ndarray, factor: np.ndarray) -> float:
@@ -323,32 +344,50 @@ def _largest_change(weight: np.ndarray, factor: np.ndarray) -> float:
     return 0.0
 
 
-def _scale_blocks(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, bool]:
-    """Scale and cast ``blocks`` (``(old, factor, out)`` pieces) with buffers of their own;
-    return the largest ``|cast - exact|`` and whether some finite product did not survive
-    the cast (an overflow, for the caller to report)."""
-    exact_buffer, error_buffer = np.empty(_BLOCK), np.empty(_BLOCK)
-    worst_rounding, overflow = 0.0, False
+@dataclass(frozen=True)
+class _BlockResult:
+    worst_rounding: float
+    largest_overflowing: float | None
+    """The largest ``|exact|`` of the blocks where a finite product did not survive the cast
+    (None: no overflow)."""
+
+
+def _scale_blocks(blocks: list[Block], measure: bool) -> _BlockResult:
+    """Scale and cast ``blocks`` with buffers of their own; when ``measure``, also find the
+    largest ``|cast - exact|`` and any finite product that did not survive the cast (an
+    overflow, for the caller to report). Without it the blocks are only computed, as when a
+    product already measured is computed again to be written."""
+    exact_buffer = np.empty(_BLOCK)
+    error_buffer = np.empty(_BLOCK) if measure else exact_buffer
+    scratch = None
+    worst_rounding, largest_overflowing = 0.0, None
     # Overflow and values that were not finite are found below; numpy's warnings about them
     # would reach the user's stderr (errstate is per thread: the caller's does not reach here).
     with np.errstate(all="ignore"):
         for old, scale, rounded in blocks:
             exact = exact_buffer[: old.size].reshape(old.shape)
-            error = error_buffer[: old.size].reshape(old.shape)
+            if rounded is None:
+                if scratch is None:
+                    scratch = np.empty(_BLOCK, old.dtype)
+                rounded = scratch[: old.size].reshape(old.shape)
             # Widening first keeps the multiply within float64, where it is twice as fast
             # as a mixed-type one, with the same result (widening is exact).
             np.copyto(exact, old)
             np.multiply(exact, scale, out=exact)
             np.copyto(rounded, exact, casting="unsafe")
+            if not measure:
+                continue
+            error = error_buffer[: old.size].reshape(old.shape)
             np.copyto(error, rounded)
             np.subtract(exact, error, out=error)
             largest = max(float(error.max()), -float(error.min()))  # two reads instead of abs and a read
             if not np.isfinite(largest):  # rare: an overflow, or values that were already not finite
                 if np.any(~np.isfinite(rounded) & np.isfinite(exact)):  # inf, or NaN in float8 without inf
-                    overflow = True
+                    block_largest = float(np.nanmax(np.abs(exact)))
+                    largest_overflowing = max(largest_overflowing or 0.0, block_largest)
                 largest = float(np.max(np.abs(error[np.isfinite(error)]), initial=0.0))
             worst_rounding = max(worst_rounding, largest)
-    return worst_rounding, overflow
+    return _BlockResult(worst_rounding, largest_overflowing)
 
 
 # numpy releases the GIL in its loops: a large weight is scaled by this many threads, each
@@ -357,14 +396,156 @@ _THREADS = max(1, min(4, os.cpu_count() or 1))
 _pool: ThreadPoolExecutor | None = None
 
 
-def _in_parallel(shares: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> list[tuple[float, bool]]:
+def _shared(work: Callable[[list[_Item]], _Result], items: list[_Item]) -> list[_Result]:
+    """``work`` over ``items``, in contiguous shares among the threads when there are enough."""
     global _pool
+    if _THREADS == 1 or len(items) < 2 * _THREADS:
+        return [work(items)]
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="bnfold-fold")
-    return list(_pool.map(_scale_blocks, shares))
+    size = -(-len(items) // _THREADS)
+    return list(_pool.map(work, [items[start : start + size] for start in range(0, len(items), size)]))
 
 
-def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tuple[np.ndarray, float, float]:
+def _compute(blocks: list[Block], measure: bool) -> list[_BlockResult]:
+    """:func:`_scale_blocks` over ``blocks``, shared among the threads."""
+    return _shared(functools.partial(_scale_blocks, measure=measure), blocks)
+
+
+def _largest_of(pieces: list[np.ndarray]) -> float:
+    """``max |piece|`` over ``pieces`` (inf when some value is not finite)."""
+    largest = 0.0
+    for piece in pieces:
+        found = max(float(piece.max()), -float(piece.min()))  # two reads, no temporary
+        if not math.isfinite(found):
+            return math.inf
+        largest = max(largest, found)
+    return largest
+
+
+# Elements a streamed product is computed in before that piece is written: several blocks
+# per thread, so that the threads' start-up is paid once per piece (8 MiB of float32).
+_PIECE_ELEMENTS = 16 * _BLOCK
+
+
+class ScaledWeight:
+    """``weight * factor`` cast back to ``weight``'s dtype, computed when it is used.
+
+    The product of a weight that lies in a file (a read-only memory map of it) is kept as
+    this recipe instead of as an array: holding it costs no memory, and when the output is
+    written its values are computed piece by piece (:meth:`pieces`) into two small buffers,
+    so a model's folded weights never all exist in memory at once, and each is computed
+    once. The arithmetic is :func:`scale_with_effect`'s, block for block, so the values are
+    bit for bit the ones an array would hold; ``numpy.asarray`` computes the whole product
+    for a reader that needs it.
+
+    :attr:`rounding_error` (the largest ``|cast - exact|``) is measured whenever the product
+    is computed; it is None until then, unless the fold measured it already.
+    """
+
+    def __init__(self, weight: np.ndarray, factor: np.ndarray, rounding_error: float | None = None) -> None:
+        self._weight, self._factor = weight, factor
+        self.shape: tuple[int, ...] = weight.shape
+        self.dtype: np.dtype = weight.dtype
+        self.nbytes: int = weight.nbytes
+        self.rounding_error = rounding_error
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        cast = np.empty(self.shape, self.dtype)
+        measure = self.rounding_error is None
+        results = _compute(_blocks_into(self._weight, self._factor, cast.reshape(-1)), measure)
+        if measure:
+            self._measured(results)
+        return cast if dtype is None else cast.astype(dtype, copy=False)
+
+    def pieces(self) -> Iterator[np.ndarray]:
+        """The product's values in order, as consecutive flat pieces, each a view of one of two
+        reused buffers: a piece stays valid until the next one is asked for (the caller writes
+        it meanwhile, while the piece after it is computed)."""
+        batches = self._batches()
+        if not batches:
+            self._measured([])
+            return
+        size = max(sum(old.size for old, _ in batch) for batch in batches)
+        buffers = [np.empty(size, self.dtype) for _ in range(min(2, len(batches)))]
+        global _ahead
+        if _ahead is None:
+            _ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-ahead")
+        measure = self.rounding_error is None
+        results: list[_BlockResult] = []
+        pending = _ahead.submit(self._computed, batches[0], buffers[0], measure)
+        try:
+            for index in range(len(batches)):
+                piece, measured = pending.result()
+                results += measured
+                if index + 1 < len(batches):
+                    pending = _ahead.submit(self._computed, batches[index + 1], buffers[(index + 1) % 2], measure)
+                yield piece
+        finally:
+            pending.cancel()
+            wait([pending])  # a writer that stopped early leaves no computation behind
+        if measure:
+            self._measured(results)
+
+    def _measured(self, results: list[_BlockResult]) -> None:
+        """Keep the rounding error of a whole computation. An overflow cannot appear here:
+        :func:`scale_with_effect` only hands out products it has proven to stay finite."""
+        if any(result.largest_overflowing is not None for result in results):
+            raise AssertionError("a streamed product overflowed after its bound said it could not")
+        self.rounding_error = max((result.worst_rounding for result in results), default=0.0)
+
+    def _batches(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """The weight's blocks grouped into pieces of at most ``_PIECE_ELEMENTS`` (or one block)."""
+        batches: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        filled = _PIECE_ELEMENTS
+        for old, scale in _row_pieces(self._weight, self._factor):
+            if filled + old.size > _PIECE_ELEMENTS:
+                batches.append([])
+                filled = 0
+            batches[-1].append((old, scale))
+            filled += old.size
+        return batches
+
+    @staticmethod
+    def _computed(
+        batch: list[tuple[np.ndarray, np.ndarray]], buffer: np.ndarray, measure: bool
+    ) -> tuple[np.ndarray, list[_BlockResult]]:
+        blocks: list[Block] = []
+        position = 0
+        for old, scale in batch:
+            blocks.append((old, scale, buffer[position : position + old.size].reshape(old.shape)))
+            position += old.size
+        return buffer[:position], _compute(blocks, measure)
+
+
+# One thread that computes a streamed product's next piece while the current one is written.
+_ahead: ThreadPoolExecutor | None = None
+
+# Types whose largest finite value numpy knows (np.finfo): for these a bound proves that a
+# product cannot overflow without computing it.
+_BOUNDED_TYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+
+
+def _largest_magnitude(weight: np.ndarray) -> float:
+    """``max |weight|`` read block by block, without a temporary (inf when a value is not finite)."""
+    pieces = [old for old, _ in _row_pieces(weight, np.ones((1,) * weight.ndim))]
+    return max(_shared(_largest_of, pieces), default=0.0)
+
+
+def _cannot_overflow(weight: np.ndarray, factor: np.ndarray) -> bool:
+    """Whether no element of ``weight * factor`` can leave the dtype's finite range, proven
+    from ``max |W| * max |factor|``: each product is at most that in float64 (rounding is
+    monotonic), and a value no larger than the largest finite one is cast to a finite one.
+    Not finite (a NaN or inf weight or factor) proves nothing."""
+    if weight.dtype not in _BOUNDED_TYPES or factor.size == 0:
+        return False
+    bound = _largest_magnitude(weight) * float(np.max(np.abs(factor)))
+    return bool(np.isfinite(bound)) and bound <= float(np.finfo(weight.dtype).max)
+
+
+def scale_with_effect(
+    weight: np.ndarray, factor: np.ndarray, what: str
+) -> tuple[np.ndarray | ScaledWeight, float, float | None]:
     """:func:`cast_with_effect` of ``weight * factor`` back to ``weight.dtype``, in one
     blocked pass: the product exists in float64 one cache-sized block at a time, the blocks
     of a large weight shared among threads.
@@ -376,25 +557,31 @@ def scale_with_effect(weight: np.ndarray, factor: np.ndarray, what: str) -> tupl
     largest ``|cast - exact|``. A folded layer's weight is the largest tensor a fold
     touches, and this is the whole of its arithmetic.
 
+    A weight mapped from a file (``numpy.memmap``) gives a :class:`ScaledWeight` instead of
+    an array, computed when the output is written: the product of a large model's weights
+    then never has to be held, and is computed once. When a bound on its magnitude proves
+    that it cannot overflow (as good as always), nothing more is computed here and the
+    rounding error is None: the recipe measures it when it computes the product.
+
     Raises:
         FoldOverflowError: as :func:`cast_back`, for any element that was finite in
         float64 and is not once cast (other elements may have been NaN or inf before).
     """
+    mapped = isinstance(weight, np.memmap)
     weight = np.ascontiguousarray(weight)
     factor = np.asarray(factor, dtype=np.float64)
     factor = factor.reshape((1,) * (weight.ndim - factor.ndim) + factor.shape)
-    cast = np.empty(weight.shape, weight.dtype)
-    blocks = list(_row_blocks(weight, factor, cast))
-    if _THREADS > 1 and len(blocks) >= 2 * _THREADS:
-        size = -(-len(blocks) // _THREADS)
-        results = _in_parallel([blocks[start : start + size] for start in range(0, len(blocks), size)])
-    else:
-        results = [_scale_blocks(blocks)]
-    if any(overflow for _, overflow in results):
-        largest_exact = np.nanmax(np.abs(np.multiply(weight, factor, dtype=np.float64)))
-        raise _overflow(what, weight.dtype, float(largest_exact))
-    worst_rounding = max((rounding for rounding, _ in results), default=0.0)
-    return cast, _largest_change(weight, factor), worst_rounding
+    change = _largest_change(weight, factor)
+    if mapped and _cannot_overflow(weight, factor):
+        return ScaledWeight(weight, factor), change, None
+    cast = None if mapped else np.empty(weight.shape, weight.dtype)
+    results = _compute(_blocks_into(weight, factor, None if cast is None else cast.reshape(-1)), measure=True)
+    overflowing = [result.largest_overflowing for result in results if result.largest_overflowing is not None]
+    if overflowing:
+        raise _overflow(what, weight.dtype, max(overflowing))
+    worst_rounding = max((result.worst_rounding for result in results), default=0.0)
+    values = ScaledWeight(weight, factor, worst_rounding) if cast is None else cast
+    return values, change, worst_rounding
 
 
 def convtranspose_factor(s: np.ndarray, weight_shape: tuple[int, ...], group: int) -> np.ndarray:

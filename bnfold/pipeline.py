@@ -319,6 +319,7 @@ def fold_file(input_path: Path, options: FoldOptions, *, progress: Progress | No
     verification = None
     progress("save", None)
     with stage(model, staging_target, loaded.store, external_data=bool(loaded.external_data_files)) as staged:
+        outcome.complete_measurements()  # writing computed the products still to be measured
         # Checked after writing, on the message the writer just serialized: the staged file
         # byte for byte, every tensor with the fields it was written with (before, a folded
         # weight was a stand-in the checker could not see). Reading the file back would

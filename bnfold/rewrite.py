@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from bnfold.fold_math import ScaledWeight
 from bnfold.graph import GraphIndex, describe, names_used_by_subgraphs, subgraphs
 from bnfold.io.store import TensorStore
 from bnfold.rules.plan import AddedBias, AttributeUpdate, DroppedTerm, FoldPlan, InsertedAffine, MergePlan, TensorUpdate
@@ -101,7 +102,7 @@ def _set_attribute(update: AttributeUpdate) -> None:
     node.attribute.append(helper.make_attribute(update.name, update.value))
 
 
-def _add_initializer(index: GraphIndex, name: str, values: np.ndarray) -> onnx.TensorProto:
+def _add_initializer(index: GraphIndex, name: str, values: np.ndarray | ScaledWeight) -> onnx.TensorProto:
     """A new initializer of ``index.graph``; in an IR < 4 model, whose checker requires every
     top-level initializer to be a graph input, declared as one too (a body's inputs are its
     signature, so there it is not)."""

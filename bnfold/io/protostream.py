@@ -49,16 +49,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, TypeGuard
 
 import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
+
 
 @dataclass(frozen=True)
 class FileRange:
@@ -73,7 +74,31 @@ class FileRange:
 Buffer = np.ndarray | bytes | bytearray | memoryview
 """What a payload may be: a numpy array of any dtype (bfloat16 too), or any other
 object with the buffer protocol that holds one contiguous block."""
-Payload = Buffer | FileRange
+
+
+class StreamedArray(Protocol):
+    """An array whose values are computed as they are written (a folded weight kept as a
+    recipe, :class:`bnfold.fold_math.ScaledWeight`): its size is known up front, its bytes
+    come in consecutive pieces, each written before the next is asked for; ``numpy.asarray``
+    gives the whole array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+    def pieces(self) -> Iterator[np.ndarray]: ...
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray: ...
+
+
+def is_streamed(value: object) -> TypeGuard[StreamedArray]:
+    """Whether ``value`` is a :class:`StreamedArray` (an attribute look-up: a runtime-checked
+    protocol costs more than the rest of writing a small tensor)."""
+    return hasattr(type(value), "pieces")
+
+
+Payload = Buffer | FileRange | StreamedArray
+_BUFFER_TYPES = (np.ndarray, np.generic, bytes, bytearray, memoryview)
 
 # Protobuf's parsers refuse a message of 2 GiB or more (its sizes are signed 32-bit).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -118,28 +143,49 @@ def write_model(
             "onnx cannot read it back; save its weights as external data"
         )
     for chunk in chunks:
-        if isinstance(chunk, FileRange):
-            copy_range(chunk, file)
-        else:
-            write_buffer(file, chunk)
+        write_payload(file, chunk)
     return total
+
+
+def write_payload(file: BinaryIO, payload: Payload) -> None:
+    """Append one payload's bytes to ``file``: copied from its file, written from memory, or
+    computed piece by piece."""
+    if isinstance(payload, FileRange):
+        copy_range(payload, file)
+    elif isinstance(payload, _BUFFER_TYPES):
+        write_buffer(file, payload)
+    else:
+        for piece in payload.pieces():
+            write_buffer(file, piece)
+
+
+def payload_length(payload: Payload) -> int:
+    """The bytes ``payload`` writes."""
+    if isinstance(payload, FileRange):
+        return payload.length
+    if isinstance(payload, _BUFFER_TYPES):
+        return len(_byte_view(payload))
+    return payload.nbytes
+
+
+_Chunk = bytes | memoryview | FileRange | StreamedArray
 
 
 def _model_chunks(
     model: onnx.ModelProto, payload: Callable[[onnx.TensorProto], Payload | None]
-) -> list[bytes | memoryview | FileRange]:
+) -> list[_Chunk]:
     """The file's bytes in order, as small serialized pieces and the payloads' views."""
     if not model.HasField("graph"):
         return [model.SerializeToString()]
     graph = model.graph
-    graph_chunks: list[bytes | memoryview | FileRange] = [*_fields_below(graph, _INITIALIZER)]
+    graph_chunks: list[_Chunk] = [*_fields_below(graph, _INITIALIZER)]
     for tensor in graph.initializer:
         buffer = payload(tensor)
         if buffer is None:
             serialized = tensor.SerializeToString()
             graph_chunks += [_length_delimited_header(_INITIALIZER, len(serialized)), serialized]
         else:
-            data = buffer if isinstance(buffer, FileRange) else _byte_view(buffer)
+            data = _byte_view(buffer) if isinstance(buffer, _BUFFER_TYPES) else buffer
             head = _fields_below(tensor, _RAW_DATA, skip=_DATA_FIELDS)
             head.append(_length_delimited_header(_RAW_DATA, _length(data)))
             tail = _fields_above(tensor, _RAW_DATA, skip=_DATA_FIELDS)
@@ -155,8 +201,8 @@ def _model_chunks(
     ]
 
 
-def _length(chunk: bytes | memoryview | FileRange) -> int:
-    return chunk.length if isinstance(chunk, FileRange) else len(chunk)
+def _length(chunk: _Chunk) -> int:
+    return len(chunk) if isinstance(chunk, (bytes, memoryview)) else payload_length(chunk)
 
 
 def copy_range(source: FileRange, file: BinaryIO) -> None:

@@ -28,7 +28,14 @@ import onnx
 
 from bnfold.errors import InputError, InterruptedAfterMove, first_line
 from bnfold.io.load import PROTOBUF_LIMIT
-from bnfold.io.protostream import FileRange, copy_range, write_buffer, write_model
+from bnfold.io.protostream import (
+    FileRange,
+    Payload,
+    StreamedArray,
+    payload_length,
+    write_model,
+    write_payload,
+)
 from bnfold.io.store import (
     SMALL_TENSOR_BYTES,
     TensorStore,
@@ -287,11 +294,11 @@ def _write_self_contained(model: onnx.ModelProto, path: Path, store: TensorStore
     for tensor in all_tensors(model, top_level=False):
         held = store.take(tensor)
         if held is not None or uses_external_data(tensor):
-            content = held.tobytes() if held is not None else store.external_bytes(tensor)
+            content = np.asarray(held).tobytes() if held is not None else store.external_bytes(tensor)
             clear_data(tensor)
             tensor.raw_data = content
 
-    def payload(tensor: onnx.TensorProto) -> np.ndarray | FileRange | None:
+    def payload(tensor: onnx.TensorProto) -> np.ndarray | StreamedArray | FileRange | None:
         held = store.take(tensor)
         if held is None and uses_external_data(tensor):
             return store.file_range(tensor)  # copied from the input file to the output
@@ -313,24 +320,20 @@ def _write_with_external_data(model: onnx.ModelProto, path: Path, location: str,
     offset = 0
     with open(path.parent / location, "wb") as data:
         for tensor in all_tensors(model):
-            payload: bytes | np.ndarray | FileRange | None = store.take(tensor)
+            payload: Payload | None = store.take(tensor)
             if payload is None and uses_external_data(tensor):
                 payload = store.file_range(tensor)
             elif payload is None and tensor.HasField("raw_data") and (data_bytes(tensor) or 0) >= SMALL_TENSOR_BYTES:
                 payload = tensor.raw_data
             if payload is None:
                 continue
-            size = payload.nbytes if isinstance(payload, np.ndarray) else (
-                payload.length if isinstance(payload, FileRange) else len(payload))
+            size = payload_length(payload)
             # Zeros written up to the boundary, not a seek past the end: the file stays one
             # sequential write (measured 7 % faster overall on a 1 GB model).
             padding = -offset % _ALIGNMENT
             data.write(bytes(padding))
             offset += padding
-            if isinstance(payload, FileRange):
-                copy_range(payload, data)
-            else:
-                write_buffer(data, payload)
+            write_payload(data, payload)
             clear_data(tensor)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset), ("length", size)):

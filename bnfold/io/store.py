@@ -25,11 +25,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bnfold.io.protostream import MAPPED_LOCATION, FileRange
+from bnfold.io.protostream import MAPPED_LOCATION, FileRange, StreamedArray, is_streamed
 
 SMALL_TENSOR_BYTES = 1024
 """Tensors below this size always live in the protobuf: shape inference may need their values
 (a Reshape's shape, Squeeze axes), and moving them elsewhere would save nothing."""
+
+MAP_AT_LEAST = 1 << 16
+"""Tensors in a file from this size on are read as a map of the file (:meth:`TensorStore.read`);
+smaller ones are read into memory, where a map would cost more than it saves."""
 
 _HELD = "bnfold-held:"
 """Location prefix of a tensor whose values the store holds as an array."""
@@ -150,7 +154,7 @@ class TensorStore:
         self.base_dir = base_dir
         self.source = source
         self._source_stamp = _stamp(source) if source is not None else None
-        self._held: dict[str, np.ndarray] = {}
+        self._held: dict[str, np.ndarray | StreamedArray] = {}
         self._issued = 0
 
     def unchanged_copy(self) -> TensorStore:
@@ -166,12 +170,31 @@ class TensorStore:
         """The tensor's values (read-only when they are the store's own array)."""
         held = self.held_array(tensor)
         if held is not None:
-            view = held.view()
+            view = held.view() if isinstance(held, np.ndarray) else np.asarray(held)
             view.flags.writeable = False
             return view
         if uses_external_data(tensor):
-            return _array_from_bytes(tensor, self.external_bytes(tensor))
+            mapped = self._mapped(tensor)
+            return mapped if mapped is not None else _array_from_bytes(tensor, self.external_bytes(tensor))
         return numpy_helper.to_array(tensor)
+
+    def _mapped(self, tensor: onnx.TensorProto) -> np.memmap | None:
+        """A large tensor's values as a read-only map of its file, or None for one read instead.
+
+        Mapped, a weight costs no memory of its own (the pages are the file's, in the page
+        cache), and a fold of it can stay a recipe until it is written
+        (:class:`bnfold.fold_math.ScaledWeight`) instead of a copy of every folded weight.
+        """
+        if tensor.data_type in PACKED_TYPES or sys.byteorder != "little":
+            return None
+        place = self.file_range(tensor)
+        if place.length < MAP_AT_LEAST or place.length != data_bytes(tensor):
+            return None
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        try:
+            return np.memmap(place.path, dtype=dtype, mode="r", offset=place.offset, shape=tuple(tensor.dims))
+        except ValueError:  # the file is shorter now than when it was loaded
+            raise OSError(f"external data of '{tensor.name}' ends before its {place.length} bytes") from None
 
     def read_sparse(self, sparse: onnx.SparseTensorProto) -> np.ndarray:
         """A sparse initializer's values as the dense array it stands for (zeros elsewhere).
@@ -188,8 +211,8 @@ class TensorStore:
             dense[tuple(indices.T)] = values
         return dense
 
-    def held_array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
-        """The array a fold gave this tensor, if the store holds it."""
+    def held_array(self, tensor: onnx.TensorProto) -> np.ndarray | StreamedArray | None:
+        """The array a fold gave this tensor (or its recipe), if the store holds it."""
         if not uses_external_data(tensor):
             return None
         return self._held.get(external_entries(tensor).get("location", ""))
@@ -217,21 +240,23 @@ class TensorStore:
 
     # -- replacing -----------------------------------------------------------------------------
 
-    def replace(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    def replace(self, tensor: onnx.TensorProto, values: np.ndarray | StreamedArray) -> None:
         """Give ``tensor`` new values (its name stays; type and shape become the array's).
 
         A small tensor, or one whose type numpy cannot hand over as raw bytes, goes into the
-        protobuf; a large one is held as the array itself, to be written straight from it.
+        protobuf; a large one is held as the array itself (or the recipe that computes it), to
+        be written straight from it.
         """
         key = self._key_of(tensor)
         if key is not None:
             del self._held[key]  # a weight folded twice: its first array is dropped
-        values = np.asarray(values)
+        if not is_streamed(values):
+            values = np.asarray(values)
         same_type = tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype)
         if same_type and values.nbytes >= SMALL_TENSOR_BYTES and sys.byteorder == "little":
             location = f"{_HELD}{self._issued}"
             self._issued += 1
-            self._held[location] = np.ascontiguousarray(values)
+            self._held[location] = values if is_streamed(values) else np.ascontiguousarray(values)
             del tensor.dims[:]
             tensor.dims.extend(values.shape)
             clear_data(tensor)
@@ -239,11 +264,12 @@ class TensorStore:
             tensor.external_data.add(key="location", value=location)
             return
         name = tensor.name
-        tensor.CopyFrom(numpy_helper.from_array(values, name))
+        tensor.CopyFrom(numpy_helper.from_array(np.asarray(values), name))
 
-    def create(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+    def create(self, name: str, values: np.ndarray | StreamedArray) -> onnx.TensorProto:
         """A new initializer named ``name`` with ``values``, held like a replaced one."""
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
+        dtype = values.dtype if is_streamed(values) else np.asarray(values).dtype
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype))
         self.replace(tensor, values)
         return tensor
 
@@ -254,7 +280,7 @@ class TensorStore:
             held = self.take(tensor)
             if held is not None:
                 clear_data(tensor)
-                tensor.raw_data = held.tobytes()
+                tensor.raw_data = np.asarray(held).tobytes()
         self.drop_unclaimed()
 
     def materialize(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -274,8 +300,8 @@ class TensorStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def take(self, tensor: onnx.TensorProto) -> np.ndarray | None:
-        """Hand a held tensor's array over to a writer, which owns it from then on."""
+    def take(self, tensor: onnx.TensorProto) -> np.ndarray | StreamedArray | None:
+        """Hand a held tensor's array (or recipe) over to a writer, which owns it from then on."""
         key = self._key_of(tensor)
         return None if key is None else self._held.pop(key)
 

@@ -35,9 +35,8 @@ from bnfold.rules.plan import (
     InsertedAffine,
     Refusal,
     RuleSet,
-    TensorUpdate,
 )
-from bnfold.rules.weights import cast_tensor
+from bnfold.rules.weights import cast_values
 
 
 class ConcatSplit(FoldRule):
@@ -134,10 +133,10 @@ def _kept(piece: Piece, affine: Affine, graph: GraphIndex) -> InsertedAffine | N
     if not batchnorm and piece.axes_after is None:
         return None
     shape = [-1] if batchnorm or piece.axes_after is None else [-1] + [1] * piece.axes_after
-    scale = cast_tensor(piece.affine.node, piece.slot, piece.affine.s.reshape(shape), dtype, "scale")
-    shift = cast_tensor(piece.affine.node, piece.slot, piece.affine.t.reshape(shape), dtype, "shift")
-    if not isinstance(scale, TensorUpdate) or not isinstance(shift, TensorUpdate):
+    scale = cast_values(piece.affine.node, piece.affine.s.reshape(shape), dtype, "scale")
+    shift = cast_values(piece.affine.node, piece.affine.t.reshape(shape), dtype, "shift")
+    if isinstance(scale, Refusal) or isinstance(shift, Refusal):
         return None
-    kept = InsertedAffine(piece.affine.node, piece.slot, scale.values, shift.values, batchnorm,
+    kept = InsertedAffine(piece.affine.node, piece.slot, scale[0], shift[0], batchnorm,
                           affine.node.name if batchnorm else "")
     return kept if kept.node_count <= len(affine.nodes) else None

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx
 
+from bnfold.fold_math import ScaledWeight
+
 if TYPE_CHECKING:
     from bnfold.graph import GraphIndex
 
@@ -97,7 +99,8 @@ class TensorUpdate:
 
     node: onnx.NodeProto
     slot: int
-    values: np.ndarray
+    values: np.ndarray | ScaledWeight
+    """The new value, or for a weight in a file the recipe that computes it when it is written."""
     role: str
     """What the tensor is, for notes: 'weight', 'bias', 'B', 'scale'."""
     relative_change: float | None = None

@@ -117,23 +117,31 @@ def scaled_weight(
     return TensorUpdate(node, slot, values, role, change, rounding)
 
 
-def cast_tensor(
-    node: onnx.NodeProto, slot: int, exact: np.ndarray, dtype: np.dtype, role: str
-) -> TensorUpdate | Refusal:
-    """A float64 result cast back to ``dtype`` as the new input ``slot`` of ``node``."""
+def cast_values(node: onnx.NodeProto, exact: np.ndarray, dtype: np.dtype, role: str) -> tuple[np.ndarray, float] | Refusal:
+    """A float64 result cast back to ``dtype``, with the largest rounding error of the cast."""
     try:
         values, _, rounding = fold_math.cast_with_effect(exact, dtype, None, role)
     except fold_math.FoldOverflowError as error:
         return Refusal(f"{describe(node)}: {error}")
-    return TensorUpdate(node, slot, values, role, None, rounding)
+    return values, rounding
+
+
+def cast_tensor(
+    node: onnx.NodeProto, slot: int, exact: np.ndarray, dtype: np.dtype, role: str
+) -> TensorUpdate | Refusal:
+    """A float64 result cast back to ``dtype`` as the new input ``slot`` of ``node``."""
+    cast = cast_values(node, exact, dtype, role)
+    if isinstance(cast, Refusal):
+        return cast
+    return TensorUpdate(node, slot, cast[0], role, None, cast[1])
 
 
 def added_bias(node: onnx.NodeProto, exact: np.ndarray, dtype: np.dtype, role: str) -> AddedBias | Refusal:
     """A float64 bias cast back to ``dtype``, to be added after ``node`` by a new Add."""
-    cast = cast_tensor(node, 0, exact, dtype, role)
+    cast = cast_values(node, exact, dtype, role)
     if isinstance(cast, Refusal):
         return cast
-    return AddedBias(node, cast.values, role, cast.rounding_error)
+    return AddedBias(node, cast[0], role, cast[1])
 
 
 def weight_and_bias_updates(
