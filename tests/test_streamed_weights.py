@@ -9,6 +9,8 @@ hold that path to the in-memory one bit for bit: same values, same measurements,
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -195,3 +197,38 @@ def test_a_data_file_cut_short_after_loading_is_an_error_when_read(tmp_path: Pat
     tensor = next(t for t in loaded.model.graph.initializer if t.name == names["untouched"])
     with pytest.raises(OSError, match=f"'{names['untouched']}'"):
         loaded.store.read(tensor)
+
+
+_CUT_SHORT_WHILE_HELD = """
+import sys
+from pathlib import Path
+from bnfold.errors import InputError
+from bnfold.fold import fold_batchnorms
+from bnfold.io.load import load_model
+from bnfold.io.save import stage
+from bnfold.rules import build_rules
+
+folder = Path(sys.argv[1])
+loaded = load_model(folder / "net.onnx")
+fold_batchnorms(loaded.model, build_rules(), store=loaded.store)
+data = folder / "d.bin"
+data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+try:
+    stage(loaded.model, folder / "out.onnx", loaded.store, external_data=True)
+except InputError as error:
+    print(error)
+"""
+
+
+def test_a_data_file_cut_short_before_its_folds_are_written_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """Computing a held product from a map of a file cut short would end the process with
+    SIGBUS; writing checks the mapped files first (in a child: a regression must not kill the
+    test run)."""
+    model, _ = _wide_model()
+    onnx.save_model(model, str(tmp_path / "net.onnx"), save_as_external_data=True, location="d.bin",
+                    size_threshold=0)
+    child = subprocess.run([sys.executable, "-c", _CUT_SHORT_WHILE_HELD, str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert "changed on disk" in child.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d.bin", "net.onnx"]

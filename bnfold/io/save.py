@@ -262,6 +262,7 @@ def stage(model: onnx.ModelProto, target: Path, store: TensorStore, *, external_
         use_external = external_data or _payload_bytes(model, store) > PROTOBUF_LIMIT - 2**26
         staged = StagedOutput(staging, target, output_data_location(target) if use_external else None)
         try:
+            store.check_unchanged()  # what is mapped from the input files is read while writing
             if staged.data_location:
                 _write_with_external_data(model, staged.staged_path, staged.data_location, store)
             else:

@@ -156,13 +156,28 @@ class TensorStore:
         self._source_stamp = _stamp(source) if source is not None else None
         self._held: dict[str, np.ndarray | StreamedArray] = {}
         self._issued = 0
+        self._mapped_stamps: dict[Path, tuple[int, int, int, int] | None] = {}
+        """Each file a tensor was mapped from, as it was when first mapped."""
 
     def unchanged_copy(self) -> TensorStore:
         """A store for another fold of the same loaded model: the same files (and the same
-        check that the model file is still the one loaded), none of this store's new values."""
+        checks that they are still the ones read), none of this store's new values."""
         copy = TensorStore(self.base_dir)
         copy.source, copy._source_stamp = self.source, self._source_stamp
+        copy._mapped_stamps = dict(self._mapped_stamps)
         return copy
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on when a file that tensors were mapped from changed since: values
+        computed from a map of a file cut short would end the process (SIGBUS), and from one
+        rewritten in place would mix two versions of the model.
+
+        Raises:
+            OSError: naming the file.
+        """
+        for path, stamp in self._mapped_stamps.items():
+            if _stamp(path) != stamp:
+                raise OSError(f"{path} changed on disk while it was being folded")
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -191,6 +206,7 @@ class TensorStore:
         if place.length < MAP_AT_LEAST or place.length != data_bytes(tensor):
             return None
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        self._mapped_stamps.setdefault(place.path, _stamp(place.path))
         try:
             return np.memmap(place.path, dtype=dtype, mode="r", offset=place.offset, shape=tuple(tensor.dims))
         except ValueError:  # the file is shorter now than when it was loaded
