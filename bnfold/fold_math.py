@@ -491,7 +491,7 @@ class ScaledWeight:
         """Keep the rounding error of a whole computation. An overflow cannot appear here:
         :func:`scale_with_effect` only hands out products it has proven to stay finite."""
         if any(result.largest_overflowing is not None for result in results):
-            raise AssertionError("a streamed product overflowed after its bound said it could not")
+            raise RuntimeError("a streamed product overflowed after its bound said it could not")
         self.rounding_error = max((result.worst_rounding for result in results), default=0.0)
 
     def _batches(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
