@@ -229,6 +229,22 @@ def test_an_input_rewritten_while_it_is_folded_is_an_error_not_a_mix_of_two_file
     assert sorted(path.name for path in tmp_path.iterdir()) == ["net.onnx"]
 
 
+def test_a_data_file_rewritten_after_its_weights_were_read_is_an_error_not_a_mix(tmp_path: Path) -> None:
+    """Folded weights came from the data file as it was; the others would be copied from it as
+    it is now. Writing refuses when a data file it read changed in between (same size here)."""
+    source = tmp_path / "net.onnx"
+    _save_external(_model(), source, "net.onnx.data")
+    loaded = load_model(source)
+    fold_batchnorms(loaded.model, build_rules(), store=loaded.store)
+    data = tmp_path / "net.onnx.data"
+    content = data.read_bytes()
+    data.write_bytes(content[::-1])
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))  # a later change, even on coarse clocks
+    with pytest.raises(InputError, match="changed on disk"):
+        stage(loaded.model, tmp_path / "out.onnx", loaded.store, external_data=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data"]
+
+
 def test_a_large_weight_with_values_in_two_places_is_still_seen_by_the_checker(tmp_path: Path) -> None:
     """Leaving weights in the file must not hide a tensor the checker complains about: it is
     parsed whole, and the warning names it, as for a small one."""

@@ -156,26 +156,27 @@ class TensorStore:
         self._source_stamp = _stamp(source) if source is not None else None
         self._held: dict[str, np.ndarray | StreamedArray] = {}
         self._issued = 0
-        self._mapped_stamps: dict[Path, tuple[int, int, int, int] | None] = {}
-        """Each file a tensor was mapped from, as it was when first mapped."""
+        self._read_stamps: dict[Path, tuple[int, int, int, int] | None] = {}
+        """Each external data file tensors were read (or mapped) from, as it was when first read."""
 
     def unchanged_copy(self) -> TensorStore:
         """A store for another fold of the same loaded model: the same files (and the same
         checks that they are still the ones read), none of this store's new values."""
         copy = TensorStore(self.base_dir)
         copy.source, copy._source_stamp = self.source, self._source_stamp
-        copy._mapped_stamps = dict(self._mapped_stamps)
+        copy._read_stamps = dict(self._read_stamps)
         return copy
 
     def check_unchanged(self) -> None:
-        """Refuse to go on when a file that tensors were mapped from changed since: values
-        computed from a map of a file cut short would end the process (SIGBUS), and from one
-        rewritten in place would mix two versions of the model.
+        """Refuse to go on when a data file that tensors were read from changed since: the
+        output would mix two versions of the model, and values computed from a map of a file
+        cut short would end the process (SIGBUS). (The model file itself is checked whenever a
+        weight left in it is read.)
 
         Raises:
             OSError: naming the file.
         """
-        for path, stamp in self._mapped_stamps.items():
+        for path, stamp in self._read_stamps.items():
             if _stamp(path) != stamp:
                 raise OSError(f"{path} changed on disk while it was being folded")
 
@@ -206,7 +207,6 @@ class TensorStore:
         if place.length < MAP_AT_LEAST or place.length != data_bytes(tensor):
             return None
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        self._mapped_stamps.setdefault(place.path, _stamp(place.path))
         try:
             return np.memmap(place.path, dtype=dtype, mode="r", offset=place.offset, shape=tuple(tensor.dims))
         except ValueError:  # the file is shorter now than when it was loaded
@@ -252,7 +252,9 @@ class TensorStore:
             if _stamp(self.source) != self._source_stamp:
                 raise OSError(f"{self.source} changed on disk while it was being folded")
             return FileRange(self.source, place.offset, place.length)
-        return FileRange((self.base_dir or Path(".")) / place.location, place.offset, place.length)
+        path = (self.base_dir or Path(".")) / place.location
+        self._read_stamps.setdefault(path, _stamp(path))
+        return FileRange(path, place.offset, place.length)
 
     # -- replacing -----------------------------------------------------------------------------
 
