@@ -14,6 +14,15 @@ contender's ratio is taken against the floor run just before it, and the median 
 those pair ratios is reported, so that a slow spell of the machine hits both sides of
 a pair. Between runs the outputs are deleted and ``os.sync()`` writes back whatever
 is dirty, so no run pays for the previous one's writeback.
+
+Before every measured run a child touches and frees more memory than any run needs
+(:func:`prime_memory`). On a virtual machine, memory freed a while ago is handed back to
+the host and costs a fault there when touched again, while memory another process just
+freed is ready: without the primer each run's time depended on how much memory the run
+*before* it had used (a floor run after onnxruntime's offline optimizer, which frees 2 GB,
+took 1.4 s; after a bnfold run, which frees almost none, 2.2-2.5 s), which decided the pair
+ratios more than the contenders did. Primed, every run starts from the same state; floor A,
+which needs the most fresh memory, gains the most from it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ import bench_models
 REPO = Path(__file__).resolve().parent.parent
 
 FLOOR = "floor A: onnx.load + onnx.save"
+_PRIMED_BYTES = 2**29
+"""Fresh memory touched before each run on top of three times the model's size (onnxruntime's
+offline optimizer, the hungriest contender, peaks near twice it)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,12 @@ def run_child(command: list[str], log: Path) -> Run:
     return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)  # Linux reports kilobytes
 
 
+def prime_memory(size: int) -> None:
+    """Have a child touch ``size`` bytes of fresh memory and exit (see the module docstring)."""
+    subprocess.run([sys.executable, "-c", "import sys\nblock = bytearray(int(sys.argv[1]))\n"
+                    "block[::4096] = b'\\1' * len(range(0, len(block), 4096))", str(size)], check=True)
+
+
 def settle(scratch: Path) -> None:
     """Delete every output and write back what is dirty, so the next run starts clean."""
     for leftover in scratch.iterdir():
@@ -165,6 +183,7 @@ def measure_model(name: str, contenders: tuple[Contender, ...], repeats: int) ->
 
         def once(contender: Contender) -> Run:
             out.parent.mkdir(exist_ok=True)
+            prime_memory(_PRIMED_BYTES + 3 * result.size)
             try:
                 return run_child(contender.command(path, out), log)
             finally:

@@ -125,11 +125,19 @@ class _Awaiting:
     """The products whose rounding error is measured once they are computed."""
 
 
-def _rounding(errors: list[float | None], values: list[object]) -> tuple[float | None, list[ScaledWeight]]:
-    """A record's rounding error when all its products are measured (else None), and the
-    products that are not yet."""
-    unmeasured = [value for value in values if isinstance(value, ScaledWeight) and value.rounding_error is None]
-    return (None if unmeasured else _largest(errors)), unmeasured
+def _rounding(
+    errors: list[float | None], values: list[object]
+) -> tuple[float | None, list[float | None], list[ScaledWeight]]:
+    """A record's rounding error when all its products are measured (else None), what is known
+    of it, and the products that are not measured yet.
+
+    ``errors`` are those measured when the fold was planned; a product computed since (a small
+    tensor goes into the protobuf as soon as the fold is applied) adds its own.
+    """
+    products = [value for value in values if isinstance(value, ScaledWeight)]
+    known = errors + [product.rounding_error for product in products if product.rounding_error is not None]
+    unmeasured = [product for product in products if product.rounding_error is None]
+    return (None if unmeasured else _largest(known)), known, unmeasured
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -434,7 +442,7 @@ def _fold_graph(
         for plan, (bn_label, target_label) in zip(plans, labels):
             errors = [update.rounding_error for update in plan.updates] + [
                 added.rounding_error for added in plan.added_biases]
-            rounding, unmeasured = _rounding(errors, [update.values for update in plan.updates])
+            rounding, known, unmeasured = _rounding(errors, [update.values for update in plan.updates])
             record = FoldRecord(
                 bn_label,
                 plan.affine.kind,
@@ -448,11 +456,11 @@ def _fold_graph(
             )
             run.outcome.folds.append(record)
             if unmeasured:
-                run.outcome.awaiting.append(_Awaiting(record, errors, unmeasured))
+                run.outcome.awaiting.append(_Awaiting(record, known, unmeasured))
         for merge, (merged_label, target_label) in zip(chosen_merges, merge_labels):
             errors = [update.rounding_error for update in merge.updates]
-            rounding, unmeasured = _rounding(errors, [update.values for update in merge.updates])
+            rounding, known, unmeasured = _rounding(errors, [update.values for update in merge.updates])
             merged = MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes), rounding)
             run.outcome.merges.append(merged)
             if unmeasured:
-                run.outcome.awaiting.append(_Awaiting(merged, errors, unmeasured))
+                run.outcome.awaiting.append(_Awaiting(merged, known, unmeasured))

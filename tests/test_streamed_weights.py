@@ -176,6 +176,30 @@ def test_folds_of_a_model_on_disk_write_the_in_memory_folds_values(tmp_path: Pat
     assert report.folds == in_memory.folds and all(fold.max_rounding_error is not None for fold in report.folds)
 
 
+SAMPLES = sorted((Path(__file__).resolve().parent.parent / "sample_models").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[path.stem for path in SAMPLES])
+def test_every_samples_folds_stream_the_in_memory_values_when_every_tensor_is_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sample: Path
+) -> None:
+    """With every tensor in a file mapped (not only those of 64 KiB and more), each rule's folds
+    (backward, forward, transposed, decomposed, through other ops) take the streamed path."""
+    monkeypatch.setattr(store_module, "MAP_AT_LEAST", 1)
+    model = onnx.load_model(str(sample))
+    expected, in_memory = _in_memory_fold(model)
+    source = tmp_path / "net.onnx"
+    onnx.save_model(model, str(source), save_as_external_data=True, location="net.onnx.data", size_threshold=0)
+    output = tmp_path / "out.onnx"
+    report = fold_file(source, FoldOptions(output=output))
+    assert report.folds == in_memory.folds and report.left == in_memory.left
+    assert report.written and report.verification is not None and report.verification.passed
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load_model(str(output)).graph.initializer}
+    assert written.keys() == expected.keys()
+    for name, array in expected.items():
+        assert written[name].dtype == array.dtype and written[name].tobytes() == array.tobytes(), name
+
+
 def test_a_large_tensor_in_a_file_is_read_as_a_read_only_map_and_a_small_one_into_memory(tmp_path: Path) -> None:
     source = tmp_path / "net.onnx"
     model, names = _wide_model()
