@@ -252,7 +252,7 @@ def test_a_data_file_cut_short_before_its_folds_are_written_is_an_error_not_a_cr
     onnx.save_model(model, str(tmp_path / "net.onnx"), save_as_external_data=True, location="d.bin",
                     size_threshold=0)
     child = subprocess.run([sys.executable, "-c", _CUT_SHORT_WHILE_HELD, str(tmp_path)],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, check=False)
     assert child.returncode == 0, child.stderr
     assert "changed on disk" in child.stdout
     assert sorted(path.name for path in tmp_path.iterdir()) == ["d.bin", "net.onnx"]
