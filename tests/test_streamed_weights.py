@@ -115,7 +115,7 @@ def test_a_mapped_weight_that_would_overflow_is_refused_when_planned(tmp_path: P
         fold_math.scale_with_effect(_mapped(tmp_path, weight, 3), factor, "weight")
 
 
-def _wide_model() -> tuple[onnx.ModelProto, dict[str, str]]:
+def _wide_model(*, untouched_weight: bool = True) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Weights of 64-590 KiB, above the size from which the store maps them: a Conv folded
     twice (BN → BN after it), a 1×1 Conv folded forward and backward (BN → Conv → BN), a
     Gemm → BN, and a weight no fold touches. Returns the model and those weights' names."""
@@ -126,8 +126,8 @@ def _wide_model() -> tuple[onnx.ModelProto, dict[str, str]]:
     both_ways = b.conv(b.batchnorm(y, 128), 128, 128, kernel=(1, 1), pads=[0, 0, 0, 0])
     flat = b.node("Flatten", [b.node("GlobalAveragePool", [b.batchnorm(both_ways, 128)])])
     once = b.gemm(flat, 128, 160)
-    untouched = b.random("untouched", [160, 200])
-    b.output(b.node("MatMul", [b.batchnorm(once, 160), untouched]))
+    untouched = b.random("untouched", [160, 200]) if untouched_weight else ""
+    b.output(b.node("MatMul", [b.batchnorm(once, 160), untouched]) if untouched_weight else b.batchnorm(once, 160))
     model = b.model()
     weight_of = {node.output[0]: node.input[1] for node in model.graph.node if len(node.input) > 1}
     names = {"twice": weight_of[twice], "both ways": weight_of[both_ways], "once": weight_of[once],
@@ -232,27 +232,48 @@ from bnfold.io.load import load_model
 from bnfold.io.save import stage
 from bnfold.rules import build_rules
 
-folder = Path(sys.argv[1])
+folder, cut = Path(sys.argv[1]), Path(sys.argv[2])
 loaded = load_model(folder / "net.onnx")
 fold_batchnorms(loaded.model, build_rules(), store=loaded.store)
-data = folder / "d.bin"
-data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
 try:
-    stage(loaded.model, folder / "out.onnx", loaded.store, external_data=True)
+    stage(loaded.model, folder / "out.onnx", loaded.store, external_data=bool(loaded.external_data_files))
 except InputError as error:
     print(error)
 """
 
 
-def test_a_data_file_cut_short_before_its_folds_are_written_is_an_error_not_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["external data", "self-contained"])
+def test_a_file_cut_short_before_its_folds_are_written_is_an_error_not_a_crash(tmp_path: Path, layout: str) -> None:
     """Computing a held product from a map of a file cut short would end the process with
-    SIGBUS; writing checks the mapped files first (in a child: a regression must not kill the
-    test run)."""
-    model, _ = _wide_model()
-    onnx.save_model(model, str(tmp_path / "net.onnx"), save_as_external_data=True, location="d.bin",
-                    size_threshold=0)
-    child = subprocess.run([sys.executable, "-c", _CUT_SHORT_WHILE_HELD, str(tmp_path)],
+    SIGBUS; writing checks the files first: the data file, or the model file whose large
+    weights were left in it (in a child: a regression must not kill the test run). Every large
+    weight is folded: none is copied from the file, which would check it on the way."""
+    model, _ = _wide_model(untouched_weight=False)
+    if layout == "external data":
+        onnx.save_model(model, str(tmp_path / "net.onnx"), save_as_external_data=True, location="d.bin",
+                        size_threshold=0)
+    else:
+        onnx.save_model(model, str(tmp_path / "net.onnx"))
+    files = sorted(path.name for path in tmp_path.iterdir())
+    cut = tmp_path / ("d.bin" if layout == "external data" else "net.onnx")
+    child = subprocess.run([sys.executable, "-c", _CUT_SHORT_WHILE_HELD, str(tmp_path), str(cut)],
                            capture_output=True, text=True, timeout=120, check=False)
     assert child.returncode == 0, child.stderr
     assert "changed on disk" in child.stdout
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["d.bin", "net.onnx"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == files
+
+
+def test_a_recipe_read_by_a_later_fold_is_computed_once_and_then_held_as_values(tmp_path: Path) -> None:
+    weight = np.arange(40_000, dtype=np.float32).reshape(100, 400)
+    factor = fold_math.axis_factor(np.linspace(0.5, 2.0, 100), 2, 0)
+    recipe, _, _ = fold_math.scale_with_effect(_mapped(tmp_path, weight, 0), factor, "weight")
+    assert isinstance(recipe, fold_math.ScaledWeight)
+    store = TensorStore()
+    tensor = numpy_helper.from_array(weight, "w")
+    store.replace(tensor, recipe)
+    first = store.read(tensor)
+    held = store.held_array(tensor)
+    assert isinstance(held, np.ndarray) and recipe.rounding_error is not None
+    np.testing.assert_array_equal(store.read(tensor), first)
+    assert store.take(tensor) is held

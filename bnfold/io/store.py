@@ -168,15 +168,17 @@ class TensorStore:
         return copy
 
     def check_unchanged(self) -> None:
-        """Refuse to go on when a data file that tensors were read from changed since: the
-        output would mix two versions of the model, and values computed from a map of a file
-        cut short would end the process (SIGBUS). (The model file itself is checked whenever a
-        weight left in it is read.)
+        """Refuse to go on when the model file, or a data file that tensors were read from,
+        changed since: the output would mix two versions of the model, and values computed
+        from a map of a file cut short would end the process (SIGBUS).
 
         Raises:
             OSError: naming the file.
         """
-        for path, stamp in self._read_stamps.items():
+        stamps = dict(self._read_stamps)
+        if self.source is not None:
+            stamps[self.source] = self._source_stamp
+        for path, stamp in stamps.items():
             if _stamp(path) != stamp:
                 raise OSError(f"{path} changed on disk while it was being folded")
 
@@ -186,7 +188,9 @@ class TensorStore:
         """The tensor's values (read-only when they are the store's own array)."""
         held = self.held_array(tensor)
         if held is not None:
-            view = held.view() if isinstance(held, np.ndarray) else np.asarray(held)
+            if not isinstance(held, np.ndarray):  # a recipe: computed once, then held as values
+                held = self._held[external_entries(tensor)["location"]] = np.asarray(held)
+            view = held.view()
             view.flags.writeable = False
             return view
         if uses_external_data(tensor):
