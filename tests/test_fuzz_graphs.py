@@ -33,14 +33,17 @@ from unittest import mock
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import fold_math
+from bnfold.inputs import prepare_trials
 from bnfold.io import store as store_module
 from bnfold.options import VerifyOptions
 from bnfold.pipeline import FoldOptions, fold_file
+from bnfold.verify import Verification
 from sample_models.modelkit import GraphBuilder
 from tests.support import fold_and_compare
 
@@ -390,6 +393,23 @@ def random_body_models(draw: st.DrawFn) -> onnx.ModelProto:
     return b.model("fuzz_bodies")
 
 
+def _assert_within_rounding_at_the_outputs_scale(model: onnx.ModelProto, batch: int, verification: Verification) -> None:
+    """A top-level output judged different is only allowed where the atol, scaled by the output's
+    largest magnitude, covers it (as the in-memory fuzz test scales it): a Loop that multiplies
+    its state each iteration reaches values in the thousands, where the float32 rounding of the
+    folded weights alone moves a small element beyond a fixed atol (one-ulp changes of the
+    original's own weights move it as far). Bodies are always held to the plain tolerance."""
+    (trial,) = prepare_trials(model, VerifyOptions(batch=batch))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    scale = {name: max(1.0, float(np.max(np.abs(value[np.isfinite(value)]), initial=0.0)))
+             for name, value in zip(names, session.run(None, trial.feeds))}
+    assert verification.unverified_bodies == [] and all(body.passed for body in verification.bodies), verification
+    for output in verification.outputs:
+        assert not output.nonfinite_mismatch and output.problem is None, output
+        assert output.max_abs_error <= output.atol * scale[output.name], output
+
+
 @settings(max_examples=PIPELINE_EXAMPLES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(model=random_body_models(), batch=st.integers(1, 3))
 def test_random_bodies_are_verified_on_their_own(model: onnx.ModelProto, batch: int) -> None:
@@ -397,8 +417,9 @@ def test_random_bodies_are_verified_on_their_own(model: onnx.ModelProto, batch: 
         path = Path(folder) / "model.onnx"
         onnx.save(model, str(path))
         report = fold_file(path, FoldOptions(dry_run=True, verify_options=VerifyOptions(batch=batch)))
-    assert report.status == "equivalent", report.verification
     verification = report.verification
+    if report.status != "equivalent":
+        _assert_within_rounding_at_the_outputs_scale(model, batch, verification)
     assert verification.unverified_bodies == []
     in_bodies = {fold.batchnorm.rsplit(" / ", 1)[0] for fold in report.folds if " / " in fold.batchnorm}
     assert {body.label for body in verification.bodies} == in_bodies
