@@ -12,6 +12,7 @@ import itertools
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 from unittest import mock
 
 import numpy as np
@@ -277,3 +278,23 @@ def test_a_recipe_read_by_a_later_fold_is_computed_once_and_then_held_as_values(
     assert isinstance(held, np.ndarray) and recipe.rounding_error is not None
     np.testing.assert_array_equal(store.read(tensor), first)
     assert store.take(tensor) is held
+
+
+def test_a_file_that_cannot_be_mapped_is_read_and_folded_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some file systems refuse to map files (mmap fails with ENODEV): weights are then read."""
+    class Unmappable(np.memmap):
+        def __new__(cls, *_args: object, **_kwargs: object) -> NoReturn:
+            raise OSError(19, "No such device")
+
+    monkeypatch.setattr(np, "memmap", Unmappable)
+    model, _ = _wide_model()
+    expected, in_memory = _in_memory_fold(model)
+    source = tmp_path / "net.onnx"
+    onnx.save_model(model, str(source), save_as_external_data=True, location="net.onnx.data", size_threshold=0)
+    report = fold_file(source, FoldOptions(output=tmp_path / "out.onnx"))
+    assert report.written and report.folds == in_memory.folds and not report.left
+    written = {t.name: numpy_helper.to_array(t) for t in onnx.load_model(str(tmp_path / "out.onnx")).graph.initializer}
+    assert all(written[name].tobytes() == array.tobytes() for name, array in expected.items())
+

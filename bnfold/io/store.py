@@ -215,6 +215,8 @@ class TensorStore:
             return np.memmap(place.path, dtype=dtype, mode="r", offset=place.offset, shape=tuple(tensor.dims))
         except ValueError:  # the file is shorter now than when it was loaded
             raise OSError(f"external data of '{tensor.name}' ends before its {place.length} bytes") from None
+        except OSError:  # a file system that cannot map files: read it instead
+            return None
 
     def read_sparse(self, sparse: onnx.SparseTensorProto) -> np.ndarray:
         """A sparse initializer's values as the dense array it stands for (zeros elsewhere).
