@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx
@@ -98,46 +98,55 @@ class FoldOutcome:
     """Every BN (and decomposed affine) seen, by report label, with the names a ``--skip`` or
     ``--only`` pattern is matched against: a pattern matching none of them is refused."""
     merges: list[MergeRecord] = field(default_factory=list)
-    awaiting: list[_Awaiting] = field(default_factory=list)
+    awaiting: list[_Awaiting[Any]] = field(default_factory=list)
     """Records whose rounding error is measured when their products are computed
     (:class:`~bnfold.fold_math.ScaledWeight`): filled in by :meth:`complete_measurements`."""
+
+    def with_rounding(self, record: _Record, errors: list[float | None], values: list[object]) -> _Record:
+        """``record`` with its rounding error: the largest of ``errors`` (measured when the fold
+        was planned) and of the products among ``values``. While a product is not measured yet
+        (it is computed when the model is written) the record keeps None and waits for
+        :meth:`complete_measurements`."""
+        products = [value for value in values if isinstance(value, ScaledWeight)]
+        measured = _measured(record, errors, products)
+        if measured is None:
+            self.awaiting.append(_Awaiting(record, errors, products))
+            return record
+        return measured
 
     def complete_measurements(self) -> None:
         """Give each awaiting record its rounding error, now that the model was written (which
         computed every product it holds). A product that was never computed (its tensor was
         dropped by a later rewrite) leaves its record's error unmeasured (None)."""
         for awaiting in self.awaiting:
-            errors = [product.rounding_error for product in awaiting.products]
-            if any(error is None for error in errors):
+            measured = _measured(awaiting.record, awaiting.errors, awaiting.products)
+            if measured is None:
                 continue
-            measured = dataclasses.replace(awaiting.record, max_rounding_error=_largest([*awaiting.known, *errors]))
             records: list[Any] = self.folds if isinstance(awaiting.record, FoldRecord) else self.merges
             records[:] = [measured if record is awaiting.record else record for record in records]
         self.awaiting.clear()
 
 
+_Record = TypeVar("_Record", FoldRecord, MergeRecord)
+
+
 @dataclass(frozen=True)
-class _Awaiting:
-    record: FoldRecord | MergeRecord
-    known: list[float | None]
+class _Awaiting(Generic[_Record]):
+    record: _Record
+    errors: list[float | None]
     """The rounding errors measured when the fold was planned."""
     products: list[ScaledWeight]
-    """The products whose rounding error is measured once they are computed."""
+    """The products whose rounding errors count too, measured once they are computed."""
 
 
-def _rounding(
-    errors: list[float | None], values: list[object]
-) -> tuple[float | None, list[float | None], list[ScaledWeight]]:
-    """A record's rounding error when all its products are measured (else None), what is known
-    of it, and the products that are not measured yet.
-
-    ``errors`` are those measured when the fold was planned; a product computed since (a small
-    tensor goes into the protobuf as soon as the fold is applied) adds its own.
-    """
-    products = [value for value in values if isinstance(value, ScaledWeight)]
-    known = errors + [product.rounding_error for product in products if product.rounding_error is not None]
-    unmeasured = [product for product in products if product.rounding_error is None]
-    return (None if unmeasured else _largest(known)), known, unmeasured
+def _measured(record: _Record, errors: list[float | None], products: list[ScaledWeight]) -> _Record | None:
+    """``record`` with the largest of ``errors`` and the products' rounding errors, or None
+    while a product is not measured yet. (A product computed before the record is made, as a
+    small tensor put into the protobuf when the fold is applied, is measured already.)"""
+    if any(product.rounding_error is None for product in products):
+        return None
+    largest = _largest([*errors, *(product.rounding_error for product in products)])
+    return dataclasses.replace(record, max_rounding_error=largest)
 
 
 def _unmatched_reason(affine: Affine, graph: GraphIndex) -> str:
@@ -440,9 +449,6 @@ def _fold_graph(
         merge_labels = [(scope + node_id(merge.merged), describe(merge.target)) for merge in chosen_merges]
         run.outcome.removed_initializers += apply_plans(model, graph, plans, chosen_merges)
         for plan, (bn_label, target_label) in zip(plans, labels):
-            errors = [update.rounding_error for update in plan.updates] + [
-                added.rounding_error for added in plan.added_biases]
-            rounding, known, unmeasured = _rounding(errors, [update.values for update in plan.updates])
             record = FoldRecord(
                 bn_label,
                 plan.affine.kind,
@@ -451,16 +457,13 @@ def _fold_graph(
                 plan.direction,
                 tuple(note for note in (plan.affine.note, *plan.notes) if note),
                 _largest([update.relative_change for update in plan.updates]),
-                rounding,
-                plan.partial,
+                partial=plan.partial,
             )
-            run.outcome.folds.append(record)
-            if unmeasured:
-                run.outcome.awaiting.append(_Awaiting(record, known, unmeasured))
+            errors = [update.rounding_error for update in plan.updates] + [
+                added.rounding_error for added in plan.added_biases]
+            run.outcome.folds.append(
+                run.outcome.with_rounding(record, errors, [update.values for update in plan.updates]))
         for merge, (merged_label, target_label) in zip(chosen_merges, merge_labels):
-            errors = [update.rounding_error for update in merge.updates]
-            rounding, known, unmeasured = _rounding(errors, [update.values for update in merge.updates])
-            merged = MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes), rounding)
-            run.outcome.merges.append(merged)
-            if unmeasured:
-                run.outcome.awaiting.append(_Awaiting(merged, known, unmeasured))
+            merged = MergeRecord(merged_label, target_label, merge.rule, tuple(merge.notes))
+            run.outcome.merges.append(run.outcome.with_rounding(
+                merged, [update.rounding_error for update in merge.updates], [update.values for update in merge.updates]))
