@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
@@ -314,12 +314,12 @@ def _row_pieces(weight: np.ndarray, factor: np.ndarray) -> Iterator[tuple[np.nda
         yield from _row_pieces(weight[row], factor[row if factor.shape[0] > 1 else 0])
 
 
-def _blocks_into(weight: np.ndarray, factor: np.ndarray, out: np.ndarray | None) -> list[Block]:
-    """The blocks of ``weight * factor``, each writing into its run of ``out`` (a flat array
-    or None)."""
+def _blocks_into(pieces: Iterable[tuple[np.ndarray, np.ndarray]], out: np.ndarray | None) -> list[Block]:
+    """Consecutive ``pieces`` of a weight (and factor) as blocks, each writing into its run of
+    ``out`` (a flat array, from its start) or, without one, only measured."""
     blocks: list[Block] = []
     position = 0
-    for old, scale in _row_pieces(weight, factor):
+    for old, scale in pieces:
         target = None if out is None else out[position : position + old.size].reshape(old.shape)
         blocks.append((old, scale, target))
         position += old.size
@@ -453,7 +453,7 @@ class ScaledWeight:
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         cast = np.empty(self.shape, self.dtype)
         measure = self.rounding_error is None
-        results = _compute(_blocks_into(self._weight, self._factor, cast.reshape(-1)), measure)
+        results = _compute(_blocks_into(_row_pieces(self._weight, self._factor), cast.reshape(-1)), measure)
         if measure:
             self._measured(results)
         return cast if dtype is None else cast.astype(dtype, copy=False)
@@ -510,12 +510,8 @@ class ScaledWeight:
     def _computed(
         batch: list[tuple[np.ndarray, np.ndarray]], buffer: np.ndarray, measure: bool
     ) -> tuple[np.ndarray, list[_BlockResult]]:
-        blocks: list[Block] = []
-        position = 0
-        for old, scale in batch:
-            blocks.append((old, scale, buffer[position : position + old.size].reshape(old.shape)))
-            position += old.size
-        return buffer[:position], _compute(blocks, measure)
+        filled = sum(old.size for old, _ in batch)
+        return buffer[:filled], _compute(_blocks_into(batch, buffer), measure)
 
 
 # One thread that computes a streamed product's next piece while the current one is written.
@@ -575,7 +571,8 @@ def scale_with_effect(
     if mapped and _cannot_overflow(weight, factor):
         return ScaledWeight(weight, factor), change, None
     cast = None if mapped else np.empty(weight.shape, weight.dtype)
-    results = _compute(_blocks_into(weight, factor, None if cast is None else cast.reshape(-1)), measure=True)
+    results = _compute(_blocks_into(_row_pieces(weight, factor), None if cast is None else cast.reshape(-1)),
+                       measure=True)
     overflowing = [result.largest_overflowing for result in results if result.largest_overflowing is not None]
     if overflowing:
         raise _overflow(what, weight.dtype, max(overflowing))
