@@ -141,6 +141,16 @@ def _array_from_bytes(tensor: onnx.TensorProto, data: bytes | memoryview) -> np.
     return numpy_helper.to_array(stand_in)
 
 
+def _bytes_at(tensor: onnx.TensorProto, place: FileRange) -> bytes:
+    """The ``place.length`` bytes of ``tensor`` at ``place``, read whole or refused."""
+    with open(place.path, "rb") as data:
+        data.seek(place.offset)
+        content = data.read(place.length)
+    if len(content) != place.length:
+        raise OSError(f"external data of '{tensor.name}' ends after {len(content)} of {place.length} bytes")
+    return content
+
+
 class TensorStore:
     """The values of one model's tensors: read wherever they live, replaced as arrays, written once.
 
@@ -186,19 +196,21 @@ class TensorStore:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values (read-only when they are the store's own array)."""
-        held = self.held_array(tensor)
-        if held is not None:
+        key = self._key_of(tensor)
+        if key is not None:
+            held = self._held[key]
             if not isinstance(held, np.ndarray):  # a recipe: computed once, then held as values
-                held = self._held[external_entries(tensor)["location"]] = np.asarray(held)
+                held = self._held[key] = np.asarray(held)
             view = held.view()
             view.flags.writeable = False
             return view
         if uses_external_data(tensor):
-            mapped = self._mapped(tensor)
-            return mapped if mapped is not None else _array_from_bytes(tensor, self.external_bytes(tensor))
+            place = self.file_range(tensor)
+            mapped = self._mapped(tensor, place)
+            return mapped if mapped is not None else _array_from_bytes(tensor, _bytes_at(tensor, place))
         return numpy_helper.to_array(tensor)
 
-    def _mapped(self, tensor: onnx.TensorProto) -> np.memmap | None:
+    def _mapped(self, tensor: onnx.TensorProto, place: FileRange) -> np.memmap | None:
         """A large tensor's values as a read-only map of its file, or None for one read instead.
 
         Mapped, a weight costs no memory of its own (the pages are the file's, in the page
@@ -207,7 +219,6 @@ class TensorStore:
         """
         if tensor.data_type in PACKED_TYPES or sys.byteorder != "little":
             return None
-        place = self.file_range(tensor)
         if place.length < MAP_AT_LEAST or place.length != data_bytes(tensor):
             return None
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -235,19 +246,12 @@ class TensorStore:
 
     def held_array(self, tensor: onnx.TensorProto) -> np.ndarray | StreamedArray | None:
         """The array a fold gave this tensor (or its recipe), if the store holds it."""
-        if not uses_external_data(tensor):
-            return None
-        return self._held.get(external_entries(tensor).get("location", ""))
+        key = self._key_of(tensor)
+        return None if key is None else self._held[key]
 
     def external_bytes(self, tensor: onnx.TensorProto) -> bytes:
         """The bytes of a tensor kept in a file: the input's external data, or the model file."""
-        place = self.file_range(tensor)
-        with open(place.path, "rb") as data:
-            data.seek(place.offset)
-            content = data.read(place.length)
-        if len(content) != place.length:
-            raise OSError(f"external data of '{tensor.name}' ends after {len(content)} of {place.length} bytes")
-        return content
+        return _bytes_at(tensor, self.file_range(tensor))
 
     def file_range(self, tensor: onnx.TensorProto) -> FileRange:
         """Where a tensor that is not held lies on disk (it uses external data)."""
