@@ -30,6 +30,7 @@ from bnfold.io.store import TensorStore
 from bnfold.pipeline import FoldOptions, fold_file
 from bnfold.rules import build_rules
 from sample_models.modelkit import GraphBuilder
+from tests.hostile_support import fold_copy
 from tests.support import op_count
 
 BN = "BatchNormalization"
@@ -139,11 +140,8 @@ def _wide_model(*, untouched_weight: bool = True) -> tuple[onnx.ModelProto, dict
 def _in_memory_fold(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], FoldOutcome]:
     """Every initializer's values after folding with no file behind the model (the arrays
     path), and the fold's records."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    store = TensorStore()
-    outcome = fold_batchnorms(model, build_rules(), store=store)
-    store.embed(model)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, outcome
+    folded, outcome = fold_copy(model)
+    return {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}, outcome
 
 
 @pytest.mark.parametrize("layout", ["self-contained", "external data"])
